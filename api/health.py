@@ -1,0 +1,101 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select, text
+
+from db.models import FineTuningJob
+from db.session import get_engine, session_factory
+from domain import dispatch, replies
+
+router = APIRouter(tags=["operations"])
+ROOT = Path(__file__).resolve().parent.parent
+
+REQUESTS = Counter("llmos_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram("llmos_http_request_seconds", "HTTP request latency", ["method", "route"])
+
+
+def head_revision() -> str | None:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "db" / "migrations"))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+@router.get("/healthz", summary="The process is up")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Database, broker and migrations are ready")
+def readyz() -> JSONResponse:
+    checks: dict[str, Any] = {}
+    try:
+        with get_engine().connect() as conn:
+            current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        checks["database"] = "ok"
+        head = head_revision()
+        checks["migrations"] = "ok" if current == head else f"at {current}, head is {head}"
+    except Exception as exc:
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+        checks["migrations"] = "unknown"
+    try:
+        with dispatch.producer().connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                        status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
+
+
+class StateCollector(Collector):
+    """Gauges read at scrape time from the truth: jobs by status and queue depths."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        jobs = GaugeMetricFamily("llmos_jobs", "Fine-tuning jobs by status", labels=["status"])
+        try:
+            with session_factory()() as session:
+                rows = session.execute(
+                    select(FineTuningJob.status, func.count()).group_by(FineTuningJob.status)
+                ).all()
+            for status, count in rows:
+                jobs.add_metric([status], count)
+        except Exception:
+            pass  # A scrape during an outage reports what it can; readyz tells the rest.
+        yield jobs
+        depth = GaugeMetricFamily("llmos_queue_depth", "Messages waiting in each queue", labels=["queue"])
+        try:
+            conn = replies.client()
+            if conn is not None:
+                for queue in (dispatch.QUEUE_GPU, dispatch.QUEUE_INFERENCE, dispatch.QUEUE_CPU):
+                    depth.add_metric([queue], int(conn.llen(queue)))
+        except Exception:
+            pass
+        yield depth
+
+
+_collector_registered = False
+
+
+def register_collectors() -> None:
+    global _collector_registered
+    if not _collector_registered:
+        REGISTRY.register(StateCollector())
+        _collector_registered = True
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,91 @@
+"""Online inference: the API hands each request to an inference worker and waits for its answer."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from api.deps import Principal, get_session, require
+from api.errors import APIError, not_found
+from api.schemas import ClassificationRequest
+from db import registry
+from db.models import Inference
+from domain import dispatch, ids, replies
+from domain.clock import unix
+from domain.settings import get_settings
+
+router = APIRouter(tags=["inference"])
+inference_scope = require("inference")
+_WAIT = re.compile(r"wait=(\d+(?:\.\d+)?)")
+
+
+def inference_object(row: Inference) -> dict[str, Any]:
+    return {"id": row.id, "object": "inference", "status": row.status, "endpoint": row.endpoint,
+            "model": row.model, "created_at": unix(row.created_at), "finished_at": unix(row.finished_at),
+            "response": row.response, "error": row.error}
+
+
+def _wait_seconds(request: Request) -> float:
+    match = _WAIT.search(request.headers.get("prefer", ""))
+    return min(float(match.group(1)), 600.0) if match else get_settings().inference_wait_seconds
+
+
+def _serveable(session: Session, principal: Principal, model_id: str, task: str) -> None:
+    model = registry.get_visible_model(session, principal.tenant_id, model_id)
+    if model is None:
+        raise APIError(400, f"model: no model named '{model_id}'", param="model", code="model_not_found")
+    if task not in model.tasks:
+        raise APIError(400, f"model '{model_id}' does not serve {task}; it serves {', '.join(model.tasks)}",
+                       param="model", code="unsupported_task")
+    if model.kind == "base" and task in ("classification", "ner"):
+        raise APIError(400, f"model '{model_id}' is a base encoder without a trained {task} head; "
+                       "fine-tune it first", param="model", code="model_not_fine_tuned")
+
+
+def submit(
+    request: Request, session: Session, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
+) -> JSONResponse:
+    """Persist the request, send it to the inference queue, and answer within the caller's wait."""
+    row = Inference(id=ids.new_id(ids.INFERENCE), tenant_id=principal.tenant_id, endpoint=endpoint,
+                    model=model, status="queued", request=payload)
+    session.add(row)
+    dispatch.enqueue_after_commit(session, dispatch.TASK_INFER, row.id, task_id=row.id)
+    session.commit()
+    reply = replies.wait_reply(row.id, _wait_seconds(request))
+    if reply is None:
+        session.refresh(row)
+        if row.status not in ("succeeded", "failed"):
+            return JSONResponse(inference_object(row), status_code=202)
+        reply = {"status": row.status, "response": row.response, "error": row.error}
+    if reply["status"] == "failed":
+        err = reply["error"] or {}
+        raise APIError(int(err.get("status", 500)), err.get("message", "inference failed"),
+                       type_=err.get("type", "server_error"), code=err.get("code"))
+    return JSONResponse(reply["response"])
+
+
+@router.post("/v1/classifications", summary="Classify texts with a fine-tuned model (extension)")
+def classify(
+    body: ClassificationRequest,
+    request: Request,
+    principal: Principal = Depends(inference_scope),
+    session: Session = Depends(get_session),
+) -> JSONResponse:
+    _serveable(session, principal, body.model, "classification")
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    return submit(request, session, principal, "/v1/classifications", body.model,
+                  {"model": body.model, "input": inputs})
+
+
+@router.get("/v1/inferences/{inference_id}", summary="Poll an online inference request (extension)")
+def get_inference(
+    inference_id: str, principal: Principal = Depends(inference_scope), session: Session = Depends(get_session)
+) -> dict[str, Any]:
+    row = session.get(Inference, inference_id)
+    if row is None or row.tenant_id != principal.tenant_id:
+        raise not_found("inference", inference_id)
+    return inference_object(row)

@@ -1,0 +1,133 @@
+"""Request schemas, apart from the ORM models. Unknown fields are refused, not ignored."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TASKS = ("classification", "ner", "generation")
+Auto = Literal["auto"]
+_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(Strict):
+    n_epochs: int | Auto | None = Field(None, description="Passes over the training data (1-100).")
+    batch_size: int | Auto | None = Field(None, description="Examples per step (1-1024).")
+    learning_rate_multiplier: float | Auto | None = Field(None, description="Scales the task's base rate.")
+    learning_rate: float | None = Field(None, description="Absolute learning rate; wins over the multiplier.")
+    max_seq_length: int | None = Field(None, description="Tokens per example after truncation (8-8192).")
+    warmup_ratio: float | None = Field(None, description="Share of steps with a rising learning rate.")
+    lora: bool | dict[str, Any] | None = Field(None, description="LoRA adapter instead of full fine-tuning.")
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and not 1 <= v <= 100:
+            raise ValueError("must be between 1 and 100")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError("must be between 1 and 1024")
+        return v
+
+    @field_validator("learning_rate_multiplier", "learning_rate")
+    @classmethod
+    def _positive(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float | int) and not 0 < v <= 100:
+            raise ValueError("must be greater than 0 and at most 100")
+        return v
+
+    @field_validator("max_seq_length")
+    @classmethod
+    def _seq(cls, v: int | None) -> int | None:
+        if v is not None and not 8 <= v <= 8192:
+            raise ValueError("must be between 8 and 8192")
+        return v
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _warmup(cls, v: float | None) -> float | None:
+        if v is not None and not 0 <= v < 1:
+            raise ValueError("must be at least 0 and below 1")
+        return v
+
+
+class Supervised(Strict):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(Strict):
+    type: Literal["supervised"] = "supervised"
+    supervised: Supervised | None = None
+
+
+class CreateJob(Strict):
+    model: str = Field(..., min_length=1, max_length=256)
+    training_file: str = Field(..., min_length=1, max_length=64)
+    validation_file: str | None = Field(None, max_length=64)
+    task: Literal["classification", "ner", "generation"] | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    webhook_url: str | None = Field(None, max_length=2048)
+    priority: int | None = Field(None, ge=-100, le=100)
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v is not None and not _SUFFIX.match(v):
+            raise ValueError("must be 1-40 characters of letters, digits, '-' or '_'")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if len(v) > 16:
+            raise ValueError("at most 16 keys")
+        for key, value in v.items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError("keys are at most 64 characters and values at most 512")
+        return v
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http(s) URL")
+        return v
+
+    def resolved_hyperparameters(self) -> dict[str, Any]:
+        chosen = self.hyperparameters
+        if chosen is None and self.method and self.method.supervised:
+            chosen = self.method.supervised.hyperparameters
+        return chosen.model_dump(exclude_none=True) if chosen else {}
+
+
+class ClassificationRequest(Strict):
+    model: str = Field(..., min_length=1, max_length=256)
+    input: str | list[str]
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not items:
+            raise ValueError("must not be empty")
+        if len(items) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        if any(len(s) > 100_000 for s in items):
+            raise ValueError("each input is at most 100000 characters")
+        return v

@@ -1,0 +1,117 @@
+"""Fine-tuning jobs, their events, checkpoints and claims."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import Checkpoint, FineTuningJob, JobClaim, JobEvent
+from db.pagination import Page, newest_first
+from domain.clock import utcnow
+
+
+def get_job(session: Session, tenant_id: str, job_id: str, *, lock: bool = False) -> FineTuningJob | None:
+    stmt = select(FineTuningJob).where(FineTuningJob.id == job_id, FineTuningJob.tenant_id == tenant_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return session.scalar(stmt)
+
+
+def get_job_by_id(session: Session, job_id: str, *, lock: bool = False) -> FineTuningJob | None:
+    """Unscoped lookup for workers, which act on IDs they were sent."""
+    stmt = select(FineTuningJob).where(FineTuningJob.id == job_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return session.scalar(stmt)
+
+
+def list_jobs(
+    session: Session,
+    tenant_id: str,
+    *,
+    status: str | None,
+    metadata: dict[str, str],
+    after: str | None,
+    limit: int,
+) -> Page[FineTuningJob] | None:
+    stmt = select(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id)
+    if status:
+        stmt = stmt.where(FineTuningJob.status == status)
+    if metadata:
+        stmt = stmt.where(FineTuningJob.job_metadata.contains(metadata))
+    return newest_first(
+        session, stmt, FineTuningJob.created_at, FineTuningJob.id, FineTuningJob.id, after, limit
+    )
+
+
+def list_events(session: Session, job_id: str, after: str | None, limit: int) -> Page[JobEvent] | None:
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
+    return newest_first(session, stmt, JobEvent.seq, JobEvent.seq, JobEvent.id, after, limit)
+
+
+def list_checkpoints(
+    session: Session, job_id: str, after: str | None, limit: int
+) -> Page[Checkpoint] | None:
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    return newest_first(
+        session, stmt, Checkpoint.step_number, Checkpoint.id, Checkpoint.id, after, limit
+    )
+
+
+def claim_job(session: Session, job_id: str, worker: str) -> FineTuningJob | None:
+    """Atomically move a queued job to running; a duplicate delivery finds nothing to claim."""
+    now = utcnow()
+    job = session.scalar(
+        update(FineTuningJob)
+        .where(FineTuningJob.id == job_id, FineTuningJob.status == "queued")
+        .values(
+            status="running", attempts=FineTuningJob.attempts + 1, worker=worker, heartbeat_at=now,
+            updated_at=now, started_at=now, pause_requested=False,
+        )
+        .returning(FineTuningJob)
+        .execution_options(synchronize_session=False)
+    )
+    if job is not None:
+        session.add(JobClaim(job_id=job.id, attempt=job.attempts, worker=worker, claimed_at=now))
+    return job
+
+
+def release_claim(session: Session, job_id: str, attempt: int, outcome: str) -> None:
+    session.execute(
+        update(JobClaim)
+        .where(JobClaim.job_id == job_id, JobClaim.attempt == attempt)
+        .values(released_at=utcnow(), outcome=outcome)
+    )
+
+
+def heartbeat(session: Session, job_id: str, attempt: int) -> tuple[bool, bool, str] | None:
+    """Record liveness of this attempt; returns (cancel_requested, pause_requested, status) or None if lost."""
+    row = session.execute(
+        update(FineTuningJob)
+        .where(FineTuningJob.id == job_id, FineTuningJob.attempts == attempt)
+        .values(heartbeat_at=utcnow())
+        .returning(FineTuningJob.cancel_requested, FineTuningJob.pause_requested, FineTuningJob.status)
+    ).first()
+    return None if row is None else (bool(row[0]), bool(row[1]), str(row[2]))
+
+
+def stale_running_jobs(session: Session, older_than: datetime) -> list[FineTuningJob]:
+    return list(
+        session.scalars(
+            select(FineTuningJob)
+            .where(FineTuningJob.status.in_(("running", "cancelling")), FineTuningJob.heartbeat_at < older_than)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
+def forgotten_jobs(session: Session, status: str, older_than: datetime) -> list[FineTuningJob]:
+    return list(
+        session.scalars(
+            select(FineTuningJob)
+            .where(FineTuningJob.status == status, FineTuningJob.updated_at < older_than)
+            .with_for_update(skip_locked=True)
+        )
+    )

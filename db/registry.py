@@ -1,0 +1,43 @@
+"""Base and fine-tuned models."""
+
+from __future__ import annotations
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from db.models import Model
+
+
+def visible_models(session: Session, tenant_id: str) -> list[Model]:
+    """Base models and the tenant's own fine-tuned ones, newest first."""
+    return list(
+        session.scalars(
+            select(Model)
+            .where(or_(Model.tenant_id.is_(None), Model.tenant_id == tenant_id), Model.deleted_at.is_(None))
+            .order_by(Model.created_at.desc(), Model.id)
+        )
+    )
+
+
+def get_visible_model(session: Session, tenant_id: str, model_id: str) -> Model | None:
+    return session.scalar(
+        select(Model).where(
+            Model.id == model_id,
+            or_(Model.tenant_id.is_(None), Model.tenant_id == tenant_id),
+            Model.deleted_at.is_(None),
+        )
+    )
+
+
+def upsert_base_model(
+    session: Session, name: str, path: str, tasks: list[str], architecture: str, description: str
+) -> Model:
+    row = session.get(Model, name)
+    if row is None:
+        row = Model(id=name, tenant_id=None, owned_by="llmos", kind="base", tasks=tasks,
+                    architecture=architecture, path=path, description=description)
+        session.add(row)
+    else:
+        row.path, row.tasks, row.architecture, row.description = path, tasks, architecture, description
+        row.deleted_at = None
+    return row

@@ -1,0 +1,64 @@
+"""Tenants and their API keys."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import ApiKey, Tenant
+from domain import ids
+from domain.clock import utcnow
+
+KEY_PREFIX = "sk-llmos-"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def get_or_create_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(id=ids.new_id(ids.TENANT), name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_key(session: Session, tenant: Tenant, scopes: list[str]) -> tuple[ApiKey, str]:
+    """Create a key; the plaintext is returned once and only its hash is stored."""
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(24)
+    row = ApiKey(
+        id=ids.new_id(ids.KEY), tenant_id=tenant.id, key_hash=hash_key(plaintext),
+        prefix=plaintext[: len(KEY_PREFIX) + 4], scopes=sorted(set(scopes)),
+    )
+    session.add(row)
+    session.flush()
+    return row, plaintext
+
+
+def find_active_key(session: Session, plaintext: str) -> tuple[ApiKey, Tenant] | None:
+    row = session.execute(
+        select(ApiKey, Tenant)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None))
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def list_keys(session: Session) -> list[tuple[ApiKey, Tenant]]:
+    rows = session.execute(
+        select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(ApiKey.created_at)
+    ).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def revoke_key(session: Session, key_id: str) -> bool:
+    row = session.get(ApiKey, key_id)
+    if row is None or row.revoked_at is not None:
+        return False
+    row.revoked_at = utcnow()
+    return True

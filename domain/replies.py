@@ -1,0 +1,53 @@
+"""The fast path for online inference answers: one reply list per request on the broker's Redis.
+
+The worker writes the answer to Postgres (the truth, for polls) and pushes a copy here; the API blocks on
+the list instead of polling the database. With a non-Redis broker, callers fall back to the row.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import redis
+
+from domain.settings import get_settings
+
+REPLY_TTL_SECONDS = 300
+
+
+def _key(request_id: str) -> str:
+    return f"llmos:reply:{request_id}"
+
+
+@lru_cache(maxsize=1)
+def client() -> redis.Redis | None:
+    url = get_settings().resolved_broker_url()
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    # No read timeout: BLPOP itself bounds the wait, and a socket timeout below it would cut it short.
+    return redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=None, health_check_interval=30)
+
+
+def push_reply(request_id: str, payload: dict[str, Any]) -> None:
+    conn = client()
+    if conn is None:
+        return
+    pipe = conn.pipeline()
+    pipe.rpush(_key(request_id), json.dumps(payload))
+    pipe.expire(_key(request_id), REPLY_TTL_SECONDS)
+    pipe.execute()
+
+
+def wait_reply(request_id: str, timeout: float) -> dict[str, Any] | None:
+    """Block up to ``timeout`` seconds for the answer; None when it did not come in time."""
+    conn = client()
+    if conn is None or timeout <= 0:
+        return None
+    # BLPOP takes whole or fractional seconds; 0 would mean forever.
+    item = conn.blpop([_key(request_id)], timeout=max(timeout, 0.01))
+    if item is None:
+        return None
+    result: dict[str, Any] = json.loads(item[1])
+    return result

@@ -1,0 +1,129 @@
+"""One typed settings object, read once from ``LLMOS_*`` environment variables."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"", "change-me", "changeme", "admin", "password", "secret"}
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. The README's settings table documents each field."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMOS_", extra="ignore")
+
+    env: Literal["development", "production"] = Field(
+        "development", description="`production` refuses placeholder secrets at start-up."
+    )
+    home: Path = Field(Path.home() / ".llmos", description="Files, models, artifacts and embedded servers.")
+    database_url: str | None = Field(
+        None, description="Postgres URL; unset means the embedded Postgres that `llmos up` runs in HOME."
+    )
+    broker_url: str | None = Field(
+        None, description="Redis (or AMQP) URL; unset means the embedded Redis that `llmos up` runs in HOME."
+    )
+    api_host: str = Field("127.0.0.1", description="Address the API binds to.")
+    api_port: int = Field(8000, description="API port.")
+    flower_port: int = Field(5555, description="Flower port.")
+    flower_user: str = Field("admin", description="Flower basic-auth user.")
+    flower_password: str | None = Field(
+        None, description="Flower basic-auth password; generated and kept in HOME when unset (development)."
+    )
+    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Upload size cap (413 above it).")
+    torch_threads: int = Field(
+        1, description="torch threads per worker process on CPU (two processes sharing cores ran ~4x slower at 2)."
+    )
+    train_concurrency: int = Field(1, description="Training processes per `gpu` worker (one per GPU).")
+    task_time_limit: int = Field(
+        6 * 3600, description="Hard time limit of one training task, seconds; kept below the visibility timeout."
+    )
+    broker_visibility_timeout: int = Field(
+        12 * 3600, description="Redis visibility timeout, seconds; must exceed the task time limit."
+    )
+    heartbeat_seconds: float = Field(5.0, description="How often a running job heartbeats and reads its flags.")
+    stale_heartbeat_seconds: float = Field(
+        120.0, description="A running job silent this long is requeued by the reconciler."
+    )
+    reconcile_seconds: float = Field(30.0, description="Reconciler period (beat).")
+    requeue_after_seconds: float = Field(
+        60.0, description="A queued job untouched this long has its task sent again."
+    )
+    max_attempts: int = Field(3, description="Claims a job may use before it fails for good.")
+    eval_fraction: float = Field(0.1, description="Share of training rows held out when no validation file.")
+    progress_event_seconds: float = Field(10.0, description="Throttle of progress events (plus each epoch end).")
+    inference_wait_seconds: float = Field(60.0, description="Default `Prefer: wait=N` of online inference.")
+    default_classification_model: str = Field("tiny-bert", description="Model of the seed routes for labels.")
+    default_generation_model: str = Field("tiny-gpt2", description="Model of the seed routes for text.")
+    webhook_allow_private: bool = Field(False, description="1 lets webhooks reach loopback/private addresses.")
+    webhook_retry_schedule: str = Field(
+        "5,300,1800,7200,18000,36000,36000,36000,36000,36000,36000",
+        description="Seconds between webhook attempts, comma-separated.",
+    )
+
+    @model_validator(mode="after")
+    def _refuse_placeholders(self) -> Settings:
+        if self.env == "production" and (self.flower_password or "") in PLACEHOLDER_SECRETS:
+            raise ValueError("LLMOS_FLOWER_PASSWORD must be set to a real secret when LLMOS_ENV=production")
+        if self.broker_visibility_timeout <= self.task_time_limit:
+            raise ValueError("LLMOS_BROKER_VISIBILITY_TIMEOUT must exceed LLMOS_TASK_TIME_LIMIT")
+        return self
+
+    # Derived locations: one layout under HOME for every process.
+    @property
+    def files_dir(self) -> Path:
+        return self.home / "files"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def embedded_state_file(self) -> Path:
+        return self.run_dir / "embedded.json"
+
+    def resolved_database_url(self) -> str:
+        """The configured URL, else the embedded server `llmos up` started in HOME."""
+        return self.database_url or self._embedded("database_url")
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or self._embedded("broker_url")
+
+    def resolved_flower_password(self) -> str:
+        if self.flower_password:
+            return self.flower_password
+        path = self.run_dir / "flower_password"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(18))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def _embedded(self, key: str) -> str:
+        try:
+            state = json.loads(self.embedded_state_file.read_text())
+        except FileNotFoundError:
+            raise RuntimeError(
+                f"LLMOS_{key.upper()} is not set and no embedded servers run under {self.home}: "
+                "start them with `llmos up`, or set the URL"
+            ) from None
+        return str(state[key])
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

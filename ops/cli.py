@@ -1,0 +1,241 @@
+"""The `llmos` command line: run the system, manage keys and models, and act as a client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from domain.settings import get_settings
+
+log = logging.getLogger("llmos")
+SCOPES = ("files", "fine_tuning", "batches", "inference", "webhooks", "admin")
+DEFAULT_SCOPES = [s for s in SCOPES if s != "admin"]
+
+# Queue → (concurrency, extra worker options). Training: one process per GPU, a fresh process per
+# task so CUDA memory is returned; inference: its own process so requests never wait behind training.
+QUEUE_PROFILES: dict[str, tuple[int, list[str]]] = {
+    "gpu": (1, ["--max-tasks-per-child=1"]),
+    "inference": (1, []),
+    "cpu": (2, []),
+}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("LLMOS_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _parse_scopes(values: list[str] | None) -> list[str]:
+    if not values:
+        return list(DEFAULT_SCOPES)
+    scopes = sorted({s.strip() for v in values for s in v.split(",") if s.strip()})
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown:
+        raise SystemExit(f"error: unknown scope(s) {', '.join(unknown)}; choose from {', '.join(SCOPES)}")
+    return scopes
+
+
+def cmd_migrate(_: argparse.Namespace) -> None:
+    from ops.bootstrap import migrate, register_base_models
+
+    migrate()
+    names = register_base_models(get_settings().models_dir)
+    print(f"database at head; base models: {', '.join(names)}")
+
+
+def cmd_api(_: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run("api.app:create_app", factory=True, host=settings.api_host, port=settings.api_port,
+                log_level="warning", timeout_graceful_shutdown=10)
+
+
+def worker_argv(queues: list[str], name: str) -> list[str]:
+    concurrency = max(QUEUE_PROFILES.get(q, (1, []))[0] for q in queues)
+    extra = [opt for q in queues for opt in QUEUE_PROFILES.get(q, (1, []))[1]]
+    if "gpu" in queues:
+        concurrency = get_settings().train_concurrency
+    return ["worker", "-Q", ",".join(queues), "-c", str(concurrency), "-n",
+            f"{name}-{os.getpid()}@{socket.gethostname()}", "--loglevel=INFO", "--without-mingle",
+            "--without-gossip", *sorted(set(extra))]
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from tasks.app import celery_app
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in QUEUE_PROFILES]
+    if unknown:
+        raise SystemExit(f"error: unknown queue(s) {', '.join(unknown)}; choose from gpu, inference, cpu")
+    os.environ["LLMOS_WORKER_QUEUES"] = ",".join(queues)
+    celery_app.worker_main(worker_argv(queues, "-".join(queues)))
+
+
+def cmd_beat(_: argparse.Namespace) -> None:
+    from tasks.app import celery_app
+
+    run_dir = get_settings().run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    celery_app.start(["beat", "-s", str(run_dir / "celerybeat-schedule"), "--loglevel=INFO"])
+
+
+def cmd_flower(_: argparse.Namespace) -> None:
+    from tasks.app import celery_app
+
+    settings = get_settings()
+    celery_app.start(["flower", f"--port={settings.flower_port}", f"--address={settings.api_host}",
+                      f"--basic-auth={settings.flower_user}:{settings.resolved_flower_password()}",
+                      "--persistent=False"])
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    from db import tenants
+    from db.session import transaction
+    from ops.bootstrap import create_key
+
+    if args.keys_command == "create":
+        key_id, plaintext, scopes = create_key(args.tenant, _parse_scopes(args.scope))
+        if args.json:
+            print(json.dumps({"id": key_id, "key": plaintext, "tenant": args.tenant, "scopes": scopes}))
+        else:
+            print(f"created key {key_id} for tenant {args.tenant} with scopes {','.join(scopes)}")
+            print("store it now; it is not shown again:")
+            print(plaintext)
+    elif args.keys_command == "list":
+        with transaction() as session:
+            rows = tenants.list_keys(session)
+            for key, tenant in rows:
+                state = "revoked" if key.revoked_at else "active"
+                print(f"{key.id}  {tenant.name:<20} {key.prefix}…  {state:<8} {','.join(key.scopes)}")
+    elif args.keys_command == "revoke":
+        with transaction() as session:
+            if not tenants.revoke_key(session, args.key_id):
+                raise SystemExit(f"error: no active key {args.key_id}")
+        print(f"revoked {args.key_id}")
+
+
+def _detect_model(path: Path) -> tuple[str, list[str]]:
+    config = json.loads((path / "config.json").read_text())
+    archs = " ".join(config.get("architectures") or [config.get("model_type", "")])
+    if "CausalLM" in archs or config.get("model_type") in ("gpt2", "llama", "mistral", "qwen2"):
+        return config.get("model_type", "causal-lm"), ["generation"]
+    return config.get("model_type", "encoder"), ["classification", "ner"]
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from db import registry
+    from db.session import transaction
+
+    if args.models_command == "list":
+        with transaction() as session:
+            from db.models import Model
+
+            for row in session.query(Model).filter(Model.deleted_at.is_(None)).order_by(Model.id):
+                print(f"{row.id:<40} {row.kind:<11} {','.join(row.tasks):<20} {row.path}")
+    elif args.models_command == "bootstrap":
+        from ops.bootstrap import register_base_models
+
+        print(", ".join(register_base_models(get_settings().models_dir)))
+    elif args.models_command == "import":
+        source = Path(args.path).resolve()
+        if not (source / "config.json").exists():
+            raise SystemExit(f"error: {source} has no config.json; expected a save_pretrained directory")
+        architecture, tasks = _detect_model(source)
+        dest = get_settings().models_dir / args.name
+        if dest.exists():
+            raise SystemExit(f"error: a model named {args.name} already exists at {dest}")
+        shutil.copytree(source, dest)
+        with transaction() as session:
+            registry.upsert_base_model(session, args.name, str(dest), tasks, architecture,
+                                       f"imported from {source}")
+        print(f"imported {args.name} ({architecture}; {', '.join(tasks)})")
+
+
+def cmd_up(_: argparse.Namespace) -> None:
+    from ops.up import run_up
+
+    run_up()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmos", description="LLM OS: fine-tune and serve language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run everything on this machine (embedded Postgres/Redis when no URLs set)")
+    sub.add_parser("api", help="run the HTTP API")
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", default="gpu,inference,cpu", help="comma-separated: gpu, inference, cpu")
+    sub.add_parser("beat", help="run the scheduler (reconciler)")
+    sub.add_parser("flower", help="run Flower with basic auth")
+    sub.add_parser("migrate", help="upgrade the database to head and register base models")
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a key (printed once)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--scope", action="append", help=f"repeatable or comma-separated: {', '.join(SCOPES)}")
+    create.add_argument("--json", action="store_true")
+    keys.add_parser("list", help="list keys")
+    revoke = keys.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+
+    models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)
+    models.add_parser("list", help="list registered models")
+    models.add_parser("bootstrap", help="build the offline base models and register them")
+    imp = models.add_parser("import", help="register a save_pretrained directory as a base model")
+    imp.add_argument("path")
+    imp.add_argument("--name", required=True)
+
+    files = sub.add_parser("files", help="files (client)").add_subparsers(dest="files_command", required=True)
+    up = files.add_parser("upload", help="upload a file")
+    up.add_argument("path")
+    up.add_argument("--purpose", default="fine-tune", choices=["fine-tune", "batch"])
+
+    jobs = sub.add_parser("jobs", help="fine-tuning jobs (client)").add_subparsers(dest="jobs_command",
+                                                                                   required=True)
+    jc = jobs.add_parser("create", help="create a job")
+    jc.add_argument("--model", required=True)
+    jc.add_argument("--training-file", required=True)
+    jc.add_argument("--validation-file")
+    jc.add_argument("--task", choices=["classification", "ner", "generation"])
+    jc.add_argument("--epochs", type=int)
+    jc.add_argument("--batch-size", type=int)
+    jc.add_argument("--learning-rate", type=float)
+    jc.add_argument("--suffix")
+    jc.add_argument("--watch", action="store_true", help="then show a live progress bar")
+    jl = jobs.add_parser("list", help="list jobs")
+    jl.add_argument("--limit", type=int, default=20)
+    for name in ("show", "watch", "cancel"):
+        jobs.add_parser(name, help=f"{name} a job").add_argument("job_id")
+    return parser
+
+
+HANDLERS: dict[str, Any] = {
+    "up": cmd_up, "api": cmd_api, "worker": cmd_worker, "beat": cmd_beat, "flower": cmd_flower,
+    "migrate": cmd_migrate, "keys": cmd_keys, "models": cmd_models,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    if args.command in ("files", "jobs"):
+        from ops import client
+
+        client.run(args)
+        return
+    try:
+        HANDLERS[args.command](args)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Client commands of the CLI: files upload, jobs create|list|show|watch|cancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import httpx
+
+from domain.settings import get_settings
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+class ClientError(Exception):
+    pass
+
+
+def _base_url() -> str:
+    return os.environ.get("LLMOS_API_URL") or f"http://127.0.0.1:{get_settings().api_port}"
+
+
+def _client() -> httpx.Client:
+    key = os.environ.get("LLMOS_API_KEY")
+    if not key:
+        raise ClientError("set LLMOS_API_KEY to an API key (llmos keys create --tenant NAME)")
+    return httpx.Client(base_url=_base_url(), headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def _check(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except Exception:
+            message = response.text
+        raise ClientError(f"HTTP {response.status_code}: {message}")
+    return response.json()
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def upload(path: Path, purpose: str) -> dict[str, Any]:
+    with _client() as client, path.open("rb") as fh:
+        result: dict[str, Any] = _check(client.post("/v1/files", data={"purpose": purpose},
+                                                    files={"file": (path.name, fh)}))
+    return result
+
+
+def create_job(args: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": args.model, "training_file": args.training_file}
+    if args.validation_file:
+        body["validation_file"] = args.validation_file
+    if args.task:
+        body["task"] = args.task
+    hp = {k: v for k, v in (("n_epochs", args.epochs), ("batch_size", args.batch_size),
+                            ("learning_rate", args.learning_rate)) if v is not None}
+    if hp:
+        body["hyperparameters"] = hp
+    if args.suffix:
+        body["suffix"] = args.suffix
+    with _client() as client:
+        result: dict[str, Any] = _check(client.post("/v1/fine_tuning/jobs", json=body))
+    return result
+
+
+def render_bar(job: dict[str, Any], width: int = 30) -> str:
+    progress = job.get("progress") or {}
+    percent = float(progress.get("percent") or (100.0 if job["status"] == "succeeded" else 0.0))
+    filled = int(width * percent / 100)
+    loss = progress.get("train_loss")
+    loss_text = f" loss {loss:.4f}" if isinstance(loss, int | float) else ""
+    step = f" step {progress.get('step', 0)}/{progress.get('total_steps', '?')}" if progress else ""
+    return f"[{'#' * filled}{'.' * (width - filled)}] {percent:5.1f}%{step}{loss_text} {job['status']}"
+
+
+def watch(job_id: str, interval: float = 1.0, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Show a live progress bar until the job ends; returns the final job."""
+    tty = out.isatty()
+    last = ""
+    with _client() as client:
+        while True:
+            job: dict[str, Any] = _check(client.get(f"/v1/fine_tuning/jobs/{job_id}"))
+            line = render_bar(job)
+            if tty:
+                out.write("\r" + line.ljust(len(last)))
+            elif line != last:
+                out.write(line + "\n")
+            out.flush()
+            last = line
+            if job["status"] in TERMINAL:
+                if tty:
+                    out.write("\n")
+                if job["status"] == "succeeded":
+                    out.write(f"fine_tuned_model: {job['fine_tuned_model']}\nmetrics: {json.dumps(job['metrics'])}\n")
+                elif job.get("error"):
+                    out.write(f"error: {job['error'].get('code')}: {job['error'].get('message')}\n")
+                return job
+            time.sleep(interval)  # A client-side refresh rate, not synchronisation.
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def run(args: Any) -> None:
+    """Dispatch a parsed client command."""
+    try:
+        if args.command == "files":
+            _print(upload(Path(args.path), args.purpose))
+        elif args.jobs_command == "create":
+            job = create_job(args)
+            _print(job)
+            if args.watch:
+                final = watch(job["id"])
+                if final["status"] != "succeeded":
+                    raise SystemExit(1)
+        elif args.jobs_command == "list":
+            with _client() as client:
+                page = _check(client.get("/v1/fine_tuning/jobs", params={"limit": args.limit}))
+            for job in page["data"]:
+                print(f"{job['id']}  {job['status']:<16} {job['model']:<20} {job['fine_tuned_model'] or ''}")
+        elif args.jobs_command == "show":
+            with _client() as client:
+                _print(_check(client.get(f"/v1/fine_tuning/jobs/{args.job_id}")))
+        elif args.jobs_command == "watch":
+            final = watch(args.job_id)
+            if final["status"] != "succeeded":
+                raise SystemExit(1)
+        elif args.jobs_command == "cancel":
+            with _client() as client:
+                _print(_check(client.post(f"/v1/fine_tuning/jobs/{args.job_id}/cancel")))
+    except ClientError as exc:
+        fail(str(exc))
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the API at {_base_url()}: {exc}")

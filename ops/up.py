@@ -1,0 +1,117 @@
+"""`llmos up`: the whole system on one machine, as supervised child processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from domain.settings import Settings, get_settings
+from ops.supervisor import ChildSpec, Supervisor
+
+log = logging.getLogger("llmos.up")
+ADMIN_TENANT = "default"
+
+
+def _llmos(*args: str) -> list[str]:
+    # The same interpreter and code as this process, whatever PATH says.
+    return [sys.executable, "-m", "ops.cli", *args]
+
+
+def _start_embedded(settings: Settings) -> tuple[dict[str, str], list[object]]:
+    """Start embedded Postgres and/or Redis for the URLs that are not set; record them in HOME."""
+    from ops.embedded import start_postgres, start_redis
+
+    urls: dict[str, str] = {}
+    servers: list[object] = []
+    data = settings.home / "data"
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    if not settings.database_url:
+        pg = start_postgres(data / "postgres", log_path=logs / "postgres.log")
+        servers.append(pg)
+        urls["database_url"] = pg.url
+    if not settings.broker_url:
+        rd = start_redis(data / "redis", log_path=logs / "redis.log")
+        servers.append(rd)
+        urls["broker_url"] = rd.url
+    return urls, servers
+
+
+def _write_state(settings: Settings, state: dict[str, str]) -> None:
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = settings.embedded_state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(settings.embedded_state_file)
+
+
+def run_up() -> None:
+    """Start servers, migrate, seed, run every process until SIGINT/SIGTERM, then stop them all."""
+    from ops.embedded import stop_server
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    urls, servers = _start_embedded(settings)
+
+    def stop_servers() -> None:
+        for server in reversed(servers):
+            stop_server(server)  # type: ignore[arg-type]
+        settings.embedded_state_file.unlink(missing_ok=True)
+
+    try:
+        database_url = settings.database_url or urls["database_url"]
+        broker_url = settings.broker_url or urls["broker_url"]
+        if urls:
+            _write_state(settings, {"database_url": database_url, "broker_url": broker_url,
+                                    "pid": str(os.getpid())})
+        env = {**os.environ, "LLMOS_HOME": str(settings.home), "LLMOS_DATABASE_URL": database_url,
+               "LLMOS_BROKER_URL": broker_url}
+        # Migration and model building run in a child: this process stays light and free of torch.
+        subprocess.run(_llmos("migrate"), env=env, check=True)
+        admin_key = _first_admin_key(env)
+    except BaseException:
+        stop_servers()
+        raise
+
+    supervisor = Supervisor(settings.home / "logs")
+    for name, argv in (
+        ("api", _llmos("api")),
+        ("worker-gpu", _llmos("worker", "--queues", "gpu")),
+        ("worker-inference", _llmos("worker", "--queues", "inference")),
+        ("worker-cpu", _llmos("worker", "--queues", "cpu")),
+        ("beat", _llmos("beat")),
+        ("flower", _llmos("flower")),
+    ):
+        supervisor.add(ChildSpec(name=name, argv=argv, env=env, cwd=Path.cwd()))
+    supervisor.start()
+    host = settings.api_host
+    print(f"LLM OS is up (home {settings.home})", flush=True)
+    print(f"  API     http://{host}:{settings.api_port}/v1   docs http://{host}:{settings.api_port}/docs")
+    print(f"  Flower  http://{host}:{settings.flower_port}   user {settings.flower_user}, "
+          f"password in {settings.run_dir / 'flower_password'}" if not settings.flower_password else
+          f"  Flower  http://{host}:{settings.flower_port}   user {settings.flower_user}")
+    print(f"  Logs    {settings.home / 'logs'}")
+    if admin_key:
+        print("  Admin key (shown once; export LLMOS_API_KEY=...):")
+        print(admin_key, flush=True)
+    else:
+        print("  The admin key was shown at first start; make more with `llmos keys create`.", flush=True)
+    supervisor.run_until_signal(stop_servers)
+
+
+def _first_admin_key(env: dict[str, str]) -> str | None:
+    """An admin key for the default tenant on first start only; keys are shown once."""
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "from ops.bootstrap import tenant_has_keys as t; import sys; sys.exit(1 if t('default') else 0)"],
+        env=env, check=False,
+    )
+    if probe.returncode != 0:
+        return None
+    out = subprocess.run(_llmos("keys", "create", "--tenant", ADMIN_TENANT, "--scope", "admin", "--json"),
+                         env=env, check=True, capture_output=True, text=True)
+    key: str = json.loads(out.stdout.strip().splitlines()[-1])["key"]
+    return key

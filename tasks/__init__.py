@@ -1,0 +1,1 @@
+"""Celery workers: training (queue gpu), online inference (queue inference), validation and upkeep (cpu)."""

@@ -1,0 +1,54 @@
+"""The worker-side Celery app. Task modules import torch lazily, so the main process never touches CUDA."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from db.session import reset_engine
+from domain import dispatch
+from domain.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("llmos")
+    app.conf.update(dispatch.celery_config(settings))
+    app.conf.update(
+        # Long training tasks: one at a time per process, acknowledged on receipt (early ack), so the
+        # broker never redelivers a job that is legitimately running for hours; Postgres tracks it instead.
+        worker_prefetch_multiplier=1,
+        task_acks_late=False,
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=max(settings.task_time_limit - 300, 60),
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        beat_schedule={
+            "reconcile": {
+                "task": dispatch.TASK_RECONCILE,
+                "schedule": timedelta(seconds=settings.reconcile_seconds),
+                "options": {"queue": dispatch.QUEUE_CPU, "expires": settings.reconcile_seconds},
+            }
+        },
+    )
+    app.conf.include = ["tasks.jobs", "tasks.inference", "tasks.maintenance"]
+    return app
+
+
+celery_app = create_celery()
+
+
+@worker_process_init.connect
+def _init_worker_process(**_: Any) -> None:
+    # A forked pool process must not reuse the parent's pooled database sockets.
+    reset_engine()
+    if "inference" in os.environ.get("LLMOS_WORKER_QUEUES", "").split(","):
+        # Pay torch/transformers imports at start-up, not on the first request.
+        import training.predict  # noqa: F401

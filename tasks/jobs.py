@@ -1,0 +1,249 @@
+"""Fine-tuning job tasks: validate the files (queue cpu), then train (queue gpu).
+
+Tasks take a job ID, load the row, re-check its state, and are idempotent: a duplicate delivery finds
+nothing to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+
+from db import jobs as jobs_repo
+from db.models import File, FineTuningJob, Model
+from db.session import transaction
+from domain import dispatch, ids, jobs
+from domain.clock import utcnow
+from domain.events import emit_event
+from domain.settings import get_settings
+from domain.storage import job_dir
+from tasks.app import celery_app
+from tasks.progress import JobReporter
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TASKS = ("classification",)
+MAX_PROBLEMS_SHOWN = 5
+
+
+def worker_name(task: Task) -> str:
+    return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
+
+
+def fine_tuned_model_id(job: FineTuningJob, tenant_name: str) -> str:
+    return f"ft:{job.model}:{tenant_name}:{job.suffix or ''}:{job.id}"
+
+
+def _file_path(session: Any, job: FineTuningJob, file_id: str | None) -> Path | None:
+    if file_id is None:
+        return None
+    row = session.get(File, file_id)
+    if row is None or row.tenant_id != job.tenant_id or row.deleted_at is not None:
+        raise FileNotFoundError(file_id)
+    return Path(row.path)
+
+
+def _load_rows(path: Path, task: str | None) -> tuple[str, list[dict[str, Any]]]:
+    """Read and validate a training file; raises DataError naming the first problems by line."""
+    from training.data import DataError, infer_task, read_jsonl, validate_classification
+
+    numbered = read_jsonl(path)
+    rows = [row for _, row in numbered]
+    task = task or infer_task(numbered)
+    if task not in SUPPORTED_TASKS:
+        raise DataError([f"task '{task}' is not served by this version; supported: "
+                         f"{', '.join(SUPPORTED_TASKS)}"])
+    problems = validate_classification(numbered)
+    if problems:
+        raise DataError(problems)
+    return task, rows
+
+
+@celery_app.task(name=dispatch.TASK_VALIDATE)
+def validate_job(job_id: str) -> None:
+    """validating_files → queued (and send the training task), or failed with the lines at fault."""
+    from training.classification import resolve_hyperparameters
+    from training.data import DataError
+
+    with transaction() as session:
+        job = jobs_repo.get_job_by_id(session, job_id, lock=True)
+        if job is None or job.status != jobs.VALIDATING:
+            log.info("validate %s: nothing to do (%s)", job_id, job and job.status)
+            return
+        try:
+            train_path = _file_path(session, job, job.training_file)
+            assert train_path is not None
+            task, rows = _load_rows(train_path, job.task)
+            valid_path = _file_path(session, job, job.validation_file)
+            if valid_path is not None:
+                _load_rows(valid_path, task)
+            hyperparameters = resolve_hyperparameters(job.hyperparameters or {}, len(rows))
+        except DataError as exc:
+            which = "training_file"
+            message = "; ".join(exc.problems[:MAX_PROBLEMS_SHOWN])
+            more = len(exc.problems) - MAX_PROBLEMS_SHOWN
+            if more > 0:
+                message += f"; and {more} more"
+            jobs.transition(session, job, jobs.FAILED, f"Invalid training file: {message}", level="error",
+                            error=jobs.failure("invalid_training_file", message, which))
+            return
+        except FileNotFoundError as exc:
+            jobs.transition(session, job, jobs.FAILED, f"File {exc} is gone", level="error",
+                            error=jobs.failure("invalid_training_file", f"file {exc} was deleted",
+                                               "training_file"))
+            return
+        except ValueError as exc:
+            jobs.transition(session, job, jobs.FAILED, f"Invalid hyperparameters: {exc}", level="error",
+                            error=jobs.failure("invalid_hyperparameters", str(exc), "hyperparameters"))
+            return
+        job.task = task
+        job.hyperparameters = hyperparameters
+        job.task_id = ids.random_token(32)
+        jobs.add_job_event(session, job, f"Files validated: {len(rows)} training examples, task {task}")
+        jobs.transition(session, job, jobs.QUEUED, "Job queued for training")
+        dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
+
+
+@celery_app.task(name=dispatch.TASK_TRAIN, bind=True)
+def train_job(self: Task, job_id: str) -> None:
+    """Claim a queued job, train it with progress, checkpoints and cooperative stop, record the outcome."""
+    settings = get_settings()
+    worker = worker_name(self)
+    with transaction() as session:
+        job = jobs_repo.claim_job(session, job_id, worker)
+        if job is None:
+            log.info("train %s: not queued any more, a duplicate or stale delivery", job_id)
+            return
+        from db.models import Tenant
+
+        tenant = session.get(Tenant, job.tenant_id)
+        assert tenant is not None
+        model_name = fine_tuned_model_id(job, tenant.name)
+        base = session.get(Model, job.model)
+        if base is None:
+            jobs.transition(session, job, jobs.FAILED, f"Base model {job.model} is gone", level="error",
+                            error=jobs.failure("model_not_found", f"model {job.model} was deleted", "model"))
+            jobs_repo.release_claim(session, job.id, job.attempts, "failed")
+            return
+        train_path = _file_path(session, job, job.training_file)
+        valid_path = _file_path(session, job, job.validation_file)
+        attempt = job.attempts
+        base_path = Path(base.path)
+        jobs.add_job_event(session, job, f"Training started on {worker} (attempt {attempt})")
+        emit_event(session, job.tenant_id, jobs.EVENT_TYPES[jobs.RUNNING], jobs.job_object(job))
+        snapshot = {"task": job.task, "hyperparameters": job.hyperparameters, "seed": job.seed}
+
+    reporter = JobReporter(job_id, attempt, model_name, heartbeat_seconds=settings.heartbeat_seconds,
+                           progress_event_seconds=settings.progress_event_seconds)
+    reporter.start()
+    try:
+        result = _run_classification(job_id, base_path, train_path, valid_path, snapshot, reporter)
+    except Exception as exc:
+        log.exception("training of %s failed", job_id)
+        reporter.close()
+        _finish_failed(job_id, attempt, f"{type(exc).__name__}: {exc}")
+        return
+    reporter.close()
+    if reporter.lost:
+        log.warning("train %s: attempt %s lost its claim; leaving the job to the newer attempt", job_id, attempt)
+        return
+    _record_outcome(job_id, attempt, model_name, base, result)
+
+
+def _run_classification(job_id: str, base_path: Path, train_path: Path | None, valid_path: Path | None,
+                        snapshot: dict[str, Any], reporter: JobReporter) -> Any:
+    from training.classification import ClassificationSpec, train_classification
+    from training.devices import configure_cpu
+    from training.trainer import latest_checkpoint
+
+    configure_cpu(get_settings().torch_threads)
+    assert train_path is not None
+    _, train_rows = _load_rows(train_path, snapshot["task"])
+    eval_rows = _load_rows(valid_path, snapshot["task"])[1] if valid_path else None
+    root = job_dir(job_id)
+    checkpoint_dir = root / "checkpoints"
+    resume_from = latest_checkpoint(checkpoint_dir)
+    if resume_from is not None:
+        step = int(resume_from.name.rsplit("-", 1)[-1])
+        with transaction() as session:
+            job = jobs_repo.get_job_by_id(session, job_id)
+            assert job is not None
+            jobs.add_job_event(session, job, f"resumed from checkpoint at step {step}")
+    spec = ClassificationSpec(
+        base_model_dir=base_path, output_dir=root / "model", checkpoint_dir=checkpoint_dir,
+        train_rows=train_rows, eval_rows=eval_rows, hyperparameters=snapshot["hyperparameters"],
+        seed=snapshot["seed"], eval_fraction=get_settings().eval_fraction,
+    )
+    return train_classification(spec, reporter, resume_from=resume_from)
+
+
+def _finish_failed(job_id: str, attempt: int, message: str) -> None:
+    with transaction() as session:
+        job = jobs_repo.get_job_by_id(session, job_id, lock=True)
+        if job is None or job.attempts != attempt or job.status in jobs.TERMINAL:
+            return
+        jobs.transition(session, job, jobs.FAILED, f"Training failed: {message}", level="error",
+                        error=jobs.failure("training_error", message))
+        jobs_repo.release_claim(session, job_id, attempt, "failed")
+
+
+def _record_outcome(job_id: str, attempt: int, model_name: str, base: Model, result: Any) -> None:
+    from training.classification import write_results_csv
+
+    outcome = result.outcome
+    with transaction() as session:
+        job = jobs_repo.get_job_by_id(session, job_id, lock=True)
+        if job is None or job.attempts != attempt or job.status in jobs.TERMINAL:
+            return
+        if not outcome.completed:
+            reason = outcome.stop_reason
+            if reason == "cancel":
+                jobs.transition(session, job, jobs.CANCELLED, f"Job cancelled at step {outcome.global_step}")
+                shutil.rmtree(job_dir(job_id) / "checkpoints", ignore_errors=True)
+            elif reason == "pause":
+                job.pause_requested = False
+                jobs.transition(session, job, jobs.PAUSED, f"Job paused at step {outcome.global_step}")
+            else:
+                # Worker shutdown: hand the job back so another worker continues from the checkpoint.
+                job.task_id = ids.random_token(32)
+                jobs.transition(session, job, jobs.QUEUED,
+                                f"Worker shutting down; requeued at step {outcome.global_step}")
+                dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
+            jobs_repo.release_claim(session, job_id, attempt, reason or "stopped")
+            return
+        from db.models import File as FileRow
+
+        results_path = job_dir(job_id) / "results.csv"
+        write_results_csv(outcome.history, result.report, results_path)
+        results_file = FileRow(
+            id=ids.new_id(ids.FILE), tenant_id=job.tenant_id, filename="step_metrics.csv",
+            purpose="fine-tune-results", bytes=results_path.stat().st_size, sha256="",
+            path=str(results_path),
+        )
+        session.add(results_file)
+        model = Model(
+            id=model_name, tenant_id=job.tenant_id, owned_by=job.tenant_id, kind="fine-tuned",
+            tasks=[job.task or "classification"], architecture=base.architecture,
+            path=str(result.model_dir), base_model=base.id if base.kind == "base" else base.base_model,
+            job_id=job.id, description=f"{job.task} fine-tune of {base.id}",
+        )
+        session.add(model)
+        job.fine_tuned_model = model_name
+        job.metrics = result.metrics
+        job.trained_tokens = outcome.trained_tokens
+        job.result_files = [results_file.id]
+        if job.progress:
+            job.progress = {**job.progress, "step": outcome.global_step, "percent": 100.0}
+        job.cancel_requested = False
+        session.flush()
+        emit_event(session, job.tenant_id, "model.created",
+                   {"id": model_name, "object": "model", "owned_by": job.tenant_id, "fine_tuning_job": job.id,
+                    "created": int(utcnow().timestamp())})
+        jobs.transition(session, job, jobs.SUCCEEDED, f"Job succeeded: {model_name}")
+        jobs_repo.release_claim(session, job_id, attempt, "succeeded")

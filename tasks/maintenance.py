@@ -1,0 +1,54 @@
+"""Upkeep run by beat: re-send work whose task got lost, requeue jobs whose worker died."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from db import jobs as jobs_repo
+from db.session import transaction
+from domain import dispatch, ids, jobs
+from domain.clock import utcnow
+from domain.settings import get_settings
+from tasks.app import celery_app
+
+log = logging.getLogger(__name__)
+
+
+@celery_app.task(name=dispatch.TASK_RECONCILE)
+def reconcile() -> dict[str, int]:
+    """One pass of the reconciler; returns counts for the log."""
+    settings = get_settings()
+    now = utcnow()
+    counts = {"resent": 0, "requeued": 0, "failed": 0}
+    with transaction() as session:
+        forgotten = now - timedelta(seconds=settings.requeue_after_seconds)
+        for job in jobs_repo.forgotten_jobs(session, jobs.VALIDATING, forgotten):
+            job.updated_at = now
+            dispatch.enqueue_after_commit(session, dispatch.TASK_VALIDATE, job.id)
+            counts["resent"] += 1
+        for job in jobs_repo.forgotten_jobs(session, jobs.QUEUED, forgotten):
+            # Same task id as before: if the first send does arrive after all, the claim dedupes it.
+            job.updated_at = now
+            dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
+            counts["resent"] += 1
+        stale = now - timedelta(seconds=settings.stale_heartbeat_seconds)
+        for job in jobs_repo.stale_running_jobs(session, stale):
+            jobs_repo.release_claim(session, job.id, job.attempts, "lost")
+            if job.status == jobs.CANCELLING:
+                jobs.transition(session, job, jobs.CANCELLED, "Worker lost while cancelling; job cancelled")
+            elif job.attempts >= settings.max_attempts:
+                message = (f"the worker stopped responding {job.attempts} times; giving up after "
+                           f"{settings.max_attempts} attempts")
+                jobs.transition(session, job, jobs.FAILED, f"Job failed: {message}", level="error",
+                                error=jobs.failure("worker_lost", message))
+                counts["failed"] += 1
+            else:
+                job.task_id = ids.random_token(32)
+                jobs.transition(session, job, jobs.QUEUED,
+                                f"Worker {job.worker} stopped responding; requeued", level="warn")
+                dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
+                counts["requeued"] += 1
+    if any(counts.values()):
+        log.info("reconcile: %s", counts)
+    return counts

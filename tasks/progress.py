@@ -1,0 +1,141 @@
+"""The bridge from a training loop to the job row: progress, metrics, checkpoints, heartbeats, flags."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from db import jobs as jobs_repo
+from db.models import Checkpoint
+from db.session import transaction
+from domain import ids, jobs
+from domain.clock import utcnow
+from domain.events import emit_event
+from training.callbacks import StepState, StopReason
+
+log = logging.getLogger(__name__)
+
+
+class JobReporter:
+    """Implements the training callbacks for one claimed attempt of one job.
+
+    A heartbeat thread records liveness and reads the cancel/pause flags, so a training step never
+    waits on the database; the loop reads the flags it cached at each step boundary.
+    """
+
+    def __init__(self, job_id: str, attempt: int, model_name: str, *, heartbeat_seconds: float,
+                 progress_event_seconds: float) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.model_name = model_name
+        self._heartbeat_seconds = heartbeat_seconds
+        self._progress_event_seconds = progress_event_seconds
+        self._stop_reason: StopReason | None = None
+        self._lost = False
+        self._last_row_write = 0.0
+        self._last_event = 0.0
+        self._last_epoch = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+        self.shutdown_requested = threading.Event()
+
+    # lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def lost(self) -> bool:
+        """True when another attempt took the job over: this one must stop without writing results."""
+        return self._lost
+
+    def _beat(self) -> None:
+        while not self._done.wait(self._heartbeat_seconds):
+            self.poll_flags()
+
+    def poll_flags(self) -> None:
+        try:
+            with transaction() as session:
+                flags = jobs_repo.heartbeat(session, self.job_id, self.attempt)
+        except Exception:
+            log.warning("heartbeat of %s failed; retrying", self.job_id, exc_info=True)
+            return
+        if flags is None:
+            self._lost = True
+            self._stop_reason = "shutdown"
+            return
+        cancel, pause, _status = flags
+        if cancel:
+            self._stop_reason = "cancel"
+        elif pause:
+            self._stop_reason = "pause"
+
+    # training callbacks
+    def should_stop(self) -> StopReason | None:
+        if self._stop_reason is None and self.shutdown_requested.is_set():
+            return "shutdown"
+        return self._stop_reason
+
+    def on_step(self, state: StepState) -> None:
+        now = time.monotonic()
+        epoch_end = int(state.epoch) > self._last_epoch and state.epoch == int(state.epoch)
+        if not epoch_end and now - self._last_row_write < 1.0 and state.step != state.total_steps:
+            return
+        self._last_row_write = now
+        emit = epoch_end or now - self._last_event >= self._progress_event_seconds
+        if emit:
+            self._last_event = now
+        if epoch_end:
+            self._last_epoch = int(state.epoch)
+        self._write_progress(state, emit)
+
+    def _write_progress(self, state: StepState, emit: bool) -> None:
+        percent = round(100.0 * state.step / max(state.total_steps, 1), 1)
+        progress = {"step": state.step, "total_steps": state.total_steps, "epoch": round(state.epoch, 3),
+                    "percent": percent, "train_loss": round(state.train_loss, 5),
+                    "learning_rate": state.learning_rate,
+                    "samples_per_second": round(state.samples_per_second, 2)}
+        with transaction() as session:
+            job = jobs_repo.get_job_by_id(session, self.job_id)
+            if job is None or job.attempts != self.attempt:
+                return
+            job.progress = progress
+            job.heartbeat_at = utcnow()
+            if state.samples_per_second > 0 and 0 < state.step < state.total_steps and job.started_at:
+                elapsed = (utcnow() - job.started_at).total_seconds()
+                remaining = elapsed * (state.total_steps - state.step) / state.step
+                job.estimated_finish = utcnow() + timedelta(seconds=remaining)
+            if emit:
+                emit_event(session, job.tenant_id, "fine_tuning.job.progress", jobs.job_object(job))
+
+    def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        data: dict[str, Any] = {"step": step, "epoch": round(epoch, 3), **metrics}
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
+        with transaction() as session:
+            job = jobs_repo.get_job_by_id(session, self.job_id)
+            if job is None:
+                return
+            jobs.add_job_event(session, job, f"Step {step}, epoch {epoch:.2f}: {summary}",
+                               type_="metrics", data=data)
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        with transaction() as session:
+            job = jobs_repo.get_job_by_id(session, self.job_id)
+            if job is None:
+                return
+            existing = session.query(Checkpoint).filter_by(job_id=job.id, step_number=step).one_or_none()
+            if existing is not None:
+                existing.path, existing.metrics = str(path), metrics
+                return
+            session.add(Checkpoint(
+                id=ids.new_id(ids.CHECKPOINT), job_id=job.id, step_number=step, metrics=metrics,
+                path=str(path), fine_tuned_model_checkpoint=f"{self.model_name}:ckpt-step-{step}",
+            ))
+            jobs.add_job_event(session, job, f"Checkpoint saved at step {step}")

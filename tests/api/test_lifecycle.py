@@ -1,0 +1,174 @@
+"""The job lifecycle end to end: upload, validate, queue, train on a real worker, serve."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from sqlalchemy import func, select
+
+from domain import dispatch
+from tests.conftest import Api, wait_until
+from tests.data import jsonl, sentiment_rows
+
+
+def gpu_worker_idle() -> bool:
+    """The gpu queue is empty and no gpu worker holds an active or reserved task."""
+    import redis
+
+    from domain.settings import get_settings
+    from tasks.app import celery_app
+
+    if redis.Redis.from_url(get_settings().resolved_broker_url()).llen("gpu"):
+        return False
+    inspect = celery_app.control.inspect(timeout=1.0)
+    active, reserved = inspect.active() or {}, inspect.reserved() or {}
+    if not active:
+        return False  # no reply at all: ask again rather than assume idle
+    busy = [t for name, tasks in {**active, **reserved}.items() if name.startswith("gpu") for t in tasks]
+    busy += [t for name, tasks in reserved.items() if name.startswith("gpu") for t in tasks]
+    return not busy
+
+
+def _create(api: Api, **extra: Any) -> dict[str, Any]:
+    file_id = api.upload(jsonl(sentiment_rows(120))).json()["id"]
+    body = {"model": "tiny-bert", "training_file": file_id,
+            "hyperparameters": {"n_epochs": 4, "batch_size": 8, "learning_rate": 3e-3}, **extra}
+    response = api.http.post("/v1/fine_tuning/jobs", json=body)
+    assert response.status_code == 200, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+def _statuses(api: Api, job_id: str) -> list[str]:
+    events = api.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    return [e["message"] for e in reversed(events)]
+
+
+def test_classification_job_trains_to_success_and_serves(api: Api) -> None:
+    job = _create(api, suffix="sent", metadata={"team": "nlp"})
+    assert job["status"] == "validating_files"
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    done = api.wait_status(job["id"], {"succeeded", "failed", "cancelled"})
+    assert done["status"] == "succeeded", done["error"]
+    assert done["task"] == "classification"
+    assert done["attempts"] == 1
+    assert done["fine_tuned_model"] == f"ft:tiny-bert:acme:sent:{job['id']}"
+    assert done["metrics"]["accuracy"] >= 0.9, done["metrics"]
+    assert 0.0 <= done["metrics"]["macro_f1"] <= 1.0
+    assert done["trained_tokens"] > 0
+    assert done["hyperparameters"]["n_epochs"] == 4
+    assert done["progress"]["percent"] == 100.0
+    assert done["finished_at"] >= done["created_at"]
+
+    # The lifecycle, in order, as the job's own events tell it.
+    messages = _statuses(api, job["id"])
+    joined = "\n".join(messages)
+    for needle in ("Validating training file", "Files validated", "Job queued", "Training started",
+                   "Checkpoint saved", "Job succeeded"):
+        assert needle in joined, joined
+    events = api.http.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    metrics = [e for e in events if e["type"] == "metrics"]
+    assert len(metrics) == 4, "one metrics event per epoch end"
+    assert {"step", "epoch", "train_loss", "learning_rate", "eval_loss", "eval_accuracy"} <= set(metrics[0]["data"])
+
+    checkpoints = api.http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    assert len(checkpoints) >= 2
+    assert checkpoints[0]["step_number"] > checkpoints[-1]["step_number"], "newest first"
+
+    results = api.http.get(f"/v1/files/{done['result_files'][0]}/content").text
+    header = next(csv.reader(io.StringIO(results)))
+    assert header[:4] == ["step", "epoch", "train_loss", "learning_rate"]
+
+    models = {m["id"]: m for m in api.http.get("/v1/models").json()["data"]}
+    assert done["fine_tuned_model"] in models and "tiny-bert" in models
+    assert models[done["fine_tuned_model"]]["tasks"] == ["classification"]
+
+    answer = api.http.post("/v1/classifications", json={"model": done["fine_tuned_model"],
+                                                         "input": ["the food was wonderful", "the room was awful"]})
+    assert answer.status_code == 200, answer.text
+    data = answer.json()["data"]
+    assert [d["label"] for d in data] == ["pos", "neg"]
+    assert abs(sum(data[0]["scores"].values()) - 1.0) < 1e-4
+
+
+def test_outbox_records_every_status_change(api: Api) -> None:
+    from db.models import OutboxEvent
+    from db.session import transaction
+
+    job = _create(api)
+    api.wait_status(job["id"], {"succeeded"})
+    with transaction() as session:
+        types = [e.type for e in session.scalars(select(OutboxEvent).order_by(OutboxEvent.seq))
+                 if e.data.get("id") == job["id"] or e.data.get("fine_tuning_job") == job["id"]]
+    for expected in ("fine_tuning.job.validating_files", "fine_tuning.job.queued",
+                     "fine_tuning.job.running", "fine_tuning.job.succeeded", "model.created"):
+        assert expected in types, types
+    assert types.index("fine_tuning.job.queued") < types.index("fine_tuning.job.running")
+
+
+def test_cancel_while_queued_never_trains(api: Api) -> None:
+    from db.models import JobClaim
+    from db.session import transaction
+
+    job = _create(api)
+    # Pause the pipeline at queued: pausing a queued job is allowed, and cancel from paused is too.
+    api.wait_status(job["id"], {"queued", "running", "succeeded"})
+    cancelled = api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 200
+    final = api.wait_status(job["id"], {"cancelled", "succeeded"})
+    if final["attempts"] == 0:
+        assert final["status"] == "cancelled"
+        with transaction() as session:
+            assert session.scalar(select(func.count()).select_from(JobClaim)
+                                  .where(JobClaim.job_id == job["id"])) == 0
+    again = api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert again.status_code == 409
+
+
+def test_cancel_while_validating_is_immediate(api: Api) -> None:
+    job = _create(api)
+    response = api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert response.status_code == 200
+    body = response.json()
+    if body["status"] == "cancelled":
+        # The validator, when it gets the task, finds nothing to do and the job never runs.
+        final = api.job(job["id"])
+        assert final["status"] == "cancelled" and final["attempts"] == 0
+
+
+def test_cancel_while_running_stops_at_a_step_boundary(api: Api) -> None:
+    file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
+    job = api.http.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-bert", "training_file": file_id,
+        "hyperparameters": {"n_epochs": 50, "batch_size": 2}}).json()
+    wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) > 0, 120,
+               "training to make progress")
+    response = api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert response.status_code == 200
+    assert response.json()["status"] in ("cancelling", "cancelled")
+    final = api.wait_status(job["id"], {"cancelled", "succeeded", "failed"}, timeout=60)
+    assert final["status"] == "cancelled"
+    assert final["fine_tuned_model"] is None
+    assert final["progress"]["step"] < final["progress"]["total_steps"]
+
+
+def test_duplicate_task_delivery_trains_once(api: Api) -> None:
+    from db.models import JobClaim
+    from db.session import transaction
+
+    job = _create(api)
+    queued = api.wait_status(job["id"], {"queued", "running", "succeeded"})
+    assert queued["status"] != "failed"
+    # Deliver the training task twice more, as a broker redelivery or a reconciler race would.
+    for _ in range(2):
+        assert dispatch.publish(dispatch.StagedTask(dispatch.TASK_TRAIN, (job["id"],), None, "gpu"))
+    done = api.wait_status(job["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded"
+
+    wait_until(gpu_worker_idle, 60, "the duplicate deliveries to be consumed")
+    assert api.job(job["id"])["attempts"] == 1
+    with transaction() as session:
+        claims = session.scalars(select(JobClaim).where(JobClaim.job_id == job["id"])).all()
+    assert [c.attempt for c in claims] == [1]

@@ -1,0 +1,251 @@
+"""Real services for the suite: Postgres, Redis, the API as a process and Celery worker processes.
+
+With LLMOS_DATABASE_URL / LLMOS_BROKER_URL set (CI sets the machine's servers) the suite creates a
+fresh database on that Postgres; otherwise it starts embedded Postgres and Redis itself.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+KEEP_TABLES = {"alembic_version"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _fresh_database(server_url: str) -> str:
+    url = make_url(server_url)
+    name = f"llmos_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_database(db_url: str) -> None:
+    url = make_url(db_url)
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Database and broker URLs for this run, with the schema migrated and base models registered."""
+    home = tmp_path_factory.mktemp("llmos-home")
+    servers: list[Any] = []
+    database_server = os.environ.get("LLMOS_DATABASE_URL")
+    broker_url = os.environ.get("LLMOS_BROKER_URL")
+    if not database_server or not broker_url:
+        from ops.embedded import start_postgres, start_redis
+
+        if not database_server:
+            pg = start_postgres(home / "pg")
+            servers.append(pg)
+            database_server = pg.url
+        if not broker_url:
+            rd = start_redis(home / "redis")
+            servers.append(rd)
+            broker_url = rd.url
+    database_url = _fresh_database(database_server)
+    env = {
+        "LLMOS_HOME": str(home),
+        "LLMOS_DATABASE_URL": database_url,
+        "LLMOS_BROKER_URL": broker_url,
+        # Fast cadence so cancel and progress tests finish in seconds.
+        "LLMOS_HEARTBEAT_SECONDS": "0.3",
+        "LLMOS_PROGRESS_EVENT_SECONDS": "0",
+        "LLMOS_WEBHOOK_ALLOW_PRIVATE": "1",
+        # A small cap so the 413 paths are exercised with real bodies.
+        "LLMOS_MAX_UPLOAD_BYTES": str(1_000_000),
+        "LLMOS_API_PORT": str(free_port()),
+    }
+    os.environ.update(env)
+    from domain.settings import get_settings
+
+    get_settings.cache_clear()
+    from ops.bootstrap import migrate, register_base_models
+
+    migrate()
+    register_base_models(Path(home) / "models")
+    _purge_queues(broker_url)
+    yield {**env, "home": str(home)}
+    from db.session import get_engine
+
+    get_engine().dispose()
+    _drop_database(database_url)
+    from ops.embedded import stop_server
+
+    for server in reversed(servers):
+        stop_server(server)
+
+
+def _purge_queues(broker_url: str) -> None:
+    import redis
+
+    if broker_url.startswith("redis"):
+        conn = redis.Redis.from_url(broker_url)
+        conn.delete("gpu", "cpu", "inference")
+
+
+class Process:
+    """A child process of the suite, its output kept in a log file for failures."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(argv, env={**os.environ, **env}, cwd=ROOT, stdout=self._log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        import signal
+
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="session")
+def stack(services: dict[str, str]) -> Iterator[dict[str, Process]]:
+    """The API and the three worker kinds as real processes, as `llmos up` runs them."""
+    log_dir = Path(services["home"]) / "logs"
+    log_dir.mkdir(exist_ok=True)
+    env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
+    cli = [sys.executable, "-m", "ops.cli"]
+    procs = {
+        "api": Process("api", [*cli, "api"], env, log_dir),
+        "worker-gpu": Process("worker-gpu", [*cli, "worker", "--queues", "gpu"], env, log_dir),
+        "worker-inference": Process("worker-inference", [*cli, "worker", "--queues", "inference"], env,
+                                    log_dir),
+        "worker-cpu": Process("worker-cpu", [*cli, "worker", "--queues", "cpu"], env, log_dir),
+    }
+    base = f"http://127.0.0.1:{services['LLMOS_API_PORT']}"
+
+    def api_up() -> bool:
+        if procs["api"].popen.poll() is not None:
+            raise AssertionError(f"API exited:\n{procs['api'].tail()}")
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(api_up, 60, "the API to answer /healthz")
+    yield procs
+    for proc in procs.values():
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def api_url(stack: dict[str, Process], services: dict[str, str]) -> str:
+    return f"http://127.0.0.1:{services['LLMOS_API_PORT']}"
+
+
+@pytest.fixture(autouse=True)
+def clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test that uses the database starts from empty tables (base models kept)."""
+    if "services" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("services")
+    from db.session import get_engine
+
+    with get_engine().begin() as conn:
+        tables = [r[0] for r in conn.execute(text(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))]
+        doomed = [t for t in tables if t not in KEEP_TABLES]
+        conn.execute(text(f"TRUNCATE {', '.join(doomed)} CASCADE"))
+    from domain.settings import get_settings
+    from ops.bootstrap import register_base_models
+
+    register_base_models(get_settings().models_dir)
+    yield
+
+
+@pytest.fixture
+def make_key(services: dict[str, str]) -> Callable[..., str]:
+    """Create an API key: make_key(tenant="acme", scopes=[...]) → plaintext."""
+    from ops.bootstrap import create_key
+
+    def make(tenant: str = "acme", scopes: list[str] | None = None) -> str:
+        scopes = scopes or ["files", "fine_tuning", "batches", "inference", "webhooks"]
+        return create_key(tenant, scopes)[1]
+
+    return make
+
+
+class Api:
+    """A thin authenticated client for the tests."""
+
+    def __init__(self, base: str, key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=base, headers=headers, timeout=90)
+
+    def upload(self, content: str | bytes, purpose: str = "fine-tune", name: str = "train.jsonl") -> Any:
+        data = content.encode() if isinstance(content, str) else content
+        return self.http.post("/v1/files", data={"purpose": purpose}, files={"file": (name, data)})
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/v1/fine_tuning/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def wait_status(self, job_id: str, statuses: set[str], timeout: float = 180) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            return job if job["status"] in statuses else None
+
+        result: dict[str, Any] = wait_until(reached, timeout, f"job {job_id} to reach {statuses}", 0.2)
+        return result
+
+
+@pytest.fixture
+def api(api_url: str, make_key: Callable[..., str]) -> Api:
+    return Api(api_url, make_key())
+
+
+@pytest.fixture
+def anon(api_url: str) -> Api:
+    return Api(api_url, None)
