@@ -7,6 +7,7 @@ queued work whose task never arrived.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -101,3 +102,19 @@ def _publish_staged(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _drop_staged(session: Session) -> None:
     session.info.pop(_PENDING_KEY, None)
+
+
+def waiting_task_ids(queue: str) -> set[str] | None:
+    """Task ids of the messages waiting in a Redis queue; None when the broker cannot be inspected."""
+    from domain import replies
+
+    conn = replies.client()
+    if conn is None:
+        return None
+    found: set[str] = set()
+    for raw in conn.lrange(queue, 0, -1):
+        try:
+            found.add(json.loads(raw)["headers"]["id"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return found

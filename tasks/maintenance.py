@@ -27,7 +27,10 @@ def reconcile() -> dict[str, int]:
             job.updated_at = now
             dispatch.enqueue_after_commit(session, dispatch.TASK_VALIDATE, job.id)
             counts["resent"] += 1
+        waiting = dispatch.waiting_task_ids(dispatch.QUEUE_GPU)
         for job in jobs_repo.forgotten_jobs(session, jobs.QUEUED, forgotten):
+            if waiting is not None and job.task_id in waiting:
+                continue  # still in line behind other jobs, not lost
             # Same task id as before: if the first send does arrive after all, the claim dedupes it.
             job.updated_at = now
             dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)

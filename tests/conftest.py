@@ -10,6 +10,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -72,12 +73,14 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     if not database_server or not broker_url:
         from ops.embedded import start_postgres, start_redis
 
+        # Not under pytest's tmp dir: it is 0700, and embedded Postgres runs as its own user when root.
+        server_dir = Path(tempfile.mkdtemp(prefix="llmos-test-servers-"))
         if not database_server:
-            pg = start_postgres(home / "pg")
+            pg = start_postgres(server_dir / "pg")
             servers.append(pg)
             database_server = pg.url
         if not broker_url:
-            rd = start_redis(home / "redis")
+            rd = start_redis(server_dir / "redis")
             servers.append(rd)
             broker_url = rd.url
     database_url = _fresh_database(database_server)

