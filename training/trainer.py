@@ -1,0 +1,466 @@
+"""A plain training loop with exact stop, checkpoint and resume semantics.
+
+The data order of epoch ``e`` is a permutation drawn from a generator seeded with ``seed + e``, so a
+resumed run can skip straight to the batch it stopped at. A checkpoint holds everything the loop needs
+(weights, optimizer, scheduler, RNG states, counters), so a paused-then-resumed run ends with the same
+weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_model
+from transformers import get_linear_schedule_with_warmup, set_seed
+
+from training.callbacks import StepState, StopReason, TrainingCallbacks
+from training.devices import autocast_dtype, pick_device
+from training.fsutil import replace_dir
+
+log = logging.getLogger(__name__)
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIX = ".tmp-checkpoint-"
+_STATE_FILE = "trainer_state.json"
+# Written last, so its presence marks a complete checkpoint even without the atomic rename.
+_COMPLETE_MARKER = _STATE_FILE
+
+Metrics = dict[str, float]
+Evaluate = Callable[[torch.nn.Module], Metrics]
+
+
+class IndexedDataset(Protocol):
+    """Anything with a length and integer indexing: a list, a torch Dataset, a datasets.Dataset."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+Collator = Callable[[list[Any]], Mapping[str, Any]]
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation settings for one run; `logging_steps=0` logs about 100 history rows per run."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate: float
+    checkpoint_dir: Path
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    keep_checkpoints: int = 2
+    logging_steps: int = 0
+
+
+@dataclass
+class TrainOutcome:
+    """How a run ended; `checkpoint` is the newest checkpoint this run wrote (None if none)."""
+
+    completed: bool
+    stop_reason: StopReason | None
+    global_step: int
+    total_steps: int
+    epoch: float
+    history: list[dict[str, Any]]
+    trained_tokens: int
+    checkpoint: Path | None = None
+
+
+@dataclass
+class _LoopState:
+    global_step: int = 0
+    epoch_index: int = 0
+    step_in_epoch: int = 0
+    trained_tokens: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # Losses since the last history row, so a resumed run logs the same means.
+    interval_loss_sum: float = 0.0
+    interval_loss_count: int = 0
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """Return the complete checkpoint with the highest step under `checkpoint_dir`, or None."""
+    found = _list_checkpoints(checkpoint_dir)
+    return found[-1][1] if found else None
+
+
+def run_training(
+    model: torch.nn.Module,
+    train_dataset: IndexedDataset,
+    collator: Collator,
+    args: TrainArgs,
+    callbacks: TrainingCallbacks,
+    evaluate: Evaluate | None = None,
+    resume_from: Path | None = None,
+    device: torch.device | None = None,
+) -> TrainOutcome:
+    """Train `model` with AdamW and a linear warmup schedule; stop, checkpoint and resume exactly."""
+    _check_args(args)
+    n_rows = len(train_dataset)
+    if n_rows == 0:
+        raise ValueError("the training set is empty")
+    device = device or pick_device()
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    steps_per_epoch = math.ceil(n_rows / args.batch_size)
+    total_steps = steps_per_epoch * args.n_epochs
+    logging_steps = args.logging_steps or max(1, total_steps // 100)
+
+    model.to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.learning_rate)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+    amp_dtype = autocast_dtype(device)
+    # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(args.checkpoint_dir)
+
+    if resume_from is not None:
+        state = _restore(resume_from, model, optimizer, scheduler, scaler, args, n_rows)
+        log.info("resumed from %s at step %d of %d", resume_from, state.global_step, total_steps)
+    else:
+        state = _LoopState()
+        # Dropout masks then depend only on the seed, not on what ran before in this process.
+        set_seed(args.seed)
+
+    def outcome(completed: bool, reason: StopReason | None, checkpoint: Path | None) -> TrainOutcome:
+        return TrainOutcome(
+            completed=completed,
+            stop_reason=reason,
+            global_step=state.global_step,
+            total_steps=total_steps,
+            epoch=state.epoch_index + state.step_in_epoch / steps_per_epoch,
+            history=list(state.history),
+            trained_tokens=state.trained_tokens,
+            checkpoint=checkpoint,
+        )
+
+    def checkpoint(metrics: dict[str, Any]) -> Path:
+        path = _save_checkpoint(model, optimizer, scheduler, scaler, state, args, n_rows)
+        callbacks.on_checkpoint(state.global_step, path, metrics)
+        return path
+
+    # A run resumed from its final checkpoint trains no further and reports that checkpoint.
+    last_checkpoint: Path | None = resume_from
+    model.train()
+    started = time.perf_counter()
+    samples_this_run = 0
+    while state.epoch_index < args.n_epochs:
+        order = _epoch_order(n_rows, args.seed, state.epoch_index)
+        while state.step_in_epoch < steps_per_epoch:
+            reason = callbacks.should_stop()
+            if reason is not None:
+                log.info("stopping at step %d: %s", state.global_step, reason)
+                if reason == "cancel":
+                    return outcome(False, reason, None)
+                return outcome(False, reason, checkpoint({"stop_reason": reason}))
+            start = state.step_in_epoch * args.batch_size
+            indices = order[start : start + args.batch_size]
+            batch = collator([train_dataset[i] for i in indices])
+            tokens = _count_tokens(batch)
+            learning_rate = float(optimizer.param_groups[0]["lr"])
+            loss = _train_step(model, batch, optimizer, scheduler, scaler, device, amp_dtype, args)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the training loss became {loss} at step {state.global_step + 1}; try a lower learning rate"
+                )
+            state.global_step += 1
+            state.step_in_epoch += 1
+            state.trained_tokens += tokens
+            state.interval_loss_sum += loss
+            state.interval_loss_count += 1
+            samples_this_run += len(indices)
+            epoch = state.epoch_index + state.step_in_epoch / steps_per_epoch
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            callbacks.on_step(
+                StepState(
+                    step=state.global_step,
+                    total_steps=total_steps,
+                    epoch=epoch,
+                    train_loss=loss,
+                    learning_rate=learning_rate,
+                    samples_per_second=samples_this_run / elapsed,
+                )
+            )
+            # The epoch-end row below covers the last step of an epoch.
+            if state.global_step % logging_steps == 0 and state.step_in_epoch < steps_per_epoch:
+                state.history.append(_history_row(state, epoch, learning_rate))
+
+        row = _history_row(state, float(state.epoch_index + 1), float(optimizer.param_groups[0]["lr"]))
+        if evaluate is not None:
+            model.eval()
+            metrics = evaluate(model)
+            model.train()
+            row.update({(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in metrics.items()})
+        state.history.append(row)
+        state.epoch_index += 1
+        state.step_in_epoch = 0
+        reported = {k: v for k, v in row.items() if k not in ("step", "epoch")}
+        callbacks.on_evaluate(state.global_step, float(state.epoch_index), reported)
+        last_checkpoint = checkpoint(reported)
+    return outcome(True, None, last_checkpoint)
+
+
+def _check_args(args: TrainArgs) -> None:
+    if args.n_epochs < 1:
+        raise ValueError("n_epochs must be at least 1")
+    if args.batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if not args.learning_rate > 0:
+        raise ValueError("learning_rate must be positive")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        raise ValueError("warmup_ratio must be in [0, 1)")
+    if args.weight_decay < 0:
+        raise ValueError("weight_decay must not be negative")
+    if args.keep_checkpoints < 1:
+        raise ValueError("keep_checkpoints must be at least 1")
+    if args.logging_steps < 0:
+        raise ValueError("logging_steps must not be negative")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Biases and norm weights (1-d) are not decayed: decaying them only hurts.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _epoch_order(n_rows: int, seed: int, epoch_index: int) -> list[int]:
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch_index)
+    order: list[int] = torch.randperm(n_rows, generator=generator).tolist()
+    return order
+
+
+def _count_tokens(batch: Mapping[str, Any]) -> int:
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return int(mask.sum().item())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def _train_step(
+    model: torch.nn.Module,
+    batch: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    args: TrainArgs,
+) -> float:
+    inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        outputs = model(**inputs)
+    loss = outputs["loss"] if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError("the model returned no loss; the batch must carry labels")
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach().float().item())
+
+
+def _history_row(state: _LoopState, epoch: float, learning_rate: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"step": state.global_step, "epoch": round(epoch, 6), "learning_rate": learning_rate}
+    if state.interval_loss_count:
+        row["train_loss"] = state.interval_loss_sum / state.interval_loss_count
+    state.interval_loss_sum = 0.0
+    state.interval_loss_count = 0
+    return row
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def _list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    if not checkpoint_dir.is_dir():
+        return []
+    found: list[tuple[int, Path]] = []
+    for entry in checkpoint_dir.iterdir():
+        match = _CHECKPOINT_RE.match(entry.name)
+        if match and entry.is_dir() and (entry / _COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def _remove_stale_temp_dirs(checkpoint_dir: Path) -> None:
+    # Left by a process that died mid-save; one run owns a checkpoint directory at a time.
+    for entry in checkpoint_dir.iterdir():
+        if entry.name.startswith((_TMP_PREFIX, ".old-checkpoint-")) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _save_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    state: _LoopState,
+    args: TrainArgs,
+    n_rows: int,
+) -> Path:
+    final = args.checkpoint_dir / f"checkpoint-{state.global_step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{state.global_step}-", dir=args.checkpoint_dir))
+    try:
+        _save_model(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        trainer_state = {
+            "global_step": state.global_step,
+            "epoch": state.epoch_index + state.step_in_epoch / math.ceil(n_rows / args.batch_size),
+            "epoch_index": state.epoch_index,
+            "step_in_epoch": state.step_in_epoch,
+            "trained_tokens": state.trained_tokens,
+            "history": state.history,
+            "interval_loss_sum": state.interval_loss_sum,
+            "interval_loss_count": state.interval_loss_count,
+            "n_rows": n_rows,
+            "batch_size": args.batch_size,
+            "n_epochs": args.n_epochs,
+            "seed": args.seed,
+        }
+        (tmp / _STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in _list_checkpoints(args.checkpoint_dir)[: -args.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def _save_model(model: torch.nn.Module, directory: Path) -> None:
+    save_pretrained = getattr(model, "save_pretrained", None)
+    if callable(save_pretrained):
+        save_pretrained(directory)
+    else:
+        save_model(model, str(directory / "model.safetensors"))
+
+
+def _load_model_weights(model: torch.nn.Module, directory: Path) -> None:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = ["model.safetensors"]
+    device = next(model.parameters()).device
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(str(directory / name), device=str(device)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {directory} has weights the model lacks: {unexpected[:5]}")
+    # save_pretrained leaves out tied weights; they share storage with a loaded tensor.
+    current = model.state_dict()
+    loaded = {current[k].data_ptr() for k in weights if k in current}
+    untied = [k for k in missing if current[k].data_ptr() not in loaded]
+    if untied:
+        raise ValueError(f"checkpoint {directory} lacks weights: {untied[:5]}")
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "python": random.getstate(),
+        # Stored as plain types and tensors so the file loads with torch.load(weights_only=True).
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(saved: dict[str, Any]) -> None:
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = saved["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(saved["torch"])
+    cuda_states = saved.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _restore(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    args: TrainArgs,
+    n_rows: int,
+) -> _LoopState:
+    state_file = path / _STATE_FILE
+    if not state_file.is_file():
+        raise ValueError(f"{path} is not a complete checkpoint (no {_STATE_FILE})")
+    saved = json.loads(state_file.read_text(encoding="utf-8"))
+    expected = {"n_rows": n_rows, "batch_size": args.batch_size, "n_epochs": args.n_epochs, "seed": args.seed}
+    changed = [f"{k} was {saved.get(k)}, now {v}" for k, v in expected.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: " + ", ".join(changed))
+    _load_model_weights(model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    if scaler is not None and (path / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+    return _LoopState(
+        global_step=int(saved["global_step"]),
+        epoch_index=int(saved["epoch_index"]),
+        step_in_epoch=int(saved["step_in_epoch"]),
+        trained_tokens=int(saved["trained_tokens"]),
+        history=list(saved["history"]),
+        interval_loss_sum=float(saved["interval_loss_sum"]),
+        interval_loss_count=int(saved["interval_loss_count"]),
+    )
