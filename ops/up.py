@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import FrameType
+
+import httpx
 
 from domain.settings import Settings, get_settings
+from ops.embedded import EmbeddedServer
 from ops.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger("llmos.up")
@@ -21,12 +27,12 @@ def _llmos(*args: str) -> list[str]:
     return [sys.executable, "-m", "ops.cli", *args]
 
 
-def _start_embedded(settings: Settings) -> tuple[dict[str, str], list[object]]:
+def _start_embedded(settings: Settings) -> tuple[dict[str, str], list[EmbeddedServer]]:
     """Start embedded Postgres and/or Redis for the URLs that are not set; record them in HOME."""
-    from ops.embedded import start_postgres, start_redis
+    from ops.embedded import start_postgres, start_redis, stop_server
 
     urls: dict[str, str] = {}
-    servers: list[object] = []
+    servers: list[EmbeddedServer] = []
     data = settings.home / "data"
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -35,7 +41,12 @@ def _start_embedded(settings: Settings) -> tuple[dict[str, str], list[object]]:
         servers.append(pg)
         urls["database_url"] = pg.url
     if not settings.broker_url:
-        rd = start_redis(data / "redis", log_path=logs / "redis.log")
+        try:
+            rd = start_redis(data / "redis", log_path=logs / "redis.log")
+        except BaseException:
+            for server in servers:
+                stop_server(server)
+            raise
         servers.append(rd)
         urls["broker_url"] = rd.url
     return urls, servers
@@ -54,11 +65,13 @@ def run_up() -> None:
 
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
+    # Until the supervisor takes over signals, SIGTERM unwinds like Ctrl-C so nothing is left running.
+    signal.signal(signal.SIGTERM, _interrupt)
     urls, servers = _start_embedded(settings)
 
     def stop_servers() -> None:
         for server in reversed(servers):
-            stop_server(server)  # type: ignore[arg-type]
+            stop_server(server)
         settings.embedded_state_file.unlink(missing_ok=True)
 
     try:
@@ -86,20 +99,47 @@ def run_up() -> None:
         ("flower", _llmos("flower")),
     ):
         supervisor.add(ChildSpec(name=name, argv=argv, env=env, cwd=Path.cwd()))
-    supervisor.start()
+    try:
+        supervisor.start()
+        _wait_for_api(supervisor, f"http://{settings.api_host}:{settings.api_port}/readyz")
+    except BaseException:
+        supervisor.stop()
+        stop_servers()
+        raise
+    _announce(settings, admin_key)
+    supervisor.run_until_signal(stop_servers)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _announce(settings: Settings, admin_key: str | None) -> None:
     host = settings.api_host
-    print(f"LLM OS is up (home {settings.home})", flush=True)
+    print(f"LLM OS is up (home {settings.home})")
     print(f"  API     http://{host}:{settings.api_port}/v1   docs http://{host}:{settings.api_port}/docs")
-    print(f"  Flower  http://{host}:{settings.flower_port}   user {settings.flower_user}, "
-          f"password in {settings.run_dir / 'flower_password'}" if not settings.flower_password else
-          f"  Flower  http://{host}:{settings.flower_port}   user {settings.flower_user}")
+    where = "LLMOS_FLOWER_PASSWORD" if settings.flower_password else str(settings.run_dir / "flower_password")
+    print(f"  Flower  http://{host}:{settings.flower_port}   user {settings.flower_user}, password in {where}")
     print(f"  Logs    {settings.home / 'logs'}")
     if admin_key:
         print("  Admin key (shown once; export LLMOS_API_KEY=...):")
         print(admin_key, flush=True)
     else:
         print("  The admin key was shown at first start; make more with `llmos keys create`.", flush=True)
-    supervisor.run_until_signal(stop_servers)
+
+
+def _wait_for_api(supervisor: Supervisor, url: str, timeout: float = 120.0) -> None:
+    """Announce the system only once the API answers ready; keep restarting children meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        supervisor.poll()
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    log.warning("the API did not answer %s within %.0fs; see the logs", url, timeout)
 
 
 def _first_admin_key(env: dict[str, str]) -> str | None:
