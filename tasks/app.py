@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_shutting_down
 
 from db.session import reset_engine
 from domain import dispatch
@@ -52,3 +52,19 @@ def _init_worker_process(**_: Any) -> None:
     if "inference" in os.environ.get("LLMOS_WORKER_QUEUES", "").split(","):
         # Pay torch/transformers imports at start-up, not on the first request.
         import training.predict  # noqa: F401
+
+
+@worker_shutting_down.connect
+def _ask_training_to_checkpoint(**_: Any) -> None:
+    """A warm shutdown would wait hours for training to end: tell pool processes to checkpoint and stop."""
+    if "gpu" not in os.environ.get("LLMOS_WORKER_QUEUES", "").split(","):
+        return
+    import signal
+
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            continue

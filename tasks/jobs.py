@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -142,14 +143,18 @@ def train_job(self: Task, job_id: str) -> None:
     reporter = JobReporter(job_id, attempt, model_name, heartbeat_seconds=settings.heartbeat_seconds,
                            progress_event_seconds=settings.progress_event_seconds)
     reporter.start()
+    # SIGTERM (a deploy, `llmos up` stopping) checkpoints at the next step and hands the job back,
+    # instead of killing the process mid-step and waiting for the reconciler to notice.
+    previous = signal.signal(signal.SIGTERM, lambda *_: reporter.shutdown_requested.set())
     try:
         result = _run_classification(job_id, base_path, train_path, valid_path, snapshot, reporter)
     except Exception as exc:
         log.exception("training of %s failed", job_id)
-        reporter.close()
         _finish_failed(job_id, attempt, f"{type(exc).__name__}: {exc}")
         return
-    reporter.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        reporter.close()
     if reporter.lost:
         log.warning("train %s: attempt %s lost its claim; leaving the job to the newer attempt", job_id, attempt)
         return

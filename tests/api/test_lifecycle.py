@@ -26,9 +26,9 @@ def gpu_worker_idle() -> bool:
     active, reserved = inspect.active() or {}, inspect.reserved() or {}
     if not active:
         return False  # no reply at all: ask again rather than assume idle
-    busy = [t for name, tasks in {**active, **reserved}.items() if name.startswith("gpu") for t in tasks]
-    busy += [t for name, tasks in reserved.items() if name.startswith("gpu") for t in tasks]
-    return not busy
+    gpu_tasks = [t for replies in (active, reserved) for name, tasks in replies.items()
+                 if name.startswith("gpu") for t in tasks]
+    return not gpu_tasks
 
 
 def _create(api: Api, **extra: Any) -> dict[str, Any]:
@@ -108,43 +108,48 @@ def test_outbox_records_every_status_change(api: Api) -> None:
     assert types.index("fine_tuning.job.queued") < types.index("fine_tuning.job.running")
 
 
-def test_cancel_while_queued_never_trains(api: Api) -> None:
-    from db.models import JobClaim
-    from db.session import transaction
-
-    job = _create(api)
-    # Pause the pipeline at queued: pausing a queued job is allowed, and cancel from paused is too.
-    api.wait_status(job["id"], {"queued", "running", "succeeded"})
-    cancelled = api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
-    assert cancelled.status_code == 200
-    final = api.wait_status(job["id"], {"cancelled", "succeeded"})
-    if final["attempts"] == 0:
-        assert final["status"] == "cancelled"
-        with transaction() as session:
-            assert session.scalar(select(func.count()).select_from(JobClaim)
-                                  .where(JobClaim.job_id == job["id"])) == 0
-    again = api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
-    assert again.status_code == 409
-
-
-def test_cancel_while_validating_is_immediate(api: Api) -> None:
-    job = _create(api)
-    response = api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
-    assert response.status_code == 200
-    body = response.json()
-    if body["status"] == "cancelled":
-        # The validator, when it gets the task, finds nothing to do and the job never runs.
-        final = api.job(job["id"])
-        assert final["status"] == "cancelled" and final["attempts"] == 0
-
-
-def test_cancel_while_running_stops_at_a_step_boundary(api: Api) -> None:
+def _long_job(api: Api) -> dict[str, Any]:
+    """A job that keeps the single training process busy until it is cancelled."""
     file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
-    job = api.http.post("/v1/fine_tuning/jobs", json={
+    job: dict[str, Any] = api.http.post("/v1/fine_tuning/jobs", json={
         "model": "tiny-bert", "training_file": file_id,
         "hyperparameters": {"n_epochs": 50, "batch_size": 2}}).json()
     wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) > 0, 120,
-               "training to make progress")
+               "the long job to make progress")
+    return job
+
+
+def test_cancel_before_running_never_trains(api: Api) -> None:
+    from db.models import JobClaim
+    from db.session import transaction
+
+    blocker = _long_job(api)  # the only training process is busy: later jobs wait in the queue
+    validating = _create(api)
+    response = api.http.post(f"/v1/fine_tuning/jobs/{validating['id']}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+
+    queued = _create(api)
+    assert api.wait_status(queued["id"], {"queued", "running", "failed"})["status"] == "queued"
+    response = api.http.post(f"/v1/fine_tuning/jobs/{queued['id']}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+
+    assert api.http.post(f"/v1/fine_tuning/jobs/{blocker['id']}/cancel").status_code == 200
+    assert api.wait_status(blocker["id"], {"cancelled", "succeeded", "failed"})["status"] == "cancelled"
+    # The queued job's task is still delivered; the worker must find nothing to claim.
+    wait_until(gpu_worker_idle, 60, "the gpu worker to drain its queue")
+    for job in (validating, queued):
+        final = api.job(job["id"])
+        assert final["status"] == "cancelled" and final["attempts"] == 0
+        with transaction() as session:
+            claims = session.scalar(select(func.count()).select_from(JobClaim).where(JobClaim.job_id == job["id"]))
+        assert claims == 0
+    again = api.http.post(f"/v1/fine_tuning/jobs/{queued['id']}/cancel")
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "invalid_state"
+
+
+def test_cancel_while_running_stops_at_a_step_boundary(api: Api) -> None:
+    job = _long_job(api)
     response = api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert response.status_code == 200
     assert response.json()["status"] in ("cancelling", "cancelled")

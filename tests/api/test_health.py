@@ -1,0 +1,30 @@
+"""Operations endpoints answer from the real database and broker."""
+
+from __future__ import annotations
+
+from tests.conftest import Api
+from tests.data import jsonl, sentiment_rows
+
+
+def test_health_ready_and_metrics(api: Api, anon: Api) -> None:
+    assert anon.http.get("/healthz").json() == {"status": "ok"}
+    ready = anon.http.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "migrations": "ok", "broker": "ok"}
+
+    file_id = api.upload(jsonl(sentiment_rows(10))).json()["id"]
+    job = api.http.post("/v1/fine_tuning/jobs", json={"model": "tiny-bert", "training_file": file_id,
+                                                      "hyperparameters": {"n_epochs": 1}}).json()
+    api.wait_status(job["id"], {"succeeded", "failed"})
+    metrics = anon.http.get("/metrics").text
+    assert 'llmos_jobs{status="succeeded"} 1.0' in metrics or 'llmos_jobs{status="failed"} 1.0' in metrics
+    assert 'route="/v1/fine_tuning/jobs",status="200"' in metrics
+    assert 'llmos_queue_depth{queue="gpu"}' in metrics
+
+
+def test_openapi_documents_the_routes(anon: Api) -> None:
+    paths = anon.http.get("/openapi.json").json()["paths"]
+    for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{job_id}/events", "/v1/models",
+                 "/v1/classifications", "/readyz"):
+        assert path in paths
+    assert anon.http.get("/docs").status_code == 200

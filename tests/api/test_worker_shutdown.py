@@ -1,0 +1,47 @@
+"""A worker stopped with SIGTERM checkpoints, hands its job back, and the next worker resumes it."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from tests.conftest import Api, Process, wait_until
+from tests.data import jsonl, sentiment_rows
+
+
+def _messages(api: Api, job_id: str) -> list[str]:
+    data = api.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    return [e["message"] for e in reversed(data)]
+
+
+def test_sigterm_checkpoints_and_the_next_worker_resumes(
+    api: Api, stack: dict[str, Process], services: dict[str, str]
+) -> None:
+    file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
+    job = api.http.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-bert", "training_file": file_id,
+        "hyperparameters": {"n_epochs": 50, "batch_size": 2}}).json()
+    wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) >= 20, 120,
+               "training to pass step 20")
+
+    stack["worker-gpu"].stop()  # SIGTERM to the worker's process group, as `llmos up` or a deploy does
+    handed_back = api.wait_status(job["id"], {"queued", "failed", "succeeded"}, timeout=30)
+    assert handed_back["status"] == "queued", handed_back
+    requeued = [m for m in _messages(api, job["id"]) if m.startswith("Worker shutting down; requeued at step")]
+    assert requeued, _messages(api, job["id"])
+    step = int(re.findall(r"\d+", requeued[-1])[-1])
+    assert step >= 20
+
+    env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
+    stack["worker-gpu"] = Process("worker-gpu-2", [sys.executable, "-m", "ops.cli", "worker", "--queues", "gpu"],
+                                  env, Path(services["home"]) / "logs")
+    wait_until(lambda: api.job(job["id"])["attempts"] == 2 and api.job(job["id"])["status"] == "running", 120,
+               "the new worker to claim the job")
+    wait_until(lambda: f"resumed from checkpoint at step {step}" in _messages(api, job["id"]), 60,
+               "the resume event")
+    wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) > step, 60,
+               "the step counter to continue past the checkpoint")
+    assert api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+    final = api.wait_status(job["id"], {"cancelled", "failed", "succeeded"})
+    assert final["status"] == "cancelled" and final["attempts"] == 2
