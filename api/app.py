@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 
-from api import errors, files, fine_tuning, health, inference, models
+from api import errors, events, files, fine_tuning, health, inference, models, webhooks
 from domain.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,6 @@ def create_app() -> FastAPI:
         response.headers["X-Request-ID"] = request_id
         return response
 
-    for module in (health, files, fine_tuning, models, inference):
+    for module in (health, files, fine_tuning, models, inference, webhooks, events):
         app.include_router(module.router)
     return app

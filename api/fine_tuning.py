@@ -12,6 +12,7 @@ from api.deps import Principal, get_session, require
 from api.errors import APIError, conflict, not_found
 from api.pages import After, Limit, page_body
 from api.schemas import CreateJob
+from api.webhooks import check_webhook_url
 from db import files as files_repo
 from db import jobs as jobs_repo
 from db import registry
@@ -44,6 +45,8 @@ def create_job(
         raise APIError(400, f"model '{body.model}' cannot be fine-tuned for {body.task}; it supports "
                        f"{', '.join(model.tasks)}", param="task", code="unsupported_task")
     _check_file(session, principal, body.training_file, "training_file")
+    if body.webhook_url:
+        check_webhook_url(body.webhook_url, "webhook_url")
     if body.validation_file:
         _check_file(session, principal, body.validation_file, "validation_file")
     job = FineTuningJob(

@@ -46,6 +46,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_VALIDATE: {"queue": QUEUE_CPU},
             TASK_INFER: {"queue": QUEUE_INFERENCE},
             TASK_RECONCILE: {"queue": QUEUE_CPU},
+            "llmos.webhooks.*": {"queue": QUEUE_CPU},
         },
         "task_serializer": "json",
         "accept_content": ["json"],

@@ -16,6 +16,10 @@ def emit_event(session: Session, tenant_id: str, type_: str, data: dict[str, Any
     now = utcnow()
     row = OutboxEvent(id=ids.new_id(ids.EVENT), tenant_id=tenant_id, type=type_, data=data, created_at=now)
     session.add(row)
+    session.flush()  # assigns seq, which orders deliveries per destination
+    from domain.webhooks import fan_out
+
+    fan_out(session, row)
     return row
 
 

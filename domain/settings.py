@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     default_classification_model: str = Field("tiny-bert", description="Model of the seed routes for labels.")
     default_generation_model: str = Field("tiny-gpt2", description="Model of the seed routes for text.")
     webhook_allow_private: bool = Field(False, description="1 lets webhooks reach loopback/private addresses.")
+    webhook_timeout_seconds: float = Field(10.0, description="A webhook attempt slower than this fails.")
+    webhook_dispatch_seconds: float = Field(1.0, description="How often beat sends webhook retries that are due.")
     webhook_retry_schedule: str = Field(
         "5,300,1800,7200,18000,36000,36000,36000,36000,36000,36000",
         description="Seconds between webhook attempts, comma-separated.",

@@ -35,10 +35,15 @@ def create_celery() -> Celery:
                 "task": dispatch.TASK_RECONCILE,
                 "schedule": timedelta(seconds=settings.reconcile_seconds),
                 "options": {"queue": dispatch.QUEUE_CPU, "expires": settings.reconcile_seconds},
-            }
+            },
+            "webhook-retries": {
+                "task": "llmos.webhooks.dispatch_due",
+                "schedule": timedelta(seconds=settings.webhook_dispatch_seconds),
+                "options": {"queue": dispatch.QUEUE_CPU, "expires": max(settings.webhook_dispatch_seconds, 5)},
+            },
         },
     )
-    app.conf.include = ["tasks.jobs", "tasks.inference", "tasks.maintenance"]
+    app.conf.include = ["tasks.jobs", "tasks.inference", "tasks.maintenance", "tasks.webhooks"]
     return app
 
 

@@ -92,6 +92,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         "LLMOS_HEARTBEAT_SECONDS": "0.3",
         "LLMOS_PROGRESS_EVENT_SECONDS": "0",
         "LLMOS_WEBHOOK_ALLOW_PRIVATE": "1",
+        # Webhook retries in seconds, not hours, and beat checking for them twice a second.
+        "LLMOS_WEBHOOK_RETRY_SCHEDULE": "1,1,1",
+        "LLMOS_WEBHOOK_DISPATCH_SECONDS": "0.5",
         # A small cap so the 413 paths are exercised with real bodies.
         "LLMOS_MAX_UPLOAD_BYTES": str(1_000_000),
         "LLMOS_API_PORT": str(free_port()),
@@ -163,6 +166,7 @@ def stack(services: dict[str, str]) -> Iterator[dict[str, Process]]:
         "worker-inference": Process("worker-inference", [*cli, "worker", "--queues", "inference"], env,
                                     log_dir),
         "worker-cpu": Process("worker-cpu", [*cli, "worker", "--queues", "cpu"], env, log_dir),
+        "beat": Process("beat", [*cli, "beat"], env, log_dir),
     }
     base = f"http://127.0.0.1:{services['LLMOS_API_PORT']}"
 

@@ -1,0 +1,153 @@
+"""Webhooks by the Standard Webhooks spec: secrets, signatures, the address rule and fan-out."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import socket
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import OutboxEvent, TenantWebhookSecret, WebhookDelivery, WebhookEndpoint
+from domain import dispatch
+from domain.clock import utcnow
+from domain.settings import get_settings
+
+TASK_FLUSH = "llmos.webhooks.flush"
+TASK_DISPATCH_DUE = "llmos.webhooks.dispatch_due"
+SECRET_PREFIX = "whsec_"
+ROTATION_OVERLAP = timedelta(hours=24)
+
+EVENT_TYPES = (
+    "fine_tuning.job.validating_files", "fine_tuning.job.queued", "fine_tuning.job.running",
+    "fine_tuning.job.progress", "fine_tuning.job.paused", "fine_tuning.job.succeeded",
+    "fine_tuning.job.failed", "fine_tuning.job.cancelled",
+    "batch.in_progress", "batch.completed", "batch.failed", "batch.expired", "batch.cancelled",
+    "model.created", "webhook_endpoint.disabled",
+)
+
+
+class UnsafeURL(ValueError):
+    """A webhook URL that must not be called: bad scheme, unresolvable, or a private address."""
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """``v1,<base64 HMAC-SHA256 of "{id}.{ts}.{body}">`` keyed by the decoded secret."""
+    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def signature_header(active_secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """Space-separated signatures, one per active secret (two while a rotation overlaps)."""
+    return " ".join(sign(s, msg_id, timestamp, body) for s in active_secrets)
+
+
+def _forbidden(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return bool(ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
+                or ip.is_unspecified)
+
+
+def resolve_safe(url: str, allow_private: bool | None = None) -> tuple[str, int, list[str]]:
+    """Check the URL and resolve its host; returns (host, port, addresses) or raises UnsafeURL."""
+    allow = get_settings().webhook_allow_private if allow_private is None else allow_private
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UnsafeURL("webhook URLs must be absolute http(s) URLs")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise UnsafeURL("the URL's port is not a number") from None
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise UnsafeURL(f"cannot resolve host '{parts.hostname}'") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not allow:
+        bad = [a for a in addresses if _forbidden(a)]
+        if bad:
+            raise UnsafeURL(f"'{parts.hostname}' resolves to a private, loopback or link-local address "
+                            f"({bad[0]}); set LLMOS_WEBHOOK_ALLOW_PRIVATE=1 to allow it")
+    return parts.hostname, port, addresses
+
+
+def tenant_secret(session: Session, tenant_id: str) -> str:
+    """The tenant's default signing secret, created on first use."""
+    row = session.get(TenantWebhookSecret, tenant_id)
+    if row is None:
+        row = TenantWebhookSecret(tenant_id=tenant_id, secret=new_secret())
+        session.add(row)
+        session.flush()
+    return row.secret
+
+
+def active_secrets(endpoint: WebhookEndpoint) -> list[str]:
+    keys = [endpoint.secret]
+    if endpoint.previous_secret and endpoint.previous_secret_expires_at and \
+            endpoint.previous_secret_expires_at > utcnow():
+        keys.append(endpoint.previous_secret)
+    return keys
+
+
+def url_destination(url: str) -> str:
+    return "url:" + hashlib.sha256(url.encode()).hexdigest()[:64]
+
+
+def matches(endpoint: WebhookEndpoint, event_type: str) -> bool:
+    return "*" in endpoint.events or event_type in endpoint.events
+
+
+def fan_out(session: Session, event: OutboxEvent) -> int:
+    """Create one delivery per destination the event is meant for, in the event's transaction."""
+    endpoints = session.scalars(
+        select(WebhookEndpoint).where(
+            WebhookEndpoint.tenant_id == event.tenant_id, WebhookEndpoint.status == "enabled",
+            WebhookEndpoint.deleted_at.is_(None),
+        )
+    ).all()
+    targets: list[tuple[str | None, str, str]] = [
+        (e.id, e.id, e.url) for e in endpoints if matches(e, event.type)
+    ]
+    own_url = event.data.get("webhook_url") if isinstance(event.data, dict) else None
+    if own_url:
+        targets.append((None, url_destination(own_url), own_url))
+    now = utcnow()
+    for endpoint_id, destination, url in targets:
+        session.add(WebhookDelivery(
+            event_id=event.id, event_seq=event.seq, tenant_id=event.tenant_id, endpoint_id=endpoint_id,
+            destination=destination, url=url, status="pending", attempts=0, next_attempt_at=now,
+            created_at=now, updated_at=now,
+        ))
+        dispatch.enqueue_after_commit(session, TASK_FLUSH, destination, queue=dispatch.QUEUE_CPU)
+    return len(targets)
+
+
+def retry_schedule() -> list[float]:
+    return [float(s) for s in get_settings().webhook_retry_schedule.split(",") if s.strip()]
+
+
+def endpoint_object(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:
+    from domain.clock import unix
+
+    body: dict[str, Any] = {
+        "id": endpoint.id, "object": "webhook_endpoint", "url": endpoint.url, "events": endpoint.events,
+        "description": endpoint.description, "status": endpoint.status, "created_at": unix(endpoint.created_at),
+        "updated_at": unix(endpoint.updated_at),
+    }
+    if with_secret:
+        body["secret"] = endpoint.secret
+    return body
