@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import random
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import Principal, get_session, require
@@ -17,6 +22,7 @@ from db import files as files_repo
 from db import jobs as jobs_repo
 from db import registry
 from db.models import Checkpoint, FineTuningJob, JobEvent
+from db.session import session_factory
 from domain import dispatch, ids, jobs
 from domain.clock import unix
 from domain.events import emit_event
@@ -162,16 +168,41 @@ def event_object(row: JobEvent) -> dict[str, Any]:
             "level": row.level, "type": row.type, "message": row.message, "data": row.data}
 
 
-@router.get("/{job_id}/events", summary="List a job's events, newest first")
+@router.get("/{job_id}/events", summary="List a job's events, newest first; ?stream=true for live SSE")
 def list_events(
     job_id: str,
     limit: int = Limit,
     after: str | None = After,
+    stream: bool = Query(False, description="Serve the events live as Server-Sent Events until the job ends."),
     principal: Principal = Depends(fine_tuning),
     session: Session = Depends(get_session),
-) -> dict[str, Any]:
+) -> Any:
     job = _job(session, principal, job_id)
+    if stream:
+        return StreamingResponse(_event_stream(job.id), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return page_body(jobs_repo.list_events(session, job.id, after, limit), event_object, after)
+
+
+STREAM_POLL_SECONDS = 0.5
+
+
+def _event_stream(job_id: str) -> Iterator[str]:
+    """Every event oldest first, then new ones as they are written, until the job is terminal."""
+    last_seq = 0
+    while True:
+        with session_factory()() as session:
+            rows = jobs_repo.events_since(session, job_id, last_seq)
+            status = session.scalar(select(FineTuningJob.status).where(FineTuningJob.id == job_id))
+        for row in rows:
+            last_seq = row.seq
+            yield f"id: {row.id}\nevent: {row.type}\ndata: {json.dumps(event_object(row))}\n\n"
+        if status is None or status in jobs.TERMINAL:
+            yield f"event: done\ndata: {json.dumps({'status': status})}\n\n"
+            return
+        if not rows:
+            yield ": keep-alive\n\n"
+            time.sleep(STREAM_POLL_SECONDS)
 
 
 def checkpoint_object(row: Checkpoint) -> dict[str, Any]:

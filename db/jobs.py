@@ -51,6 +51,13 @@ def list_events(session: Session, job_id: str, after: str | None, limit: int) ->
     return newest_first(session, stmt, JobEvent.seq, JobEvent.seq, JobEvent.id, after, limit)
 
 
+def events_since(session: Session, job_id: str, after_seq: int, limit: int = 500) -> list[JobEvent]:
+    """A job's events after ``after_seq``, oldest first (for live streams)."""
+    return list(session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq).order_by(JobEvent.seq).limit(limit)
+    ))
+
+
 def list_checkpoints(
     session: Session, job_id: str, after: str | None, limit: int
 ) -> Page[Checkpoint] | None:

@@ -203,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("path")
     up.add_argument("--purpose", default="fine-tune", choices=["fine-tune", "batch"])
 
+    events = sub.add_parser("events", help="the event log (client)").add_subparsers(dest="events_command",
+                                                                                    required=True)
+    tail = events.add_parser("tail", help="print events, then follow new ones")
+    tail.add_argument("--type", help="only this event type, e.g. fine_tuning.job.succeeded")
+    tail.add_argument("--no-follow", action="store_true", help="print what is there and exit")
+
     jobs = sub.add_parser("jobs", help="fine-tuning jobs (client)").add_subparsers(dest="jobs_command",
                                                                                    required=True)
     jc = jobs.add_parser("create", help="create a job")
@@ -231,7 +237,7 @@ HANDLERS: dict[str, Any] = {
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _setup_logging()
-    if args.command in ("files", "jobs"):
+    if args.command in ("files", "jobs", "events"):
         from ops import client
 
         client.run(args)

@@ -104,6 +104,28 @@ def watch(job_id: str, interval: float = 1.0, out: TextIO = sys.stdout) -> dict[
             time.sleep(interval)  # A client-side refresh rate, not synchronisation.
 
 
+def tail_events(event_type: str | None, follow: bool, interval: float = 1.0, out: TextIO = sys.stdout) -> None:
+    """Print the tenant's events oldest first, then keep printing new ones (until Ctrl-C) when following."""
+    seen: set[str] = set()
+    params: dict[str, Any] = {"limit": 100}
+    if event_type:
+        params["type"] = event_type
+    with _client() as client:
+        while True:
+            page = _check(client.get("/v1/events", params=params))
+            for event in reversed(page["data"]):
+                if event["id"] in seen:
+                    continue
+                seen.add(event["id"])
+                data = event["data"] or {}
+                status = data.get("status") or ""
+                out.write(f"{event['created_at']}  {event['id']}  {event['type']:<34} {data.get('id', '')} {status}\n")
+            out.flush()
+            if not follow:
+                return
+            time.sleep(interval)  # A client-side refresh rate, not synchronisation.
+
+
 def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(1)
@@ -112,7 +134,9 @@ def fail(message: str) -> NoReturn:
 def run(args: Any) -> None:
     """Dispatch a parsed client command."""
     try:
-        if args.command == "files":
+        if args.command == "events":
+            tail_events(args.type, not args.no_follow)
+        elif args.command == "files":
             _print(upload(Path(args.path), args.purpose))
         elif args.jobs_command == "create":
             job = create_job(args)

@@ -179,3 +179,35 @@ def test_endpoint_crud_and_rotation(api: Api, api_url: str, make_key: Any) -> No
         assert other.http.get(f"/v1/webhook_endpoints/{created['id']}").status_code == 404
         assert api.http.delete(f"/v1/webhook_endpoints/{created['id']}").json()["deleted"] is True
         assert api.http.get("/v1/webhook_endpoints").json()["data"] == []
+
+
+def test_job_events_stream_live_as_sse_until_the_job_ends(api: Api) -> None:
+    job = _bad_job(api)
+    lines: list[str] = []
+    with api.http.stream("GET", f"/v1/fine_tuning/jobs/{job['id']}/events", params={"stream": "true"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            lines.append(line)
+            if line.startswith("event: done"):
+                break
+    data = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {\"id\"")]
+    messages = [d["message"] for d in data]
+    assert messages[0].startswith("Validating training file")
+    assert messages[-1].startswith("Invalid training file")
+    assert all(d["object"] == "fine_tuning.job.event" for d in data)
+
+
+def test_events_tail_prints_the_log(api: Api, api_url: str) -> None:
+    import os
+    import subprocess
+
+    _bad_job(api)
+    wait_until(lambda: any(e["type"] == "fine_tuning.job.failed"
+                           for e in api.http.get("/v1/events").json()["data"]), 30, "the failed event")
+    key = api.http.headers["authorization"].split()[-1]
+    out = subprocess.run([sys.executable, "-m", "ops.cli", "events", "tail", "--no-follow"], capture_output=True,
+                         text=True, env={**os.environ, "LLMOS_API_URL": api_url, "LLMOS_API_KEY": key}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "fine_tuning.job.validating_files" in lines[0] and "fine_tuning.job.failed" in lines[-1]
