@@ -211,3 +211,24 @@ def test_events_tail_prints_the_log(api: Api, api_url: str) -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "fine_tuning.job.validating_files" in lines[0] and "fine_tuning.job.failed" in lines[-1]
+
+
+def test_readme_receivers_verify_a_real_delivery(api: Api) -> None:
+    import re
+
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    with receiver() as rx:
+        endpoint = _endpoint(api, rx.url, ["fine_tuning.job.failed"])
+        _bad_job(api)
+        wait_until(lambda: rx.received, 30, "a delivery")
+        item = rx.received[0]
+        for name in ("standardwebhooks", "openai"):
+            block = re.search(rf"<!-- webhooks:{name} -->\n```python\n(.*?)```", readme, re.S)
+            assert block, name
+            namespace: dict[str, Any] = {}
+            exec(block.group(1), namespace)
+            namespace["verify"](item.body, item.headers, endpoint["secret"])
+            with pytest.raises(Exception, match=r"(?i)signature"):
+                namespace["verify"](item.body + b" ", item.headers, endpoint["secret"])
