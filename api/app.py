@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 
 from api import errors, events, files, fine_tuning, health, inference, models, webhooks
+from api.idempotency import idempotency_middleware
 from domain.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ def create_app() -> FastAPI:
     )
     errors.install(app)
     health.register_collectors()
+    # Registered first, so it runs inside request_context: replays get a request ID and metrics too.
+    app.middleware("http")(idempotency_middleware)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

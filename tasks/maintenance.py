@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from db import idempotency
 from db import jobs as jobs_repo
 from db.session import transaction
 from domain import dispatch, ids, jobs
@@ -52,6 +53,8 @@ def reconcile() -> dict[str, int]:
                                 f"Worker {job.worker} stopped responding; requeued", level="warn")
                 dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
                 counts["requeued"] += 1
+    with transaction() as session:
+        counts["idempotency_keys_purged"] = idempotency.purge_expired(session)
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     return counts

@@ -1,0 +1,103 @@
+"""``Idempotency-Key`` on every POST, with Stripe's semantics.
+
+The same key and body within 24 h replays the first response (``Idempotent-Replayed: true``); the same key
+with another body is 422; a duplicate while the first is still running is 409. Keys are per tenant.
+A 5xx is not stored, so a retry after our own failure runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+
+from fastapi import Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import error_response
+from db import idempotency, tenants
+from db.session import transaction
+
+HEADER = "idempotency-key"
+MAX_KEY_LENGTH = 255
+
+
+def _request_hash(method: str, path: str, body: bytes, content_type: str) -> str:
+    if content_type.startswith("application/json"):
+        # Compared as JSON: key order and whitespace do not make two bodies different.
+        with contextlib.suppress(ValueError):
+            body = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
+    elif content_type.startswith("multipart/form-data") and "boundary=" in content_type:
+        # Clients draw a fresh random boundary per request: it is framing, not content.
+        boundary = content_type.split("boundary=", 1)[1].split(";", 1)[0].strip('"').encode()
+        body = body.replace(boundary, b"BOUNDARY")
+    return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + body).hexdigest()
+
+
+def _tenant_for(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    with transaction() as session:
+        found = tenants.find_active_key(session, token.strip())
+        return None if found is None else found[1].id
+
+
+async def idempotency_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    key = request.headers.get(HEADER)
+    if request.method != "POST" or key is None:
+        return await call_next(request)
+    if not key or len(key) > MAX_KEY_LENGTH:
+        return error_response(400, f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters", "invalid_request_error",
+                              "Idempotency-Key", "invalid_idempotency_key")
+    tenant_id = await run_in_threadpool(_tenant_for, request)
+    if tenant_id is None:
+        return await call_next(request)  # the route answers 401 itself
+    body = await request.body()
+    digest = _request_hash(request.method, request.url.path, body, request.headers.get("content-type", ""))
+
+    def claim() -> tuple[str, int | None, bytes | None, str | None] | None:
+        with transaction() as session:
+            row = idempotency.claim(session, tenant_id, key, digest, request.method, request.url.path)
+            if row is None:
+                return None
+            return (row.status if row.request_hash == digest else "mismatch", row.response_status,
+                    row.response_body, row.response_content_type)
+
+    earlier = await run_in_threadpool(claim)
+    if earlier is not None:
+        state, status, stored, content_type = earlier
+        if state == "mismatch":
+            return error_response(422, "This Idempotency-Key was used with a different request body",
+                                  "invalid_request_error", "Idempotency-Key", "idempotency_key_reused")
+        if state == "in_flight":
+            return error_response(409, "A request with this Idempotency-Key is still in progress; retry later",
+                                  "invalid_request_error", "Idempotency-Key", "idempotency_key_in_use")
+        return Response(content=stored or b"", status_code=status or 200, media_type=content_type,
+                        headers={"Idempotent-Replayed": "true"})
+
+    try:
+        response = await call_next(request)
+    except BaseException:
+        await run_in_threadpool(_release, tenant_id, key)
+        raise
+    chunks = [chunk async for chunk in response.body_iterator]  # type: ignore[attr-defined]
+    content = b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks)
+    if response.status_code >= 500:
+        await run_in_threadpool(_release, tenant_id, key)
+    else:
+        await run_in_threadpool(_finish, tenant_id, key, response.status_code, content,
+                                response.headers.get("content-type"))
+    return Response(content=content, status_code=response.status_code, headers=dict(response.headers),
+                    background=response.background)
+
+
+def _release(tenant_id: str, key: str) -> None:
+    with transaction() as session:
+        idempotency.release(session, tenant_id, key)
+
+
+def _finish(tenant_id: str, key: str, status: int, body: bytes, content_type: str | None) -> None:
+    with transaction() as session:
+        idempotency.finish(session, tenant_id, key, status, body, content_type)
