@@ -91,6 +91,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         # Fast cadence so cancel and progress tests finish in seconds.
         "LLMOS_HEARTBEAT_SECONDS": "0.3",
         "LLMOS_PROGRESS_EVENT_SECONDS": "0",
+        # A killed worker is noticed within seconds rather than minutes.
+        "LLMOS_STALE_HEARTBEAT_SECONDS": "5",
+        "LLMOS_RECONCILE_SECONDS": "1",
         "LLMOS_WEBHOOK_ALLOW_PRIVATE": "1",
         # Webhook retries in seconds, not hours, and beat checking for them twice a second.
         "LLMOS_WEBHOOK_RETRY_SCHEDULE": "1,1,1",

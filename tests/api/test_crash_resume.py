@@ -1,0 +1,84 @@
+"""A worker killed outright: the reconciler notices the silent heartbeat and the job resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tests.conftest import Api, Process, wait_until
+from tests.data import jsonl, sentiment_rows
+
+
+def _messages(api: Api, job_id: str) -> list[str]:
+    data = api.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    return [e["message"] for e in reversed(data)]
+
+
+def test_sigkill_mid_training_resumes_from_the_last_checkpoint(
+    api: Api, stack: dict[str, Process], services: dict[str, str]
+) -> None:
+    file_id = api.upload(jsonl(sentiment_rows(200))).json()["id"]
+    job = api.http.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-bert", "training_file": file_id,
+        "hyperparameters": {"n_epochs": 30, "batch_size": 4}}).json()
+    wait_until(lambda: api.http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"], 120,
+               "the first checkpoint")
+    checkpoint_step = api.http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"][0]["step_number"]
+
+    worker = stack["worker-gpu"].popen
+    os.killpg(worker.pid, signal.SIGKILL)  # no warning, no checkpoint: a crash
+    worker.wait(30)
+    env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
+    stack["worker-gpu"] = Process("worker-gpu-3", [sys.executable, "-m", "ops.cli", "worker", "--queues", "gpu"],
+                                  env, Path(services["home"]) / "logs")
+
+    wait_until(lambda: api.job(job["id"])["attempts"] == 2 and api.job(job["id"])["status"] == "running", 120,
+               "the reconciler to requeue the job and a new worker to claim it")
+    messages = _messages(api, job["id"])
+    assert any("stopped responding; requeued" in m for m in messages), messages
+    resumed = wait_until(lambda: [m for m in _messages(api, job["id"]) if m.startswith("resumed from checkpoint")],
+                         60, "the resume event")
+    resumed_step = int(re.findall(r"\d+", resumed[-1])[-1])
+    assert resumed_step >= checkpoint_step
+    wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) > resumed_step, 60,
+               "the step counter to continue")
+    assert api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+    assert api.wait_status(job["id"], {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
+
+    from db.models import JobClaim
+    from db.session import transaction
+
+    with transaction() as session:
+        claims = session.scalars(select(JobClaim).where(JobClaim.job_id == job["id"]).order_by(JobClaim.attempt)).all()
+    assert [(c.attempt, c.outcome) for c in claims] == [(1, "lost"), (2, "cancel")]
+    # Never in two places at once: the second claim began after the first was released.
+    assert claims[0].released_at is not None and claims[1].claimed_at >= claims[0].released_at
+
+
+def test_a_job_that_keeps_losing_its_worker_fails_at_the_attempt_cap(api: Api, services: dict[str, str]) -> None:
+    from db.models import FineTuningJob
+    from db.session import transaction
+    from domain.clock import utcnow
+    from domain.settings import get_settings
+    from tasks.maintenance import reconcile
+
+    file_id = api.upload('{"text": "", "label": "a"}\n').json()["id"]
+    job = api.http.post("/v1/fine_tuning/jobs", json={"model": "tiny-bert", "training_file": file_id}).json()
+    api.wait_status(job["id"], {"failed"})
+    cap = get_settings().max_attempts
+    with transaction() as session:
+        row = session.get(FineTuningJob, job["id"])
+        assert row is not None
+        # A job on its last allowed attempt whose worker went silent long ago.
+        row.status, row.attempts, row.error, row.finished_at = "running", cap, None, None
+        row.heartbeat_at = utcnow() - timedelta(hours=1)
+    reconcile()  # the beat task's function, called directly for a deterministic pass
+    final = api.job(job["id"])
+    assert final["status"] == "failed" and final["error"]["code"] == "worker_lost"
+    assert str(cap) in final["error"]["message"]
