@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping, Sequence
 
 POSITIVE = ["great", "lovely", "wonderful", "excellent", "delightful", "superb"]
 NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "poor", "bad"]
@@ -20,5 +21,5 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-def jsonl(rows: list[dict[str, object]]) -> str:
+def jsonl(rows: Sequence[Mapping[str, object]]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)

@@ -67,8 +67,8 @@ def test_quickstart_runs_against_llmos_up() -> None:
         assert "succeeded ft:tiny-bert:default::ftjob-" in sdk.stdout, sdk.stdout
         assert "'label': 'pos'" in sdk.stdout, sdk.stdout
     finally:
-        tree = [up, *psutil.Process(up.pid).children(recursive=True)] if up.poll() is None else []
-        pids = [p.pid for p in tree]
+        alive = up.poll() is None
+        pids = [up.pid, *(c.pid for c in psutil.Process(up.pid).children(recursive=True))] if alive else []
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)
         up.wait(90)
