@@ -53,5 +53,5 @@ def create_app() -> FastAPI:
         return response
 
     for module in (health, files, fine_tuning, models, inference, webhooks, events):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=errors.ERROR_RESPONSES)
     return app

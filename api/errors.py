@@ -8,10 +8,41 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+def _documented(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+# Documented on every route, so the OpenAPI schema tells clients what each error looks like.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _documented("Bad input; `param` names the field"),
+    401: _documented("No key, or a bad or revoked key"),
+    403: _documented("The key lacks the scope"),
+    404: _documented("Unknown, or another tenant's"),
+    409: _documented("Wrong state, or an idempotency key in flight"),
+    413: _documented("Too large"),
+    422: _documented("Idempotency key reused with another body"),
+    503: _documented("Database or broker unreachable; see Retry-After"),
+}
 
 
 class APIError(Exception):
