@@ -242,6 +242,11 @@ class Api:
         body: dict[str, Any] = response.json()
         return body
 
+    def messages(self, job_id: str) -> list[str]:
+        """A job's event messages, oldest first."""
+        data = self.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+        return [e["message"] for e in reversed(data)]
+
     def wait_status(self, job_id: str, statuses: set[str], timeout: float = 180) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:
             job = self.job(job_id)

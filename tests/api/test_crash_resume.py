@@ -15,11 +15,6 @@ from tests.conftest import Api, Process, wait_until
 from tests.data import jsonl, sentiment_rows
 
 
-def _messages(api: Api, job_id: str) -> list[str]:
-    data = api.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-    return [e["message"] for e in reversed(data)]
-
-
 def test_sigkill_mid_training_resumes_from_the_last_checkpoint(
     api: Api, stack: dict[str, Process], services: dict[str, str]
 ) -> None:
@@ -40,9 +35,9 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(
 
     wait_until(lambda: api.job(job["id"])["attempts"] == 2 and api.job(job["id"])["status"] == "running", 120,
                "the reconciler to requeue the job and a new worker to claim it")
-    messages = _messages(api, job["id"])
+    messages = api.messages(job["id"])
     assert any("stopped responding; requeued" in m for m in messages), messages
-    resumed = wait_until(lambda: [m for m in _messages(api, job["id"]) if m.startswith("resumed from checkpoint")],
+    resumed = wait_until(lambda: [m for m in api.messages(job["id"]) if m.startswith("resumed from checkpoint")],
                          60, "the resume event")
     resumed_step = int(re.findall(r"\d+", resumed[-1])[-1])
     assert resumed_step >= checkpoint_step

@@ -7,6 +7,7 @@ from typing import Any
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
+from schemathesis.core.result import Ok
 
 from tests.conftest import Api
 
@@ -19,6 +20,7 @@ def test_every_operation_survives_fuzzing(api: Api, api_url: str) -> None:
     headers = {"Authorization": api.http.headers["authorization"], "Prefer": "wait=2"}
     tested = []
     for result in schema.get_all_operations():
+        assert isinstance(result, Ok), f"the OpenAPI schema has an invalid operation: {result}"
         operation = result.ok()
 
         @given(case=operation.as_strategy())

@@ -41,11 +41,6 @@ def _create(api: Api, **extra: Any) -> dict[str, Any]:
     return job
 
 
-def _statuses(api: Api, job_id: str) -> list[str]:
-    events = api.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-    return [e["message"] for e in reversed(events)]
-
-
 def test_classification_job_trains_to_success_and_serves(api: Api) -> None:
     job = _create(api, suffix="sent", metadata={"team": "nlp"})
     assert job["status"] == "validating_files"
@@ -63,7 +58,7 @@ def test_classification_job_trains_to_success_and_serves(api: Api) -> None:
     assert done["finished_at"] >= done["created_at"]
 
     # The lifecycle, in order, as the job's own events tell it.
-    messages = _statuses(api, job["id"])
+    messages = api.messages(job["id"])
     joined = "\n".join(messages)
     for needle in ("Validating training file", "Files validated", "Job queued", "Training started",
                    "Checkpoint saved", "Job succeeded"):

@@ -10,11 +10,6 @@ from tests.conftest import Api, Process, wait_until
 from tests.data import jsonl, sentiment_rows
 
 
-def _messages(api: Api, job_id: str) -> list[str]:
-    data = api.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-    return [e["message"] for e in reversed(data)]
-
-
 def test_sigterm_checkpoints_and_the_next_worker_resumes(
     api: Api, stack: dict[str, Process], services: dict[str, str]
 ) -> None:
@@ -28,8 +23,8 @@ def test_sigterm_checkpoints_and_the_next_worker_resumes(
     stack["worker-gpu"].stop()  # SIGTERM to the worker's process group, as `llmos up` or a deploy does
     handed_back = api.wait_status(job["id"], {"queued", "failed", "succeeded"}, timeout=30)
     assert handed_back["status"] == "queued", handed_back
-    requeued = [m for m in _messages(api, job["id"]) if m.startswith("Worker shutting down; requeued at step")]
-    assert requeued, _messages(api, job["id"])
+    requeued = [m for m in api.messages(job["id"]) if m.startswith("Worker shutting down; requeued at step")]
+    assert requeued, api.messages(job["id"])
     step = int(re.findall(r"\d+", requeued[-1])[-1])
     assert step >= 20
 
@@ -38,7 +33,7 @@ def test_sigterm_checkpoints_and_the_next_worker_resumes(
                                   env, Path(services["home"]) / "logs")
     wait_until(lambda: api.job(job["id"])["attempts"] == 2 and api.job(job["id"])["status"] == "running", 120,
                "the new worker to claim the job")
-    wait_until(lambda: f"resumed from checkpoint at step {step}" in _messages(api, job["id"]), 60,
+    wait_until(lambda: f"resumed from checkpoint at step {step}" in api.messages(job["id"]), 60,
                "the resume event")
     wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) > step, 60,
                "the step counter to continue past the checkpoint")
