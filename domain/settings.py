@@ -56,6 +56,9 @@ class Settings(BaseSettings):
         60.0, description="A queued job untouched this long has its task sent again."
     )
     max_attempts: int = Field(3, description="Claims a job may use before it fails for good.")
+    convert_gguf_models: bool = Field(
+        True, description="Convert packaged GGUF models (smollm2) to plain model dirs on first start (~1 min once)."
+    )
     eval_fraction: float = Field(0.1, description="Share of training rows held out when no validation file.")
     progress_event_seconds: float = Field(10.0, description="Throttle of progress events (plus each epoch end).")
     inference_wait_seconds: float = Field(60.0, description="Default `Prefer: wait=N` of online inference.")

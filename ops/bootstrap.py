@@ -13,6 +13,7 @@ from sqlalchemy import text
 from db import registry, tenants
 from db.models import ApiKey
 from db.session import get_engine, transaction
+from domain.settings import get_settings
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def register_base_models(models_dir: Path) -> list[str]:
     """Build the offline base models if missing and upsert every base model into the registry."""
     from training.base_models import ensure_base_models
 
-    infos = ensure_base_models(models_dir)
+    infos = ensure_base_models(models_dir, convert_gguf_models=get_settings().convert_gguf_models)
     with transaction() as session:
         for info in infos:
             registry.upsert_base_model(session, info.name, str(info.path), list(info.tasks), info.architecture,

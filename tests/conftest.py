@@ -91,6 +91,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         # Fast cadence so cancel and progress tests finish in seconds.
         "LLMOS_HEARTBEAT_SECONDS": "0.3",
         "LLMOS_PROGRESS_EVENT_SECONDS": "0",
+        # The one-minute GGUF conversion has its own slow-marked test.
+        "LLMOS_CONVERT_GGUF_MODELS": "0",
         # A killed worker is noticed within seconds rather than minutes.
         "LLMOS_STALE_HEARTBEAT_SECONDS": "5",
         "LLMOS_RECONCILE_SECONDS": "1",

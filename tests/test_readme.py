@@ -37,7 +37,9 @@ def test_quickstart_runs_against_llmos_up() -> None:
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}
     api_port = free_port()
+    # Everything as a newcomer gets it, except the one-minute smollm2 conversion (it has its own slow test).
     env.update(LLMOS_HOME=str(home), LLMOS_API_PORT=str(api_port), LLMOS_FLOWER_PORT=str(free_port()),
+               LLMOS_CONVERT_GGUF_MODELS="0",
                PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
     out_path = home / "up.out"
     with out_path.open("wb") as out:

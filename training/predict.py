@@ -1,14 +1,26 @@
-"""Batch prediction with a fine-tuned classification model."""
+"""Batch prediction with fine-tuned models: classification, NER and text generation (plain or LoRA dirs)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
+from training.data import normalise_tags
 from training.devices import autocast_dtype, pick_device
+from training.generation import ensure_chat_template, prompt_ids
+from training.lora import load_pretrained
+
+log = logging.getLogger(__name__)
 
 # Tokenizers without a real limit report a huge sentinel as model_max_length.
 _NO_LIMIT = 1_000_000
@@ -20,7 +32,7 @@ class ClassificationPredictor:
     def __init__(self, model_dir: Path, device: torch.device | None = None) -> None:
         self.device = device or pick_device()
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
-        self.model: Any = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        self.model: Any = load_pretrained(AutoModelForSequenceClassification, model_dir)
         self.model.to(self.device)
         self.model.eval()
         id2label = self.model.config.id2label
@@ -70,3 +82,290 @@ class ClassificationPredictor:
                         "scores": {label: float(p) for label, p in zip(self.labels, probs, strict=True)},
                     }
         return results
+
+
+def _position_limit(tokenizer: Any, config: Any) -> int | None:
+    """The longest input the model takes: the tokenizer's limit or the position table, whichever is smaller."""
+    limits = []
+    if 0 < int(tokenizer.model_max_length) < _NO_LIMIT:
+        limits.append(int(tokenizer.model_max_length))
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    return min(limits) if limits else None
+
+
+# --- NER -----------------------------------------------------------------------------------------
+
+
+class NerPredictor:
+    """Loads a token-classification model once; `predict` finds entities with exact character offsets.
+
+    Words are those of the tokenizer's pre-tokenizer on the raw text (for BERT: whitespace and
+    punctuation apart), each labelled by its first sub-token as in training. Texts longer than the
+    model's limit are read in overlapping windows, so entities past the limit are found too.
+    """
+
+    def __init__(self, model_dir: Path, device: torch.device | None = None) -> None:
+        self.device = device or pick_device()
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"{model_dir}: NER needs a fast tokenizer (tokenizer.json) for character offsets")
+        self.model: Any = load_pretrained(AutoModelForTokenClassification, model_dir)
+        self.model.to(self.device)
+        self.model.eval()
+        id2label = self.model.config.id2label
+        self.labels: list[str] = [str(id2label[i]) for i in range(len(id2label))]
+        self.max_length = _position_limit(self.tokenizer, self.model.config)
+        self._amp_dtype = autocast_dtype(self.device)
+
+    def predict(self, texts: list[str], batch_size: int = 32) -> list[list[dict[str, Any]]]:
+        """Return, per text, its entities: {"entity_group", "text", "start", "end", "score"}, in text order."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        results: list[list[dict[str, Any]]] = [[] for _ in texts]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, words in zip(chunk, self._word_predictions([texts[i] for i in chunk]), strict=True):
+                results[i] = group_entities(texts[i], words)
+        return results
+
+    def _word_predictions(self, texts: list[str]) -> list[list[tuple[str, float, int, int]]]:
+        """Return, per text, its words in order as (IOB2 tag, probability, start char, end char)."""
+        windowed = self.max_length is not None
+        encoded = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=windowed,
+            max_length=self.max_length,
+            # Neighbouring windows overlap, so a word cut at a window's end is whole in the next one.
+            stride=min(32, self.max_length // 4) if self.max_length is not None else 0,
+            return_overflowing_tokens=windowed,
+            return_offsets_mapping=True,
+            return_tensors="pt",
+        )
+        offsets = encoded.pop("offset_mapping").tolist()
+        if "overflow_to_sample_mapping" in encoded:
+            sample_of = encoded.pop("overflow_to_sample_mapping").tolist()
+        else:
+            sample_of = list(range(len(texts)))
+        inputs = {k: v.to(self.device) for k, v in encoded.items()}
+        with torch.inference_mode():
+            with torch.autocast(
+                device_type=self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None
+            ):
+                logits = self.model(**inputs).logits
+            probabilities = logits.float().softmax(dim=-1).cpu()
+        best_p, best_id = probabilities.max(dim=-1)
+        # word index -> [label id, probability, start, end]; the first window that has a word's start wins.
+        words: list[dict[int, list[Any]]] = [{} for _ in texts]
+        for window, sample in enumerate(sample_of):
+            for position, word in enumerate(encoded.word_ids(window)):
+                if word is None:
+                    continue
+                begin, end = offsets[window][position]
+                seen = words[sample].get(word)
+                if seen is None:
+                    words[sample][word] = [int(best_id[window, position]), float(best_p[window, position]), begin, end]
+                else:
+                    seen[2], seen[3] = min(seen[2], begin), max(seen[3], end)
+        return [[(self.labels[w[0]], w[1], w[2], w[3]) for _, w in sorted(by_word.items())] for by_word in words]
+
+
+def group_entities(text: str, words: list[tuple[str, float, int, int]]) -> list[dict[str, Any]]:
+    """Group IOB2-tagged words into entities; an I- that opens an entity counts as B-, as conlleval does."""
+    tags = normalise_tags([tag for tag, _, _, _ in words], "IOB2")
+    entities: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    scores: list[float] = []
+
+    def close() -> None:
+        nonlocal current
+        if current is not None:
+            current["score"] = sum(scores) / len(scores)
+            current["text"] = text[current["start"] : current["end"]]
+            entities.append(current)
+        current = None
+
+    for tag, (_, probability, begin, end) in zip(tags, words, strict=True):
+        if tag == "O":
+            close()
+            continue
+        if tag.startswith("B-") or current is None:
+            close()
+            current = {"entity_group": tag[2:], "text": "", "start": begin, "end": end, "score": 0.0}
+            scores = []
+        current["end"] = end
+        scores.append(probability)
+    close()
+    return entities
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+
+class GenerationPredictor:
+    """Loads a causal LM once; `generate` completes prompts and `chat` answers conversations, in batches."""
+
+    def __init__(self, model_dir: Path, device: torch.device | None = None) -> None:
+        self.device = device or pick_device()
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+        if self.tokenizer.pad_token_id is None:
+            # Padding is masked out; EOS always exists in a causal LM's vocabulary.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_chat_template(self.tokenizer)
+        self.model: Any = load_pretrained(AutoModelForCausalLM, model_dir)
+        self.model.to(self.device)
+        self.model.eval()
+        self.context_length = _position_limit(self.tokenizer, self.model.config)
+        configured = self.model.generation_config.eos_token_id
+        configured = configured if isinstance(configured, list) else [configured]
+        # Chat models may end a turn with a token other than the tokenizer's EOS; stop on all of them.
+        self.stop_ids: list[int] = sorted({int(t) for t in [self.tokenizer.eos_token_id, *configured] if t is not None})
+
+    def generate(
+        self,
+        prompts: list[str],
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        n: int = 1,
+        batch_size: int = 8,
+    ) -> list[list[dict[str, Any]]]:
+        """Complete each prompt `n` times: {"text", "finish_reason", "prompt_tokens", "completion_tokens"}."""
+        encoded = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]
+        return self._complete(encoded, max_tokens, temperature, top_p, stop, seed, n, batch_size)
+
+    def chat(
+        self,
+        messages_list: list[list[dict[str, str]]],
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        n: int = 1,
+        batch_size: int = 8,
+    ) -> list[list[dict[str, Any]]]:
+        """Answer each conversation (rendered with the chat template) `n` times, like `generate`."""
+        encoded = []
+        for messages in messages_list:
+            if not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            ):
+                raise ValueError("each conversation must be a non-empty list of {role, content} messages")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m["role"], "content": m["content"]} for m in messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            # The template writes any BOS itself.
+            encoded.append(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        return self._complete(encoded, max_tokens, temperature, top_p, stop, seed, n, batch_size)
+
+    def _complete(
+        self,
+        encoded: list[list[int]],
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str] | None,
+        seed: int | None,
+        n: int,
+        batch_size: int,
+    ) -> list[list[dict[str, Any]]]:
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not 0.0 <= temperature <= 2.0:
+            raise ValueError("temperature must be between 0 and 2")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError("top_p must be greater than 0 and at most 1")
+        if n < 1 or batch_size < 1:
+            raise ValueError("n and batch_size must be at least 1")
+        stops = [s for s in (stop or []) if s]
+        for ids in encoded:
+            if self.context_length is not None and len(ids) + max_tokens > self.context_length:
+                raise ValueError(
+                    f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}; together they exceed "
+                    f"the model's context of {self.context_length} tokens"
+                )
+        config = self._generation_config(max_tokens, temperature, top_p, stops, n)
+        # Batching prompts of similar length wastes less compute on padding.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results: list[list[dict[str, Any]]] = [[] for _ in encoded]
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            # Forked so a seeded request neither depends on nor shifts the process's random stream.
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                outputs = self._generate_batch([encoded[i] for i in chunk], config, bool(stops))
+                for j, i in enumerate(chunk):
+                    results[i] = [self._choice(encoded[i], out, stops) for out in outputs[j * n : (j + 1) * n]]
+        return results
+
+    def _generation_config(
+        self, max_tokens: int, temperature: float, top_p: float, stops: list[str], n: int
+    ) -> GenerationConfig:
+        sampling: dict[str, Any] = (
+            # top_k=0 turns off transformers' default top-50 cut: OpenAI samples with temperature and top_p only.
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            if temperature > 0
+            else {"do_sample": False}
+        )
+        return GenerationConfig(
+            max_new_tokens=max_tokens,
+            num_return_sequences=n,
+            pad_token_id=int(self.tokenizer.pad_token_id),
+            eos_token_id=self.stop_ids,
+            stop_strings=stops or None,
+            **sampling,
+        )
+
+    def _generate_batch(self, batch: list[list[int]], config: GenerationConfig, has_stops: bool) -> list[list[int]]:
+        """Return the new tokens of each sequence (n per prompt, in prompt order), padded batch removed."""
+        width = max(len(ids) for ids in batch)
+        pad = int(self.tokenizer.pad_token_id)
+        # Left padding: every prompt then ends at the last column, where generation continues.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+        extra: dict[str, Any] = {"tokenizer": self.tokenizer} if has_stops else {}
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra
+            )
+        new_tokens: list[list[int]] = output[:, width:].cpu().tolist()
+        return new_tokens
+
+    def _choice(self, prompt: list[int], generated: list[int], stops: list[str]) -> dict[str, Any]:
+        # A sequence that finished before others in its batch is followed by pad tokens.
+        ended = {*self.stop_ids, int(self.tokenizer.pad_token_id)}
+        end = next((k for k, token in enumerate(generated) if token in ended), None)
+        hit_eos = end is not None and generated[end] in self.stop_ids
+        kept = generated if end is None else generated[:end]
+        text = self._decode_continuation(prompt, kept)
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        # Without an end token or a stop string, generation ran until max_tokens.
+        finish = "stop" if end is not None or cut >= 0 else "length"
+        return {
+            "text": text,
+            "finish_reason": finish,
+            "prompt_tokens": len(prompt),
+            # After a stop string the rest is padding, which may share the EOS id; EOS was not generated then.
+            "completion_tokens": len(kept) + (1 if hit_eos and cut < 0 else 0),
+        }
+
+    def _decode_continuation(self, prompt: list[int], generated: list[int]) -> str:
+        # Decoding prompt and continuation together keeps a leading space that some tokenizers drop alone.
+        whole: str = self.tokenizer.decode(prompt + generated, skip_special_tokens=True)
+        head: str = self.tokenizer.decode(prompt, skip_special_tokens=True)
+        if whole.startswith(head):
+            return whole[len(head) :]
+        tail: str = self.tokenizer.decode(generated, skip_special_tokens=True)
+        return tail

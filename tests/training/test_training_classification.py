@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import Recorder, sentiment_rows
 from transformers import AutoConfig
 
+from tests.training.conftest import Recorder, sentiment_rows
 from training.classification import (
     ClassificationResult,
     ClassificationSpec,

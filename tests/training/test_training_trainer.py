@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Recorder, sentiment_rows
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from tests.training.conftest import Recorder, sentiment_rows
 from training.callbacks import NullCallbacks, StopReason
 from training.classification import (
     ClassificationResult,

@@ -1,0 +1,62 @@
+"""Reading CoNLL column files for NER: one token per line, the tag in the last column.
+
+Sentences are separated by blank lines; ``-DOCSTART-`` lines mark document boundaries and are skipped.
+Each sentence becomes a row ``{"tokens": [...], "tags": [...]}`` kept with the line number of its
+first token, like the JSON Lines rows of ``training.data``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from training.data import CONLL_DOCSTART, DataError, Row
+
+
+def read_conll(path: Path, max_problems: int = 10) -> list[Row]:
+    """Read sentences as `(first_line, {"tokens", "tags"})` pairs; raise DataError listing problems."""
+    rows: list[Row] = []
+    problems: list[str] = []
+    first_line = 0
+    tokens: list[str] = []
+    tags: list[str] = []
+
+    def end_sentence() -> None:
+        nonlocal tokens, tags
+        if tokens:
+            sentence: dict[str, Any] = {"tokens": tokens, "tags": tags}
+            rows.append((first_line, sentence))
+        tokens, tags = [], []
+
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if len(problems) >= max_problems:
+                break
+            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                # Editors on Windows often prepend a byte-order mark; it is not part of the first token.
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append(f"line {line_number}: not valid UTF-8")
+                continue
+            columns = text.split()
+            if not columns:
+                end_sentence()
+                continue
+            if columns[0] == CONLL_DOCSTART:
+                end_sentence()
+                continue
+            if len(columns) < 2:
+                problems.append(f"line {line_number}: expected at least 2 columns")
+                continue
+            if not tokens:
+                first_line = line_number
+            tokens.append(columns[0])
+            tags.append(columns[-1])
+    end_sentence()
+    if problems:
+        raise DataError(problems)
+    if not rows:
+        raise DataError(["the file has no sentences"])
+    return rows
