@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import Principal, get_session, require
 from api.errors import APIError, not_found
-from api.schemas import ClassificationRequest
+from api.schemas import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
 from db import registry
 from db.models import Inference
 from domain import dispatch, ids, replies
@@ -79,6 +79,44 @@ def classify(
     inputs = [body.input] if isinstance(body.input, str) else body.input
     return submit(request, session, principal, "/v1/classifications", body.model,
                   {"model": body.model, "input": inputs})
+
+
+@router.post("/v1/ner", summary="Find named entities with a fine-tuned NER model (extension)")
+def ner(
+    body: NerRequest,
+    request: Request,
+    principal: Principal = Depends(inference_scope),
+    session: Session = Depends(get_session),
+) -> JSONResponse:
+    _serveable(session, principal, body.model, "ner")
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    return submit(request, session, principal, "/v1/ner", body.model, {"model": body.model, "input": inputs})
+
+
+@router.post("/v1/completions", summary="Complete prompts (OpenAI Completions)")
+def completions(
+    body: CompletionRequest,
+    request: Request,
+    principal: Principal = Depends(inference_scope),
+    session: Session = Depends(get_session),
+) -> JSONResponse:
+    _serveable(session, principal, body.model, "generation")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    return submit(request, session, principal, "/v1/completions", body.model,
+                  {"model": body.model, "prompt": prompts, **body.sampling()})
+
+
+@router.post("/v1/chat/completions", summary="Answer a conversation (OpenAI Chat Completions)")
+def chat_completions(
+    body: ChatRequest,
+    request: Request,
+    principal: Principal = Depends(inference_scope),
+    session: Session = Depends(get_session),
+) -> JSONResponse:
+    _serveable(session, principal, body.model, "generation")
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    return submit(request, session, principal, "/v1/chat/completions", body.model,
+                  {"model": body.model, "messages": messages, **body.sampling()})
 
 
 @router.get("/v1/inferences/{inference_id}", summary="Poll an online inference request (extension)")

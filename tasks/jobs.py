@@ -24,21 +24,22 @@ from domain.clock import utcnow
 from domain.events import emit_event
 from domain.settings import get_settings
 from domain.storage import job_dir
+from tasks import recipes
 from tasks.app import celery_app
 from tasks.progress import JobReporter
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TASKS = ("classification",)
-MAX_PROBLEMS_SHOWN = 5
 
 
 def worker_name(task: Task) -> str:
     return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
 
 
-def fine_tuned_model_id(job: FineTuningJob, tenant_name: str) -> str:
-    return f"ft:{job.model}:{tenant_name}:{job.suffix or ''}:{job.id}"
+def fine_tuned_model_id(job: FineTuningJob, base: Model, tenant_name: str) -> str:
+    """``ft:<base>:<tenant>:<suffix>:<job>``, naming the root base model even for continued training."""
+    root = base.base_model if base.kind == "fine-tuned" and base.base_model else base.id
+    return f"ft:{root}:{tenant_name}:{job.suffix or ''}:{job.id}"
 
 
 def _file_path(session: Any, job: FineTuningJob, file_id: str | None) -> Path | None:
@@ -50,26 +51,9 @@ def _file_path(session: Any, job: FineTuningJob, file_id: str | None) -> Path | 
     return Path(row.path)
 
 
-def _load_rows(path: Path, task: str | None) -> tuple[str, list[dict[str, Any]]]:
-    """Read and validate a training file; raises DataError naming the first problems by line."""
-    from training.data import DataError, infer_task, read_jsonl, validate_classification
-
-    numbered = read_jsonl(path)
-    rows = [row for _, row in numbered]
-    task = task or infer_task(numbered)
-    if task not in SUPPORTED_TASKS:
-        raise DataError([f"task '{task}' is not served by this version; supported: "
-                         f"{', '.join(SUPPORTED_TASKS)}"])
-    problems = validate_classification(numbered)
-    if problems:
-        raise DataError(problems)
-    return task, rows
-
-
 @celery_app.task(name=dispatch.TASK_VALIDATE)
 def validate_job(job_id: str) -> None:
     """validating_files → queued (and send the training task), or failed with the lines at fault."""
-    from training.classification import resolve_hyperparameters
     from training.data import DataError
 
     with transaction() as session:
@@ -78,19 +62,21 @@ def validate_job(job_id: str) -> None:
             log.info("validate %s: nothing to do (%s)", job_id, job and job.status)
             return
         try:
+            base = session.get(Model, job.model)
+            model_tasks = list(base.tasks) if base is not None else []
+            which = "training_file"
             train_path = _file_path(session, job, job.training_file)
             assert train_path is not None
-            task, rows = _load_rows(train_path, job.task)
+            task, rows = recipes.load_rows(train_path, job.task, model_tasks)
+            which = "validation_file"
             valid_path = _file_path(session, job, job.validation_file)
             if valid_path is not None:
-                _load_rows(valid_path, task)
-            hyperparameters = resolve_hyperparameters(job.hyperparameters or {}, len(rows))
+                recipes.load_rows(valid_path, task, model_tasks)
+            hyperparameters = recipes.recipe(task).resolve(job.hyperparameters or {}, len(rows))
         except DataError as exc:
-            which = "training_file"
-            message = "; ".join(exc.problems[:MAX_PROBLEMS_SHOWN])
-            more = len(exc.problems) - MAX_PROBLEMS_SHOWN
-            if more > 0:
-                message += f"; and {more} more"
+            message = recipes.problems_message(exc.problems)
+            if which == "validation_file":
+                message = f"validation file: {message}"
             jobs.transition(session, job, jobs.FAILED, f"Invalid training file: {message}", level="error",
                             error=jobs.failure("invalid_training_file", message, which))
             return
@@ -125,13 +111,13 @@ def train_job(self: Task, job_id: str) -> None:
 
         tenant = session.get(Tenant, job.tenant_id)
         assert tenant is not None
-        model_name = fine_tuned_model_id(job, tenant.name)
         base = session.get(Model, job.model)
         if base is None:
             jobs.transition(session, job, jobs.FAILED, f"Base model {job.model} is gone", level="error",
                             error=jobs.failure("model_not_found", f"model {job.model} was deleted", "model"))
             jobs_repo.release_claim(session, job.id, job.attempts, "failed")
             return
+        model_name = fine_tuned_model_id(job, base, tenant.name)
         train_path = _file_path(session, job, job.training_file)
         valid_path = _file_path(session, job, job.validation_file)
         attempt = job.attempts
@@ -147,7 +133,7 @@ def train_job(self: Task, job_id: str) -> None:
     # instead of killing the process mid-step and waiting for the reconciler to notice.
     previous = signal.signal(signal.SIGTERM, lambda *_: reporter.shutdown_requested.set())
     try:
-        result = _run_classification(job_id, base_path, train_path, valid_path, snapshot, reporter)
+        result = _run_training(job_id, base_path, train_path, valid_path, snapshot, reporter)
     except Exception as exc:
         log.exception("training of %s failed", job_id)
         _finish_failed(job_id, attempt, f"{type(exc).__name__}: {exc}")
@@ -161,16 +147,16 @@ def train_job(self: Task, job_id: str) -> None:
     _record_outcome(job_id, attempt, model_name, base, result)
 
 
-def _run_classification(job_id: str, base_path: Path, train_path: Path | None, valid_path: Path | None,
-                        snapshot: dict[str, Any], reporter: JobReporter) -> Any:
-    from training.classification import ClassificationSpec, train_classification
+def _run_training(job_id: str, base_path: Path, train_path: Path | None, valid_path: Path | None,
+                  snapshot: dict[str, Any], reporter: JobReporter) -> Any:
     from training.devices import configure_cpu
     from training.trainer import latest_checkpoint
 
     configure_cpu(get_settings().torch_threads)
     assert train_path is not None
-    _, train_rows = _load_rows(train_path, snapshot["task"])
-    eval_rows = _load_rows(valid_path, snapshot["task"])[1] if valid_path else None
+    task = snapshot["task"]
+    _, train_rows = recipes.load_rows(train_path, task, [task])
+    eval_rows = recipes.load_rows(valid_path, task, [task])[1] if valid_path else None
     root = job_dir(job_id)
     checkpoint_dir = root / "checkpoints"
     resume_from = latest_checkpoint(checkpoint_dir)
@@ -180,12 +166,13 @@ def _run_classification(job_id: str, base_path: Path, train_path: Path | None, v
             job = jobs_repo.get_job_by_id(session, job_id)
             assert job is not None
             jobs.add_job_event(session, job, f"resumed from checkpoint at step {step}")
-    spec = ClassificationSpec(
+    steps = recipes.recipe(task)
+    spec = steps.spec(
         base_model_dir=base_path, output_dir=root / "model", checkpoint_dir=checkpoint_dir,
         train_rows=train_rows, eval_rows=eval_rows, hyperparameters=snapshot["hyperparameters"],
         seed=snapshot["seed"], eval_fraction=get_settings().eval_fraction,
     )
-    return train_classification(spec, reporter, resume_from=resume_from)
+    return steps.train(spec, reporter, resume_from=resume_from)
 
 
 def _finish_failed(job_id: str, attempt: int, message: str) -> None:
@@ -225,7 +212,7 @@ def _record_outcome(job_id: str, attempt: int, model_name: str, base: Model, res
         from db.models import File as FileRow
 
         results_path = job_dir(job_id) / "results.csv"
-        write_results_csv(outcome.history, result.report, results_path)
+        write_results_csv(outcome.history, getattr(result, "report", {}), results_path)
         results_file = FileRow(
             id=ids.new_id(ids.FILE), tenant_id=job.tenant_id, filename="step_metrics.csv",
             purpose="fine-tune-results", bytes=results_path.stat().st_size, sha256="",

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from tests.data import COLORS, color_rows
 from tests.training.conftest import Recorder
 from training.base_models import BaseModelInfo
 from training.data import DataError
@@ -30,24 +31,8 @@ from training.generation import (
 from training.predict import GenerationPredictor
 from training.trainer import latest_checkpoint
 
-COLORS = {
-    "sky": "blue",
-    "grass": "green",
-    "snow": "white",
-    "coal": "black",
-    "blood": "red",
-    "sun": "yellow",
-    "orange": "orange",
-    "rose": "pink",
-}
 # A randomly initialised tiny decoder needs a large step and many passes to memorise its data.
 FAST_HP = {"learning_rate": 3e-3, "n_epochs": 30, "batch_size": 8}
-
-
-def color_rows(repeat: int) -> list[dict[str, Any]]:
-    return [
-        {"prompt": f"what color is the {k} ?", "completion": f" the {k} is {v} ."} for k, v in COLORS.items()
-    ] * repeat
 
 
 @pytest.fixture(scope="module")

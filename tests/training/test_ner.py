@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from tests.data import ner_rows
 from tests.training.conftest import Recorder
 from training.classification import write_results_csv
 from training.data import DataError
@@ -27,60 +26,8 @@ from training.ner import (
 )
 from training.predict import NerPredictor, group_entities
 
-PEOPLE = ["John Smith", "Mary Jones", "Peter Brown", "Anna White", "David Green", "Laura Black", "Tom", "Sara"]
-PLACES = ["Paris", "London", "New York", "Berlin", "Madrid", "Rome", "San Francisco", "Tokyo"]
-TEMPLATES = [
-    "{per} lives in {loc} .",
-    "{per} flew to {loc} yesterday .",
-    "we met {per} in {loc} .",
-    "the office in {loc} hired {per} .",
-    "{per} and {per2} visited {loc} last week .",
-    "nobody went to the market today .",
-]
 # A randomly initialised tiny encoder needs a far larger step than a pretrained one.
 FAST_HP = {"learning_rate": 3e-3, "n_epochs": 8, "batch_size": 8}
-
-
-def entity_tags(words: list[str], kind: str) -> list[str]:
-    return [f"B-{kind}"] + [f"I-{kind}"] * (len(words) - 1)
-
-
-def ner_rows(n: int, seed: int, scheme: str = "IOB2") -> list[dict[str, Any]]:
-    """Templated sentences with PER and LOC entities; tags in `scheme` (IOB2 or BIOES)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        template = TEMPLATES[i % len(TEMPLATES)]
-        fill = {"per": rng.choice(PEOPLE), "per2": rng.choice(PEOPLE), "loc": rng.choice(PLACES)}
-        tokens: list[str] = []
-        tags: list[str] = []
-        for word in template.split():
-            if word.startswith("{"):
-                kind = "LOC" if word == "{loc}" else "PER"
-                parts = fill[word[1:-1]].split()
-                tokens.extend(parts)
-                tags.extend(entity_tags(parts, kind))
-            else:
-                tokens.append(word)
-                tags.append("O")
-        if scheme == "BIOES":
-            tags = to_bioes(tags)
-        rows.append({"tokens": tokens, "tags": tags})
-    return rows
-
-
-def to_bioes(tags: list[str]) -> list[str]:
-    out = []
-    for i, tag in enumerate(tags):
-        nxt = tags[i + 1] if i + 1 < len(tags) else "O"
-        last = not nxt.startswith("I-")
-        if tag.startswith("B-"):
-            out.append(("S-" if last else "B-") + tag[2:])
-        elif tag.startswith("I-"):
-            out.append(("E-" if last else "I-") + tag[2:])
-        else:
-            out.append(tag)
-    return out
 
 
 def test_label_list_and_alignment(tiny_bert: Path) -> None:

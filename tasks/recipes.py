@@ -1,0 +1,75 @@
+"""Each fine-tuning task's reader, validator, hyperparameter defaults, trainer and predictor, in one table.
+
+Imports of torch-heavy modules happen on first use, inside the worker process that needs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TASKS = ("classification", "ner", "generation")
+MAX_PROBLEMS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    validate: Callable[[list[tuple[int, dict[str, Any]]]], list[str]]
+    resolve: Callable[[dict[str, Any], int], dict[str, Any]]
+    spec: Callable[..., Any]
+    train: Callable[..., Any]
+
+
+def recipe(task: str) -> Recipe:
+    from training import classification, data, generation, ner
+    from training.lora import add_lora_hyperparameters
+
+    def classification_hyperparameters(hp: dict[str, Any], n: int) -> dict[str, Any]:
+        return add_lora_hyperparameters(classification.resolve_hyperparameters(hp, n), hp)
+
+    table = {
+        "classification": Recipe(data.validate_classification, classification_hyperparameters,
+                                 classification.ClassificationSpec, classification.train_classification),
+        "ner": Recipe(data.validate_ner, ner.resolve_hyperparameters, ner.NerSpec, ner.train_ner),
+        "generation": Recipe(data.validate_generation, generation.resolve_hyperparameters,
+                             generation.GenerationSpec, generation.train_generation),
+    }
+    return table[task]
+
+
+def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """JSON Lines, or CoNLL columns for NER; raises DataError naming lines."""
+    from training.conll import read_conll
+    from training.data import looks_like_conll, read_jsonl
+
+    return read_conll(path) if looks_like_conll(path) else read_jsonl(path)
+
+
+def load_rows(path: Path, task: str | None, model_tasks: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    """Read, infer the task when not given, and validate; raises DataError with the first problems by line."""
+    from training.data import DataError, infer_task
+
+    numbered = read_rows(path)
+    task = task or infer_task(numbered)
+    if task not in model_tasks:
+        raise DataError([f"the file holds {task} data, but the model serves {', '.join(model_tasks)}"])
+    problems = recipe(task).validate(numbered)
+    if problems:
+        raise DataError(problems)
+    return task, [row for _, row in numbered]
+
+
+def problems_message(problems: list[str]) -> str:
+    message = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
+    more = len(problems) - MAX_PROBLEMS_SHOWN
+    return f"{message}; and {more} more" if more > 0 else message
+
+
+def predictor(task: str, path: Path) -> Any:
+    from training import predict
+
+    classes = {"classification": predict.ClassificationPredictor, "ner": predict.NerPredictor,
+               "generation": predict.GenerationPredictor}
+    return classes[task](path)
