@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import tarfile
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
 
 from api.deps import Principal, authenticate, get_session
 from api.errors import APIError, not_found
@@ -40,6 +46,29 @@ def get_model(
     if row is None:
         raise not_found("model", model_id)
     return model_object(row)
+
+
+@router.get("/{model_id}/content", summary="Download a fine-tuned model as a tar of save_pretrained output (extension)",
+            response_class=FileResponse)
+def model_content(
+    model_id: str, principal: Principal = Depends(authenticate), session: Session = Depends(get_session)
+) -> FileResponse:
+    row = registry.get_visible_model(session, principal.tenant_id, model_id)
+    if row is None:
+        raise not_found("model", model_id)
+    if row.tenant_id is None:
+        raise APIError(403, f"'{model_id}' is a base model; only fine-tuned models can be downloaded",
+                       type_="permission_error", code="base_model")
+    source = Path(row.path)
+    if not source.is_dir():
+        raise APIError(409, f"the files of '{model_id}' are not available on this server", code="model_files_missing")
+    # Built in a temporary file and removed after sending: a model can be far larger than memory allows.
+    with tempfile.NamedTemporaryFile(suffix=".tar", delete=False) as handle, \
+            tarfile.open(fileobj=handle, mode="w") as archive:
+        archive.add(source, arcname=model_id.replace(":", "_"))
+    name = model_id.replace(":", "_") + ".tar"
+    return FileResponse(handle.name, filename=name, media_type="application/x-tar",
+                        background=BackgroundTask(os.unlink, handle.name))
 
 
 @router.delete("/{model_id}", summary="Delete a fine-tuned model")

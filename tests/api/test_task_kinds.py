@@ -110,3 +110,22 @@ def test_lora_and_continued_training_from_an_own_model(api: Api) -> None:
     answer = api.http.post("/v1/classifications", json={"model": second["fine_tuned_model"],
                                                          "input": "the food was superb"}).json()
     assert answer["data"][0]["label"] == "pos"
+
+
+def test_model_download_is_a_loadable_tar(api: Api, tmp_path: Any) -> None:
+    import io
+    import tarfile
+
+    from training.predict import ClassificationPredictor
+
+    done = _train(api, jsonl(sentiment_rows(80)), model="tiny-bert",
+                  hyperparameters={"n_epochs": 3, "batch_size": 8, "learning_rate": 3e-3})
+    response = api.http.get(f"/v1/models/{done['fine_tuned_model']}/content")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+        archive.extractall(tmp_path, filter="data")
+    (model_dir,) = list(tmp_path.iterdir())
+    assert (model_dir / "config.json").exists()
+    predicted = ClassificationPredictor(model_dir).predict(["the room was lovely"])
+    assert predicted[0]["label"] == "pos"
+    assert api.http.get("/v1/models/tiny-bert/content").status_code == 403
