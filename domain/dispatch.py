@@ -77,10 +77,19 @@ class StagedTask:
 
 
 def enqueue_after_commit(
-    session: Session, name: str, *args: Any, task_id: str | None = None, queue: str | None = None
+    session: Session, name: str, *args: Any, task_id: str | None = None, queue: str | None = None,
+    once: bool = False,
 ) -> None:
-    """Stage a task on the session; it is sent once the session's transaction commits."""
-    session.info.setdefault(_PENDING_KEY, []).append(StagedTask(name, args, task_id, queue))
+    """Stage a task on the session; it is sent once the session's transaction commits.
+
+    ``once`` drops a task identical to one already staged (a thousand events for one webhook destination
+    need one sender, not a thousand).
+    """
+    pending = session.info.setdefault(_PENDING_KEY, [])
+    task = StagedTask(name, args, task_id, queue)
+    if once and task in pending:
+        return
+    pending.append(task)
 
 
 def publish(task: StagedTask) -> bool:

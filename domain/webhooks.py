@@ -132,7 +132,7 @@ def fan_out(session: Session, event: OutboxEvent) -> int:
             destination=destination, url=url, status="pending", attempts=0, next_attempt_at=now,
             created_at=now, updated_at=now,
         ))
-        dispatch.enqueue_after_commit(session, TASK_FLUSH, destination, queue=dispatch.QUEUE_CPU)
+        dispatch.enqueue_after_commit(session, TASK_FLUSH, destination, queue=dispatch.QUEUE_CPU, once=True)
     return len(targets)
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import zlib
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from urllib.parse import urlsplit, urlunsplit
@@ -44,30 +45,143 @@ def _lock_key(destination: str) -> int:
 
 @celery_app.task(name=webhooks.TASK_FLUSH)
 def flush(destination: str) -> int:
-    """Send every due delivery of one destination, oldest event first; returns how many were tried."""
-    with session_factory()() as lock_session:
-        # A session-level advisory lock: a second sender for the same destination backs off.
-        got = lock_session.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _lock_key(destination)}).scalar()
-        if not got:
-            return 0
+    """Send every due delivery of one destination, oldest event first; returns how many were tried.
+
+    One sender per destination (a session-level advisory lock) keeps event order; each batch is read in
+    one query and recorded in one transaction, with no transaction open while HTTP requests are in flight.
+    """
+    key = _lock_key(destination)
+    tried = 0
+    with session_factory()() as session:
+        if not session.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+            return 0  # another sender has this destination
+        session.commit()  # the lock is session-level: it outlives this and every later commit
         try:
-            tried = 0
-            while True:
-                with transaction() as session:
-                    due = session.scalars(
-                        select(WebhookDelivery.id).where(
-                            WebhookDelivery.destination == destination, WebhookDelivery.status == "pending",
-                            WebhookDelivery.next_attempt_at <= utcnow(),
-                        ).order_by(WebhookDelivery.event_seq).limit(BATCH)
-                    ).all()
-                if not due:
-                    return tried
-                for delivery_id in due:
-                    attempt_delivery(delivery_id)
-                    tried += 1
+            while batch := _due_batch(session, destination):
+                results = _send_batch(batch)
+                _record_batch(session, results)
+                tried += len(results)
         finally:
-            lock_session.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(destination)})
-            lock_session.commit()
+            session.rollback()
+            session.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            session.commit()
+        # A delivery committed while we were letting go found the lock taken: pick it up now.
+        if _due_batch(session, destination, limit=1):
+            dispatch.publish(dispatch.StagedTask(webhooks.TASK_FLUSH, (destination,), None, dispatch.QUEUE_CPU))
+        session.commit()
+    return tried
+
+
+Due = tuple[WebhookDelivery, OutboxEvent, WebhookEndpoint | None]
+
+
+def _due_batch(session: Session, destination: str, limit: int = BATCH) -> list[Due]:
+    """The next due deliveries with their events and endpoints; those of a dead endpoint are failed."""
+    rows = session.execute(
+        select(WebhookDelivery, OutboxEvent, WebhookEndpoint)
+        .join(OutboxEvent, OutboxEvent.id == WebhookDelivery.event_id)
+        .outerjoin(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+        .where(WebhookDelivery.destination == destination, WebhookDelivery.status == "pending",
+               WebhookDelivery.next_attempt_at <= utcnow())
+        .order_by(WebhookDelivery.event_seq, WebhookDelivery.id)
+        .limit(limit)
+    ).all()
+    due: list[Due] = []
+    for delivery, event, endpoint in rows:
+        if delivery.endpoint_id is not None and (endpoint is None or endpoint.status != "enabled"
+                                                 or endpoint.deleted_at is not None):
+            delivery.status, delivery.next_attempt_at, delivery.updated_at = "failed", None, utcnow()
+            continue
+        due.append((delivery, event, endpoint))
+    session.commit()
+    return due
+
+
+@dataclass
+class Sent:
+    delivery: WebhookDelivery
+    endpoint: WebhookEndpoint | None
+    status_code: int | None
+    duration_ms: int
+    excerpt: str | None
+    error: str | None
+
+
+def _send_batch(batch: list[Due]) -> list[Sent]:
+    results: list[Sent] = []
+    secrets_cache: dict[str, list[str]] = {}
+    for delivery, event, endpoint in batch:
+        if endpoint is not None:
+            keys = webhooks.active_secrets(endpoint)
+        else:
+            if event.tenant_id not in secrets_cache:
+                with transaction() as session:
+                    secrets_cache[event.tenant_id] = [webhooks.tenant_secret(session, event.tenant_id)]
+            keys = secrets_cache[event.tenant_id]
+        sent = _attempt(delivery, event, endpoint, keys)
+        results.append(sent)
+        if sent.status_code == 410:
+            break  # the endpoint is gone; the rest of the batch is failed when recorded
+    return results
+
+
+def _attempt(delivery: WebhookDelivery, event: OutboxEvent, endpoint: WebhookEndpoint | None,
+             keys: list[str]) -> Sent:
+    """One signed POST; never raises for what the receiver or the network does."""
+    body = json.dumps(event_object(event), separators=(",", ":")).encode()
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "llmos-webhooks/1",
+        "webhook-id": event.id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": webhooks.signature_header(keys, event.id, timestamp, body),
+    }
+    started = time.perf_counter()
+    status_code: int | None = None
+    excerpt: str | None = None
+    error: str | None = None
+    try:
+        response = _post(delivery.url, body, headers)
+        status_code = response.status_code
+        excerpt = response.content[:EXCERPT_BYTES].decode("utf-8", "replace")
+    except webhooks.UnsafeURL as exc:
+        error = f"refused: {exc}"
+    except httpx.TimeoutException:
+        error = f"timed out after {get_settings().webhook_timeout_seconds:.0f}s"
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    duration = int((time.perf_counter() - started) * 1000)
+    return Sent(delivery, endpoint, status_code, duration, excerpt, error)
+
+
+def _record_batch(session: Session, results: list[Sent]) -> None:
+    """Every attempt of a batch, and what follows from it, in one transaction."""
+    now = utcnow()
+    schedule = webhooks.retry_schedule()
+    for sent in results:
+        delivery, endpoint = sent.delivery, sent.endpoint  # still attached: the session never closed
+        attempt_no = delivery.attempts + 1
+        session.add(DeliveryAttempt(
+            delivery_id=delivery.id, event_id=delivery.event_id, endpoint_id=delivery.endpoint_id,
+            url=delivery.url, attempt=attempt_no, status_code=sent.status_code, duration_ms=sent.duration_ms,
+            response_excerpt=sent.excerpt, error=sent.error, created_at=now,
+        ))
+        delivery.attempts, delivery.updated_at = attempt_no, now
+        if sent.status_code is not None and 200 <= sent.status_code < 300:
+            delivery.status, delivery.next_attempt_at = "succeeded", None
+            continue
+        if sent.status_code == 410:
+            delivery.status, delivery.next_attempt_at = "failed", None
+            if endpoint is not None:
+                _disable(session, endpoint, "the endpoint answered 410 Gone")
+        elif attempt_no > len(schedule):
+            delivery.status, delivery.next_attempt_at = "failed", None
+            if endpoint is not None:
+                _disable(session, endpoint, f"delivery failed {attempt_no} times over the whole retry schedule")
+        else:
+            delivery.next_attempt_at = now + timedelta(seconds=schedule[attempt_no - 1])
+    session.commit()
 
 
 @celery_app.task(name=webhooks.TASK_DISPATCH_DUE)
@@ -93,76 +207,6 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
     pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
     return http_client().post(pinned, content=body, headers={**headers, "host": parts.netloc.rsplit("@", 1)[-1]},
                               extensions={"sni_hostname": host})
-
-
-def attempt_delivery(delivery_id: int) -> None:
-    """One attempt: sign, send, record the attempt, and decide success, retry or giving up."""
-    with transaction() as session:
-        delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
-        if delivery is None or delivery.status != "pending":
-            return
-        event = session.scalar(select(OutboxEvent).where(OutboxEvent.id == delivery.event_id))
-        endpoint = session.get(WebhookEndpoint, delivery.endpoint_id) if delivery.endpoint_id else None
-        if event is None or (endpoint is not None and (endpoint.status != "enabled" or endpoint.deleted_at)):
-            delivery.status, delivery.updated_at = "failed", utcnow()
-            return
-        keys = webhooks.active_secrets(endpoint) if endpoint else [webhooks.tenant_secret(session, event.tenant_id)]
-        body = json.dumps(event_object(event), separators=(",", ":")).encode()
-        url, attempt_no = delivery.url, delivery.attempts + 1
-    timestamp = int(time.time())
-    headers = {
-        "content-type": "application/json",
-        "user-agent": "llmos-webhooks/1",
-        "webhook-id": event.id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": webhooks.signature_header(keys, event.id, timestamp, body),
-    }
-    started = time.perf_counter()
-    status_code: int | None = None
-    excerpt: str | None = None
-    error: str | None = None
-    try:
-        response = _post(url, body, headers)
-        status_code = response.status_code
-        excerpt = response.content[:EXCERPT_BYTES].decode("utf-8", "replace")
-    except webhooks.UnsafeURL as exc:
-        error = f"refused: {exc}"
-    except httpx.TimeoutException:
-        error = f"timed out after {get_settings().webhook_timeout_seconds:.0f}s"
-    except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    duration_ms = int((time.perf_counter() - started) * 1000)
-    _record(delivery_id, attempt_no, status_code, duration_ms, excerpt, error)
-
-
-def _record(delivery_id: int, attempt_no: int, status_code: int | None, duration_ms: int, excerpt: str | None,
-            error: str | None) -> None:
-    now = utcnow()
-    with transaction() as session:
-        delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
-        if delivery is None:
-            return
-        session.add(DeliveryAttempt(
-            delivery_id=delivery.id, event_id=delivery.event_id, endpoint_id=delivery.endpoint_id,
-            url=delivery.url, attempt=attempt_no, status_code=status_code, duration_ms=duration_ms,
-            response_excerpt=excerpt, error=error, created_at=now,
-        ))
-        delivery.attempts, delivery.updated_at = attempt_no, now
-        if status_code is not None and 200 <= status_code < 300:
-            delivery.status, delivery.next_attempt_at = "succeeded", None
-            return
-        endpoint = session.get(WebhookEndpoint, delivery.endpoint_id) if delivery.endpoint_id else None
-        schedule = webhooks.retry_schedule()
-        if status_code == 410:
-            delivery.status, delivery.next_attempt_at = "failed", None
-            if endpoint is not None:
-                _disable(session, endpoint, "the endpoint answered 410 Gone")
-        elif attempt_no > len(schedule):
-            delivery.status, delivery.next_attempt_at = "failed", None
-            if endpoint is not None:
-                _disable(session, endpoint, f"delivery failed {attempt_no} times over the whole retry schedule")
-        else:
-            delivery.next_attempt_at = now + timedelta(seconds=schedule[attempt_no - 1])
 
 
 def _disable(session: Session, endpoint: WebhookEndpoint, reason: str) -> None:
