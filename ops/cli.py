@@ -76,10 +76,11 @@ def cmd_worker(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"error: unknown queue(s) {', '.join(unknown)}; choose from gpu, inference, cpu")
     os.environ["LLMOS_WORKER_QUEUES"] = ",".join(queues)
-    if "gpu" in queues or "inference" in queues:
+    if queues:
         # Import torch and transformers once, before the pool forks: each training task gets a fresh
-        # process (--max-tasks-per-child=1) that would otherwise pay seconds of imports. Importing does
-        # not initialise CUDA; that happens only in the child that trains.
+        # process (--max-tasks-per-child=1), and validation resolves hyperparameters with the training
+        # code; both would otherwise pay seconds of imports. Importing does not initialise CUDA; that
+        # happens only in the child that trains.
         import training.classification
         import training.predict  # noqa: F401
     celery_app.worker_main(worker_argv(queues, "-".join(queues)))

@@ -1,0 +1,1 @@
+"""Benchmarks of LLM OS, run as scripts: `python bench/<name>.py`."""

@@ -1,0 +1,722 @@
+"""Benchmark: a fine-tuning job's life end to end, and the API's latency under concurrent load.
+
+Two measurements, taken on this machine with real processes (the API and Celery workers as `llmos up`
+runs them) and printed as a small table plus one JSON line at the end:
+
+1. Lifecycle: N `tiny-bert` classification jobs, one after another, through the HTTP API; the time from
+   the create call returning to the job reading `running`, and to it reading `succeeded`.
+2. API latency at a given concurrency: job creation (POST) and retrieval (GET), each against a bare
+   FastAPI app served the same way, so the figures read as "how much our app costs over FastAPI".
+
+Usage:
+    python bench/lifecycle.py [--jobs 5] [--requests 2000] [--concurrency 32]
+
+With LLMOS_DATABASE_URL / LLMOS_BROKER_URL set it uses those servers (a fresh database, dropped at the
+end; the broker's job queues purged); otherwise it starts embedded Postgres and Redis in a temp dir.
+`--serve-bare PORT` is internal: it runs the bare baseline app in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import secrets
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+ROOT = Path(__file__).resolve().parent.parent
+QUEUES = ("gpu", "cpu", "inference")
+# Polling the job every 20 ms: each lifecycle figure is late by at most this plus one GET's latency.
+POLL_INTERVAL = 0.02
+HEALTH_TIMEOUT = 90.0
+WORKERS_TIMEOUT = 120.0
+JOB_TIMEOUT = 600.0
+TRAIN_ROWS = 120
+HYPERPARAMETERS: dict[str, Any] = {"n_epochs": 3, "batch_size": 8, "learning_rate": 3e-3}
+# Statuses a job reads once it got past queued / started running. A job that skips through a status
+# faster than one poll counts as having reached it at the first later status seen.
+QUEUED_OR_LATER = {"queued", "running", "succeeded"}
+RUNNING_OR_LATER = {"running", "succeeded"}
+# Nobody cancels or pauses a bench job: any of these means the run is broken, not slow.
+WILL_NOT_SUCCEED = {"failed", "cancelled", "cancelling", "paused"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The bare baseline app
+# --------------------------------------------------------------------------------------------------------
+
+
+class BareJob(BaseModel):
+    """The same shape of body the create-job call gets, parsed the same way (pydantic)."""
+
+    model: str
+    training_file: str
+    hyperparameters: dict[str, Any] | None = None
+
+
+def create_bare_app() -> Any:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    # Plain `def` handlers, as the project's are: both then run in the same threadpool, so the ratio
+    # measures what our handlers do (auth, database, broker), not a sync-versus-async dispatch difference.
+    @app.post("/v1/fine_tuning/jobs")
+    def create(body: BareJob) -> dict[str, Any]:
+        return {"id": f"ftjob-{secrets.token_hex(12)}", "object": "fine_tuning.job", "model": body.model,
+                "training_file": body.training_file, "status": "validating_files"}
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    def retrieve(job_id: str) -> dict[str, Any]:
+        return {"id": job_id, "object": "fine_tuning.job", "model": "tiny-bert", "status": "queued"}
+
+    return app
+
+
+def serve_bare(port: int) -> None:
+    import uvicorn
+
+    # The settings of `llmos api` (ops/cli.py cmd_api): one process, log_level warning, same shutdown.
+    uvicorn.run(create_bare_app(), host="127.0.0.1", port=port, log_level="warning",
+                timeout_graceful_shutdown=10)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Processes and services
+# --------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Child:
+    """A child process in its own session (so its whole tree can be signalled), output kept in a log."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        from ops.supervisor import parent_death_preexec
+
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        # Parent-death signal: should the bench be SIGKILLed, its children do not live on as orphans.
+        self.popen = subprocess.Popen(argv, env={**os.environ, **env}, cwd=ROOT, stdout=self._log,
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=parent_death_preexec(signal.SIGTERM))
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        # Celery's pool children share the group; make sure none outlives a worker that exited first.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self._log.close()
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy; raise naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_http(url: str, child: Child, timeout: float = HEALTH_TIMEOUT) -> None:
+    def up() -> bool:
+        if child.popen.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with {child.popen.returncode}:\n{child.tail()}")
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, timeout, f"{child.name} to answer {url}")
+
+
+def redact(url: str) -> str:
+    """A URL fit to print: any password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def create_database(server_url: str) -> str:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url)
+    name = f"llmos_bench_{secrets.token_hex(4)}"
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(db_url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url)
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def purge_queues(broker_url: str) -> None:
+    import redis
+
+    if broker_url.startswith("redis"):
+        conn = redis.Redis.from_url(broker_url)
+        conn.delete(*QUEUES)
+        conn.close()
+
+
+def workers_ready() -> bool:
+    """Every queue has a worker answering a broadcast ping (so job 1 does not time worker start-up)."""
+    from domain.dispatch import producer
+
+    replies = producer().control.ping(timeout=1.0) or []
+    names = {name for reply in replies for name in reply}
+    return all(any(name.startswith(f"{queue}-") for name in names) for queue in QUEUES)
+
+
+@dataclass
+class Stack:
+    """The processes the bench started and the LLMOS_* environment they share."""
+
+    env: dict[str, str]
+    log_dir: Path
+    mode: str
+    children: dict[str, Child]
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['LLMOS_API_PORT']}"
+
+    def start(self, name: str, argv: list[str]) -> Child:
+        child = Child(name, argv, self.env, self.log_dir)
+        self.children[name] = child
+        return child
+
+    def stop(self, *names: str) -> None:
+        for name in names:
+            child = self.children.pop(name, None)
+            if child is not None:
+                child.stop()
+
+    def stop_all(self) -> None:
+        # Reverse start order: the API, which the others were started after, goes last.
+        self.stop(*reversed(self.children))
+
+
+def bring_up(exits: contextlib.ExitStack, work: Path, failure_logs: list[Child]) -> Stack:
+    """Servers, a fresh database, migrations, base models, then the API and one worker per queue."""
+    database_server = os.environ.get("LLMOS_DATABASE_URL")
+    broker_url = os.environ.get("LLMOS_BROKER_URL")
+    kinds = ["external" if database_server else "embedded", "external" if broker_url else "embedded"]
+    if not database_server or not broker_url:
+        from ops.embedded import start_postgres, start_redis, stop_server
+
+        if not database_server:
+            pg = start_postgres(work / "pg", log_path=work / "logs" / "postgres.log")
+            exits.callback(stop_server, pg)
+            database_server = pg.url
+        if not broker_url:
+            rd = start_redis(work / "redis", log_path=work / "logs" / "redis.log")
+            exits.callback(stop_server, rd)
+            broker_url = rd.url
+    database_url = create_database(database_server)
+    mode = f"database {redact(database_url)} ({kinds[0]}), broker {redact(broker_url)} ({kinds[1]})"
+    exits.callback(drop_database, database_url)
+    # A shared broker may hold messages of an earlier run; ours must be the only work the workers see.
+    purge_queues(broker_url)
+    exits.callback(purge_queues, broker_url)
+
+    home = work / "home"
+    env = {
+        "LLMOS_HOME": str(home),
+        "LLMOS_DATABASE_URL": database_url,
+        "LLMOS_BROKER_URL": broker_url,
+        "LLMOS_API_PORT": str(free_port()),
+    }
+    # The bench's own imports (bootstrap, the Celery producer) read the same settings as the children.
+    os.environ.update(env)
+    from domain.settings import get_settings
+
+    get_settings.cache_clear()
+    from db.session import get_engine
+    from ops.bootstrap import migrate, register_base_models
+
+    migrate()
+    exits.callback(lambda: get_engine().dispose())
+    # Building the offline base models draws tqdm bars on stderr that would only clutter the figures;
+    # they are shown only if the build fails. (Logging keeps its own handle on the real stderr.)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            register_base_models(home / "models")
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
+
+    stack = Stack(env, work / "logs", mode, {})
+    exits.callback(stack.stop_all)
+    cli = [sys.executable, "-m", "ops.cli"]
+    api = stack.start("api", [*cli, "api"])
+    for queue in QUEUES:
+        stack.start(f"worker-{queue}", [*cli, "worker", "--queues", queue])
+    failure_logs.extend(stack.children.values())
+    wait_http(f"{stack.api_url}/healthz", api)
+    wait_until(workers_ready, WORKERS_TIMEOUT, "a worker on each of the gpu, cpu and inference queues", 0.5)
+    return stack
+
+
+# --------------------------------------------------------------------------------------------------------
+# Phase 1: the lifecycle of jobs
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobTiming:
+    job_id: str
+    to_queued: float
+    to_running: float
+    to_succeeded: float
+    accuracy: float | None
+
+
+def run_job(http: httpx.Client, file_id: str) -> JobTiming:
+    response = http.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-bert", "training_file": file_id, "hyperparameters": HYPERPARAMETERS})
+    submitted = time.perf_counter()
+    if response.status_code != 200:
+        raise RuntimeError(f"job creation answered {response.status_code}: {response.text}")
+    job_id = response.json()["id"]
+    to_queued: float | None = None
+    to_running: float | None = None
+    deadline = submitted + JOB_TIMEOUT
+    while time.perf_counter() < deadline:
+        polled = http.get(f"/v1/fine_tuning/jobs/{job_id}")
+        polled.raise_for_status()
+        job = polled.json()
+        seen = time.perf_counter() - submitted
+        if to_queued is None and job["status"] in QUEUED_OR_LATER:
+            to_queued = seen
+        if to_running is None and job["status"] in RUNNING_OR_LATER:
+            to_running = seen
+        if job["status"] == "succeeded":
+            assert to_queued is not None and to_running is not None
+            accuracy = (job.get("metrics") or {}).get("accuracy")
+            return JobTiming(job_id, to_queued, to_running, seen, accuracy)
+        if job["status"] in WILL_NOT_SUCCEED:
+            raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
+        time.sleep(POLL_INTERVAL)
+    raise RuntimeError(f"job {job_id} did not succeed within {JOB_TIMEOUT:.0f}s")
+
+
+def upload_training_file(http: httpx.Client) -> str:
+    from tests.data import jsonl, sentiment_rows
+
+    rows: list[dict[str, object]] = [dict(row) for row in sentiment_rows(TRAIN_ROWS)]
+    content = jsonl(rows).encode()
+    response = http.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", content)})
+    if response.status_code != 200:
+        raise RuntimeError(f"upload answered {response.status_code}: {response.text}")
+    file_id: str = response.json()["id"]
+    return file_id
+
+
+# --------------------------------------------------------------------------------------------------------
+# Phase 2: API latency under concurrent load
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    latencies: list[float]
+    wall: float
+    ids: list[str]
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]  # nearest rank
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.wall
+
+
+class Connection:
+    """One kept-alive HTTP/1.1 connection speaking just enough of the protocol for these two calls.
+
+    Why not httpx.AsyncClient: on this 2-core machine its connection pool tops out near 160 req/s at
+    32 connections (about 470 req/s at one), far below what either server can answer, so it measured
+    itself. This client costs the load generator a small fraction of a server's work per request, and
+    both servers get the very same bytes.
+    """
+
+    def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
+        self.host, self.port = host, port
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **headers}.items())
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def request(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body is not None else ""
+        writer.write(f"{method} {path} HTTP/1.1\r\n{self.headers}{extra}\r\n".encode() + (body or b""))
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        fields = dict(line.split(":", 1) for line in header_lines if ":" in line)
+        fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
+        if "content-length" not in fields:
+            raise RuntimeError(f"{method} {path}: response without Content-Length ({status_line})")
+        content = await reader.readexactly(int(fields["content-length"]))
+        if fields.get("connection", "").lower() == "close":
+            await self.close()
+        return int(status_line.split(" ", 2)[1]), content
+
+    async def close(self) -> None:
+        if self.streams is not None:
+            writer = self.streams[1]
+            self.streams = None
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def _load(base: str, headers: dict[str, str], method: str, paths: Callable[[int], str],
+                body: dict[str, Any] | None, requests: int, warmup: int, concurrency: int) -> Load:
+    """``requests`` calls by ``concurrency`` clients, one kept-alive connection each, after ``warmup`` calls.
+
+    The warm-up runs on the same connections, so measured calls pay no TCP connects or first-use imports;
+    the responses are parsed in both apps' runs alike (the POST ids feed the GET run).
+    """
+    url = httpx.URL(base)
+    assert url.port is not None
+    connections = [Connection(url.host, url.port, headers) for _ in range(concurrency)]
+    payload = json.dumps(body).encode() if body is not None else None
+
+    async def run(total: int) -> Load:
+        latencies: list[float] = []
+        ids: list[str] = []
+        issued = 0  # shared by the clients; asyncio switches only at await, so no lock is needed
+
+        async def one_client(connection: Connection) -> None:
+            nonlocal issued
+            while issued < total:
+                path = paths(issued)
+                issued += 1
+                started = time.perf_counter()
+                status, content = await connection.request(method, path, payload)
+                latencies.append(time.perf_counter() - started)
+                if status != 200:
+                    raise RuntimeError(f"{method} {path} answered {status}: {content[:500]!r}")
+                ids.append(json.loads(content)["id"])
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client(connection) for connection in connections))
+        return Load(latencies, time.perf_counter() - started, ids)
+
+    try:
+        await run(warmup)
+        return await run(requests)
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
+def measure(base: str, headers: dict[str, str], method: str, paths: Callable[[int], str],
+            body: dict[str, Any] | None, requests: int, concurrency: int) -> Load:
+    warmup = min(200, max(requests // 10, concurrency))
+    # uvloop when present (uvicorn[standard] brings it): a cheaper loop leaves more CPU to the servers.
+    try:
+        import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_load(base, headers, method, paths, body, requests, warmup, concurrency))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------------
+
+
+def cpu_idle_share(seconds: float = 1.0) -> float | None:
+    """Share of all CPUs left idle over ``seconds`` (/proc/stat), None where that cannot be read.
+
+    Sampled before the bench starts anything and after it stopped everything: a low figure means
+    someone else (a test run, say) was using the machine and the timings are noisy. The load average
+    cannot say this, as the API's threads queued on the GIL under load count as runnable.
+    """
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle_before, total_before = sample()
+        time.sleep(seconds)
+        idle_after, total_after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round((idle_after - idle_before) / max(1, total_after - total_before), 3)
+
+
+def machine_facts() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "torch": torch_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_idle_before": cpu_idle_share(),
+    }
+
+
+def percent(share: float | None) -> str:
+    return "unknown" if share is None else f"{share * 100:.0f}%"
+
+
+def load_row(label: str, load: Load, bare: Load | None) -> list[str]:
+    p50, p99 = load.percentile(50), load.percentile(99)
+    ratios = ["", ""]
+    if bare is not None:
+        ratios = [f"{p50 / bare.percentile(50):.1f}x", f"{load.rps / bare.rps:.2f}x"]
+    return [label, f"{p50 * 1000:.2f}", f"{p99 * 1000:.2f}", f"{load.rps:.0f}", *ratios]
+
+
+def load_json(load: Load, bare: Load | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "p50_ms": round(load.percentile(50) * 1000, 3),
+        "p99_ms": round(load.percentile(99) * 1000, 3),
+        "rps": round(load.rps, 1),
+    }
+    if bare is not None:
+        out["p50_ratio_to_bare"] = round(load.percentile(50) / bare.percentile(50), 2)
+        out["rps_ratio_to_bare"] = round(load.rps / bare.rps, 3)
+    return out
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    # First column (labels) left-aligned, figures right-aligned.
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                  for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--jobs", type=int, default=5, help="tiny-bert jobs run one after another (5)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per endpoint under load (2000)")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients under load (32)")
+    parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("jobs", "requests", "concurrency"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    facts = machine_facts()
+    command = shlex.join(["python", *sys.argv])
+    print(f"command: {command}")
+    print(f"machine: {facts['cpu_count']} CPUs ({facts['cpus_usable']} usable) {facts['cpu_model']}; "
+          f"torch {facts['torch']}; Python {facts['python']}; {facts['platform']}")
+    print(f"CPU idle before start: {percent(facts['cpu_idle_before'])}")
+
+    failure_logs: list[Child] = []
+    with contextlib.ExitStack() as exits:
+        try:
+            started = time.perf_counter()
+            stack = bring_up(exits, work, failure_logs)
+            print(f"services: {stack.mode}; stack up in {time.perf_counter() - started:.1f}s")
+            from ops.bootstrap import create_key
+
+            headers = {"Authorization": f"Bearer {create_key('bench', ['files', 'fine_tuning'])[1]}"}
+
+            # Phase 1: jobs one after another, so each has the workers to itself.
+            with httpx.Client(base_url=stack.api_url, headers=headers, timeout=60) as http:
+                file_id = upload_training_file(http)
+                timings = [run_job(http, file_id) for _ in range(args.jobs)]
+
+            # Phase 2: the API alone. Workers stopped so the backlog of created jobs takes no CPU.
+            stack.stop(*[f"worker-{queue}" for queue in QUEUES])
+            bare_port = free_port()
+            bare = stack.start("bare", [sys.executable, str(Path(__file__).resolve()), "--serve-bare",
+                                        str(bare_port)])
+            failure_logs.append(bare)
+            bare_url = f"http://127.0.0.1:{bare_port}"
+            wait_http(f"{bare_url}/v1/fine_tuning/jobs/ping", bare)
+
+            body = {"model": "tiny-bert", "training_file": file_id, "hyperparameters": HYPERPARAMETERS}
+            n, c = args.requests, args.concurrency
+
+            def create_path(_: int) -> str:
+                return "/v1/fine_tuning/jobs"
+
+            # Each pair back to back, bare first, so drift in the machine's load hits both sides alike.
+            bare_post = measure(bare_url, headers, "POST", create_path, body, n, c)
+            ours_post = measure(stack.api_url, headers, "POST", create_path, body, n, c)
+            job_ids = ours_post.ids
+
+            def get_path(i: int) -> str:
+                return f"/v1/fine_tuning/jobs/{job_ids[i % len(job_ids)]}"
+
+            bare_get = measure(bare_url, headers, "GET", get_path, None, n, c)
+            ours_get = measure(stack.api_url, headers, "GET", get_path, None, n, c)
+        except Exception:  # a failure, not an interrupt: show what the processes said before they go
+            for child in failure_logs:
+                print(f"--- last lines of {child.name} ({child.log_path}) ---\n{child.tail()}", file=sys.stderr)
+            raise
+
+    to_queued = [t.to_queued for t in timings]
+    to_running = [t.to_running for t in timings]
+    to_succeeded = [t.to_succeeded for t in timings]
+    facts["cpu_idle_after"] = cpu_idle_share()
+
+    print()
+    print(f"Lifecycle: {args.jobs} tiny-bert classification jobs in sequence ({TRAIN_ROWS} rows, "
+          f"{json.dumps(HYPERPARAMETERS)}), polled every {POLL_INTERVAL * 1000:.0f} ms")
+    print(table([
+        ["", "median s", "max s", "each job s"],
+        ["submit -> queued (validated)", f"{statistics.median(to_queued):.2f}", f"{max(to_queued):.2f}",
+         " ".join(f"{x:.2f}" for x in to_queued)],
+        ["submit -> running", f"{statistics.median(to_running):.2f}", f"{max(to_running):.2f}",
+         " ".join(f"{x:.2f}" for x in to_running)],
+        ["submit -> succeeded", f"{statistics.median(to_succeeded):.2f}", f"{max(to_succeeded):.2f}",
+         " ".join(f"{x:.2f}" for x in to_succeeded)],
+    ]))
+    # Not a timing, a sanity check that the jobs really trained (eval on the held-out share of rows).
+    print(f"eval accuracy per job: {' '.join(f'{t.accuracy:.2f}' if t.accuracy is not None else '-' for t in timings)}")
+    print()
+    print(f"API at concurrency {args.concurrency}: {args.requests} requests per endpoint, no workers running")
+    print(table([
+        ["endpoint", "p50 ms", "p99 ms", "req/s", "p50 vs bare", "req/s vs bare"],
+        load_row("POST /v1/fine_tuning/jobs", ours_post, bare_post),
+        load_row("  bare FastAPI POST", bare_post, None),
+        load_row("GET /v1/fine_tuning/jobs/{id}", ours_get, bare_get),
+        load_row("  bare FastAPI GET", bare_get, None),
+    ]))
+    print(f"CPU idle after stop: {percent(facts['cpu_idle_after'])} (either well below 100%: another "
+          "workload shared the machine, so rerun)")
+    print(json.dumps({
+        "command": command,
+        "machine": facts,
+        "services": stack.mode,
+        "lifecycle": {
+            "jobs": args.jobs, "rows": TRAIN_ROWS, "hyperparameters": HYPERPARAMETERS,
+            "poll_interval_s": POLL_INTERVAL,
+            "submit_to_queued_s": {"median": round(statistics.median(to_queued), 3),
+                                   "max": round(max(to_queued), 3),
+                                   "each": [round(x, 3) for x in to_queued]},
+            "submit_to_running_s": {"median": round(statistics.median(to_running), 3),
+                                    "max": round(max(to_running), 3),
+                                    "each": [round(x, 3) for x in to_running]},
+            "submit_to_succeeded_s": {"median": round(statistics.median(to_succeeded), 3),
+                                      "max": round(max(to_succeeded), 3),
+                                      "each": [round(x, 3) for x in to_succeeded]},
+            "accuracy": [t.accuracy for t in timings],
+        },
+        "api": {
+            "concurrency": args.concurrency, "requests": args.requests,
+            "post_jobs": load_json(ours_post, bare_post), "bare_post": load_json(bare_post, None),
+            "get_job": load_json(ours_get, bare_get), "bare_get": load_json(bare_get, None),
+        },
+    }))
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    # Under the system temp dir (/tmp), never a pytest dir: embedded Postgres runs as its own user when
+    # root, and must be able to reach its data directory.
+    work = Path(tempfile.mkdtemp(prefix="llmos-bench-"))
+    (work / "logs").mkdir()
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.serve_bare is not None:
+        serve_bare(args.serve_bare)
+        return
+    # Run as a script, sys.path starts at bench/; the project and tests.data live at the repository root.
+    sys.path.insert(0, str(ROOT))
+    # SIGTERM (a CI timeout, `kill`) must unwind the finally blocks that stop servers and processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with scratch_dir() as work:
+        run(args, work)
+
+
+if __name__ == "__main__":
+    main()
