@@ -128,6 +128,14 @@ def install(app: FastAPI) -> None:
         log.exception("database error")
         return _render(APIError(500, "Internal error", type_="server_error"))
 
+    @app.exception_handler(ValueError)
+    async def _nul(_: Request, exc: ValueError) -> JSONResponse:
+        # Postgres text cannot hold NUL; psycopg2 refuses such a value before sending it. Bad input, not ours.
+        if "NUL (0x00)" in str(exc):
+            return _render(APIError(400, "strings must not contain NUL (0x00) characters", code="invalid_value"))
+        log.exception("unhandled error")
+        return _render(APIError(500, "Internal error", type_="server_error"))
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")

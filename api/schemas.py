@@ -5,15 +5,33 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TASKS = ("classification", "ner", "generation")
 Auto = Literal["auto"]
 _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        # Postgres text and JSONB cannot hold NUL; refuse it as bad input instead of failing on insert.
+        if _has_nul(data):
+            raise ValueError("strings must not contain NUL (0x00) characters")
+        return data
 
 
 class Hyperparameters(Strict):

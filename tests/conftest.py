@@ -201,13 +201,23 @@ def clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
         return
     request.getfixturevalue("services")
+    from sqlalchemy.exc import OperationalError
+
     from db.session import get_engine
 
-    with get_engine().begin() as conn:
-        tables = [r[0] for r in conn.execute(text(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))]
-        doomed = [t for t in tables if t not in KEEP_TABLES]
-        conn.execute(text(f"TRUNCATE {', '.join(doomed)} CASCADE"))
+    # Workers and beat keep touching these tables; TRUNCATE can lose a deadlock to them, so retry.
+    for attempt in range(10):
+        try:
+            with get_engine().begin() as conn:
+                tables = [r[0] for r in conn.execute(text(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))]
+                doomed = [t for t in tables if t not in KEEP_TABLES]
+                conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+                conn.execute(text(f"TRUNCATE {', '.join(doomed)} CASCADE"))
+            break
+        except OperationalError:
+            if attempt == 9:
+                raise
     from domain.settings import get_settings
     from ops.bootstrap import register_base_models
 

@@ -89,3 +89,11 @@ def test_size_cap_is_413_and_keeps_nothing(api: Api, services: dict[str, str]) -
         assert response.json()["error"]["code"] in ("file_too_large", "request_too_large")
     assert api.http.get("/v1/files").json()["data"] == []
     assert stored() == before
+
+
+def test_nul_characters_are_bad_input_not_a_crash(api: Api) -> None:
+    assert api.http.get("/v1/fine_tuning/jobs", params={"status": "a\x00b"}).status_code == 400
+    file_id = api.upload(jsonl(sentiment_rows(4))).json()["id"]
+    response = api.http.post("/v1/fine_tuning/jobs", json={"model": "tiny-bert", "training_file": file_id,
+                                                           "metadata": {"k": "v\x00"}})
+    assert response.status_code == 400 and "NUL" in response.json()["error"]["message"]
