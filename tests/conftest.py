@@ -33,7 +33,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition",
+               interval: float = 0.1) -> Any:
     """Poll ``predicate`` until it returns something truthy, or fail naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -43,6 +44,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def gone(pid: int) -> bool:
+    """True when `pid` no longer runs (a zombie left for a non-reaping init counts as gone)."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _fresh_database(server_url: str) -> str:

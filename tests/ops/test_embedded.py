@@ -9,8 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -27,25 +26,9 @@ from ops.embedded import (
     start_redis,
     stop_server,
 )
+from tests.conftest import gone, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll `condition` until it holds, failing the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def gone(pid: int) -> bool:
-    """True when `pid` no longer runs (a zombie left for a non-reaping init counts as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def tree(server: EmbeddedServer) -> list[int]:
@@ -256,6 +239,7 @@ import sys
 from pathlib import Path
 from ops.embedded import start_postgres, start_redis, stop_server
 from ops.supervisor import ChildSpec, Supervisor
+
 base = Path(sys.argv[1])
 pg = start_postgres(base / "postgres")
 rd = start_redis(base / "redis")

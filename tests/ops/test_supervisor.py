@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ops.supervisor import ChildSpec, Supervisor
+from tests.conftest import gone, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,23 +36,6 @@ os.rename(pidfile + ".tmp", pidfile)
 while True:
     time.sleep(1)
 """
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll `condition` until it holds, failing the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def gone(pid: int) -> bool:
-    """True when `pid` no longer runs (a zombie left for a non-reaping init counts as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def read_pids(pidfile: Path) -> list[int]:
@@ -250,6 +233,7 @@ SUPERVISOR_MAIN = """
 import logging, sys, time
 from pathlib import Path
 from ops.supervisor import ChildSpec, Supervisor
+
 logging.basicConfig(level=logging.INFO)
 base, mode, child_code = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 sup = Supervisor(base / "logs")
