@@ -115,6 +115,7 @@ def validate_classification(rows: Sequence[Row], max_problems: int = 20) -> list
         return ["the file has no rows"]
     problems: list[str] = []
     labels: set[str] = set()
+    seen: dict[str, list[int]] = {}
     for line, row in rows:
         row_problems: list[str] = []
         text = row.get("text")
@@ -134,11 +135,16 @@ def validate_classification(rows: Sequence[Row], max_problems: int = 20) -> list
             row_problems.append(f'line {line}: "label" is empty')
         else:
             labels.add(str(label))
+            seen.setdefault(str(label), []).append(line)
         if "text_pair" in row and not isinstance(row["text_pair"], str):
             row_problems.append(f'line {line}: "text_pair" must be a string')
         problems.extend(row_problems)
         if len(problems) >= max_problems:
             return problems[:max_problems]
+    # A label with one example can be trained on or evaluated on, never both: almost always a typo.
+    for name, lines in seen.items():
+        if len(lines) == 1 and len(labels) > 1:
+            problems.append(f'line {lines[0]}: label "{name}" appears only once; each label needs at least 2 rows')
     if len(labels) == 1:
         (only,) = labels
         problems.append(f'every row has the label "{only}"; classification needs at least 2 distinct labels')

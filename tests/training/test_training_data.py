@@ -112,7 +112,9 @@ def test_validate_classification_problems_by_line() -> None:
 
 
 def test_validate_classification_ok_and_single_label() -> None:
-    assert validate_classification([(1, {"text": "a", "label": 0}), (2, {"text": "b", "label": "1"})]) == []
+    ok = [(1, {"text": "a", "label": 0}), (2, {"text": "b", "label": "1"}), (3, {"text": "c", "label": 0}),
+          (4, {"text": "d", "label": "1"})]
+    assert validate_classification(ok) == []
     problems = validate_classification([(1, {"text": "a", "label": 3}), (2, {"text": "b", "label": 3})])
     assert problems == ['every row has the label "3"; classification needs at least 2 distinct labels']
 
@@ -120,3 +122,11 @@ def test_validate_classification_ok_and_single_label() -> None:
 def test_validate_classification_caps_problems() -> None:
     rows = [(i, {"label": "a"}) for i in range(1, 100)]
     assert len(validate_classification(rows, max_problems=5)) == 5
+
+
+def test_a_label_seen_once_is_named_with_its_line() -> None:
+    rows = [(1, {"text": "good", "label": "pos"}), (2, {"text": "bad", "label": "neg"}),
+            (3, {"text": "fine", "label": "pos"}), (4, {"text": "awful", "label": "neg"}),
+            (5, {"text": "meh", "label": "nuetral"})]
+    expected = 'line 5: label "nuetral" appears only once; each label needs at least 2 rows'
+    assert validate_classification(rows) == [expected]
