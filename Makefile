@@ -31,7 +31,7 @@ test-all: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy api db domain ops tasks training bench
+	$(VENV)/bin/mypy api db domain ops tasks training bench tests
 
 bench-lifecycle: install
 	$(PY) bench/lifecycle.py

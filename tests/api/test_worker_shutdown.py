@@ -40,3 +40,33 @@ def test_sigterm_checkpoints_and_the_next_worker_resumes(
     assert api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
     final = api.wait_status(job["id"], {"cancelled", "failed", "succeeded"})
     assert final["status"] == "cancelled" and final["attempts"] == 2
+
+
+def test_pause_checkpoints_frees_the_worker_and_resume_continues(api: Api) -> None:
+    file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
+    job = api.http.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-bert", "training_file": file_id,
+        "hyperparameters": {"n_epochs": 50, "batch_size": 2}}).json()
+    wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) >= 10, 120, "training to start")
+    assert api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/pause").status_code == 200
+    paused = api.wait_status(job["id"], {"paused", "failed", "succeeded"}, timeout=60)
+    assert paused["status"] == "paused"
+    step = int(re.findall(r"\d+", [m for m in api.messages(job["id"]) if m.startswith("Job paused at step")][-1])[-1])
+    checkpoints = api.http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    assert checkpoints[0]["step_number"] == step
+
+    # The worker is free: another job runs to completion while this one is paused.
+    other_file = api.upload(jsonl(sentiment_rows(20))).json()["id"]
+    other = api.http.post("/v1/fine_tuning/jobs", json={"model": "tiny-bert", "training_file": other_file,
+                                                        "hyperparameters": {"n_epochs": 1}}).json()
+    assert api.wait_status(other["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    assert api.job(job["id"])["status"] == "paused"
+
+    resumed = api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    wait_until(lambda: f"resumed from checkpoint at step {step}" in api.messages(job["id"]), 120, "the resume event")
+    wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) > step, 60, "progress past the pause")
+    assert api.job(job["id"])["attempts"] == 2
+    assert api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+    assert api.wait_status(job["id"], {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
+    assert api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").status_code == 409

@@ -112,8 +112,10 @@ def test_validate_classification_problems_by_line() -> None:
 
 
 def test_validate_classification_ok_and_single_label() -> None:
-    ok = [(1, {"text": "a", "label": 0}), (2, {"text": "b", "label": "1"}), (3, {"text": "c", "label": 0}),
-          (4, {"text": "d", "label": "1"})]
+    ok: list[tuple[int, dict[str, Any]]] = [
+        (1, {"text": "a", "label": 0}), (2, {"text": "b", "label": "1"}),
+        (3, {"text": "c", "label": 0}), (4, {"text": "d", "label": "1"}),
+    ]
     assert validate_classification(ok) == []
     problems = validate_classification([(1, {"text": "a", "label": 3}), (2, {"text": "b", "label": 3})])
     assert problems == ['every row has the label "3"; classification needs at least 2 distinct labels']
