@@ -56,12 +56,28 @@ class Settings(BaseSettings):
         60.0, description="A queued job untouched this long has its task sent again."
     )
     max_attempts: int = Field(3, description="Claims a job may use before it fails for good.")
+    max_job_runtime_seconds: int = Field(
+        24 * 3600, description="Default maximum training time of a job (hyperparameter `max_runtime_seconds`)."
+    )
     convert_gguf_models: bool = Field(
         True, description="Convert packaged GGUF models (smollm2) to plain model dirs on first start (~1 min once)."
     )
     eval_fraction: float = Field(0.1, description="Share of training rows held out when no validation file.")
     progress_event_seconds: float = Field(10.0, description="Throttle of progress events (plus each epoch end).")
     inference_wait_seconds: float = Field(60.0, description="Default `Prefer: wait=N` of online inference.")
+    inference_concurrency: int = Field(
+        64, description="Requests one inference worker process holds at once (threads), so they can be batched."
+    )
+    inference_batch_window_ms: float = Field(
+        5.0, description="How long the first request of a batch waits for others for the same model, ms."
+    )
+    inference_max_batch_size: int = Field(32, description="Most requests grouped into one forward pass.")
+    model_cache_mb: int = Field(
+        4096, description="Memory budget of the warm models in one inference worker, MiB (LRU eviction above it)."
+    )
+    batch_chunk_lines: int = Field(
+        500, description="Lines of a batch file run as one task; a crash redoes at most one chunk."
+    )
     default_classification_model: str = Field("tiny-bert", description="Model of the seed routes for labels.")
     default_generation_model: str = Field("tiny-gpt2", description="Model of the seed routes for text.")
     webhook_allow_private: bool = Field(False, description="1 lets webhooks reach loopback/private addresses.")
