@@ -42,6 +42,10 @@ class Hyperparameters(Strict):
     max_seq_length: int | None = Field(None, description="Tokens per example after truncation (8-8192).")
     warmup_ratio: float | None = Field(None, description="Share of steps with a rising learning rate.")
     lora: bool | dict[str, Any] | None = Field(None, description="LoRA adapter instead of full fine-tuning.")
+    max_runtime_seconds: int | None = Field(
+        None, ge=1, le=30 * 24 * 3600,
+        description="Training time after which the job checkpoints and fails (extension; default from settings).",
+    )
 
     @field_validator("n_epochs")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Checkpoint, FineTuningJob, JobClaim, JobEvent
@@ -91,6 +91,15 @@ def release_claim(session: Session, job_id: str, attempt: int, outcome: str) -> 
         .where(JobClaim.job_id == job_id, JobClaim.attempt == attempt)
         .values(released_at=utcnow(), outcome=outcome)
     )
+
+
+def runtime_used(session: Session, job_id: str) -> float:
+    """Seconds the job held a worker in its finished attempts (a lost attempt counts until it was noticed)."""
+    seconds = session.scalar(
+        select(func.coalesce(func.sum(func.extract("epoch", JobClaim.released_at - JobClaim.claimed_at)), 0))
+        .where(JobClaim.job_id == job_id, JobClaim.released_at.is_not(None))
+    )
+    return float(seconds or 0)
 
 
 def heartbeat(session: Session, job_id: str, attempt: int) -> tuple[bool, bool, str] | None:

@@ -72,7 +72,11 @@ def validate_job(job_id: str) -> None:
             valid_path = _file_path(session, job, job.validation_file)
             if valid_path is not None:
                 recipes.load_rows(valid_path, task, model_tasks)
-            hyperparameters = recipes.recipe(task).resolve(job.hyperparameters or {}, len(rows))
+            requested = dict(job.hyperparameters or {})
+            max_runtime = int(requested.pop("max_runtime_seconds", None) or get_settings().max_job_runtime_seconds)
+            hyperparameters = recipes.recipe(task).resolve(requested, len(rows))
+            # A service limit, not a training knob: resolved and shown with the rest, enforced by the worker.
+            hyperparameters["max_runtime_seconds"] = max_runtime
         except DataError as exc:
             message = recipes.problems_message(exc.problems)
             if which == "validation_file":
@@ -122,12 +126,20 @@ def train_job(self: Task, job_id: str) -> None:
         valid_path = _file_path(session, job, job.validation_file)
         attempt = job.attempts
         base_path = Path(base.path)
+        runtime_limit = float((job.hyperparameters or {}).get("max_runtime_seconds")
+                              or settings.max_job_runtime_seconds)
+        runtime_left = runtime_limit - jobs_repo.runtime_used(session, job.id)
+        if runtime_left <= 0:
+            # Earlier attempts (ended by crashes) used the whole budget: no point in starting again.
+            _fail_over_runtime(session, job, attempt, runtime_limit, (job.progress or {}).get("step"))
+            return
         jobs.add_job_event(session, job, f"Training started on {worker} (attempt {attempt})")
         emit_event(session, job.tenant_id, jobs.EVENT_TYPES[jobs.RUNNING], jobs.job_object(job))
         snapshot = {"task": job.task, "hyperparameters": job.hyperparameters, "seed": job.seed}
 
     reporter = JobReporter(job_id, attempt, model_name, heartbeat_seconds=settings.heartbeat_seconds,
-                           progress_event_seconds=settings.progress_event_seconds)
+                           progress_event_seconds=settings.progress_event_seconds, runtime_left=runtime_left)
+    reporter.on_hard_limit = lambda: _end_runaway_attempt(job_id, attempt, runtime_limit)
     reporter.start()
     # SIGTERM (a deploy, `llmos up` stopping) checkpoints at the next step and hands the job back,
     # instead of killing the process mid-step and waiting for the reconciler to notice.
@@ -167,12 +179,33 @@ def _run_training(job_id: str, base_path: Path, train_path: Path | None, valid_p
             assert job is not None
             jobs.add_job_event(session, job, f"resumed from checkpoint at step {step}")
     steps = recipes.recipe(task)
+    training_hyperparameters = {k: v for k, v in snapshot["hyperparameters"].items() if k != "max_runtime_seconds"}
     spec = steps.spec(
         base_model_dir=base_path, output_dir=root / "model", checkpoint_dir=checkpoint_dir,
-        train_rows=train_rows, eval_rows=eval_rows, hyperparameters=snapshot["hyperparameters"],
+        train_rows=train_rows, eval_rows=eval_rows, hyperparameters=training_hyperparameters,
         seed=snapshot["seed"], eval_fraction=get_settings().eval_fraction,
     )
     return steps.train(spec, reporter, resume_from=resume_from)
+
+
+def _fail_over_runtime(session: Any, job: FineTuningJob, attempt: int, limit: float, step: int | None) -> None:
+    where = f" at step {step}" if step is not None else ""
+    message = (f"the job exceeded its maximum runtime of {limit:.0f} s{where}; raise "
+               "hyperparameters.max_runtime_seconds to train longer")
+    jobs.transition(session, job, jobs.FAILED, f"Job stopped: {message}", level="error",
+                    error=jobs.failure("max_runtime_exceeded", message, "hyperparameters.max_runtime_seconds"))
+    jobs_repo.release_claim(session, job.id, attempt, "time_limit")
+
+
+def _end_runaway_attempt(job_id: str, attempt: int, limit: float) -> None:
+    """Hard limit: the step did not return within the grace, so fail the job and end this process."""
+    with transaction() as session:
+        job = jobs_repo.get_job_by_id(session, job_id, lock=True)
+        if job is not None and job.attempts == attempt and job.status not in jobs.TERMINAL:
+            _fail_over_runtime(session, job, attempt, limit, (job.progress or {}).get("step"))
+    log.error("train %s: still running past its hard runtime limit; ending the process", job_id)
+    # The pool replaces this process (one task per child); the stuck step cannot be interrupted otherwise.
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _finish_failed(job_id: str, attempt: int, message: str) -> None:
@@ -198,6 +231,10 @@ def _record_outcome(job_id: str, attempt: int, model_name: str, base: Model, res
             if reason == "cancel":
                 jobs.transition(session, job, jobs.CANCELLED, f"Job cancelled at step {outcome.global_step}")
                 shutil.rmtree(job_dir(job_id) / "checkpoints", ignore_errors=True)
+            elif reason == "time_limit":
+                limit = float((job.hyperparameters or {}).get("max_runtime_seconds", 0))
+                _fail_over_runtime(session, job, attempt, limit, outcome.global_step)
+                return
             elif reason == "pause":
                 job.pause_requested = False
                 jobs.transition(session, job, jobs.PAUSED, f"Job paused at step {outcome.global_step}")

@@ -20,6 +20,11 @@ from training.callbacks import StepState, StopReason
 log = logging.getLogger(__name__)
 
 
+def hard_limit_grace(runtime_limit: float) -> float:
+    """Time a step gets past the runtime limit to reach its boundary and checkpoint: 10%, 30 s to 10 min."""
+    return min(max(0.1 * runtime_limit, 30.0), 600.0)
+
+
 class JobReporter:
     """Implements the training callbacks for one claimed attempt of one job.
 
@@ -28,7 +33,7 @@ class JobReporter:
     """
 
     def __init__(self, job_id: str, attempt: int, model_name: str, *, heartbeat_seconds: float,
-                 progress_event_seconds: float) -> None:
+                 progress_event_seconds: float, runtime_left: float | None = None) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.model_name = model_name
@@ -42,6 +47,12 @@ class JobReporter:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
         self.shutdown_requested = threading.Event()
+        started = time.monotonic()
+        # Soft limit: stop at the next step boundary with a checkpoint. Hard limit: a step that does not
+        # return within the grace after it is not going to; the attempt is failed and its process ended.
+        self._soft_deadline = None if runtime_left is None else started + runtime_left
+        self._hard_deadline = None if runtime_left is None else started + runtime_left + hard_limit_grace(runtime_left)
+        self.on_hard_limit: Any = None
 
     # lifecycle
     def start(self) -> None:
@@ -59,6 +70,8 @@ class JobReporter:
     def _beat(self) -> None:
         while not self._done.wait(self._heartbeat_seconds):
             self.poll_flags()
+            if self._hard_deadline is not None and time.monotonic() > self._hard_deadline and self.on_hard_limit:
+                self.on_hard_limit()
 
     def poll_flags(self) -> None:
         try:
@@ -81,6 +94,8 @@ class JobReporter:
     def should_stop(self) -> StopReason | None:
         if self._stop_reason is None and self.shutdown_requested.is_set():
             return "shutdown"
+        if self._stop_reason is None and self._soft_deadline is not None and time.monotonic() > self._soft_deadline:
+            return "time_limit"
         return self._stop_reason
 
     def on_step(self, state: StepState) -> None:

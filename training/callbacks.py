@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-# cancel: stop, keep nothing; pause / shutdown: checkpoint first so a later run can resume.
-StopReason = Literal["cancel", "pause", "shutdown"]
+# cancel: stop, keep nothing; pause / shutdown / time_limit: checkpoint first, so a later run can resume
+# and a job stopped at its runtime limit still leaves its last state behind.
+StopReason = Literal["cancel", "pause", "shutdown", "time_limit"]
 
 
 @dataclass

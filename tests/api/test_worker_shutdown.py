@@ -70,3 +70,29 @@ def test_pause_checkpoints_frees_the_worker_and_resume_continues(api: Api) -> No
     assert api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
     assert api.wait_status(job["id"], {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
     assert api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").status_code == 409
+
+
+def test_a_job_past_its_max_runtime_checkpoints_and_fails(api: Api) -> None:
+    file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
+    job = api.http.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-bert", "training_file": file_id,
+        "hyperparameters": {"n_epochs": 50, "batch_size": 2, "max_runtime_seconds": 3}}).json()
+    assert job["hyperparameters"]["max_runtime_seconds"] == 3
+    final = api.wait_status(job["id"], {"failed", "succeeded", "cancelled"}, timeout=120)
+    assert final["status"] == "failed", final
+    assert final["error"]["code"] == "max_runtime_exceeded"
+    assert final["error"]["param"] == "hyperparameters.max_runtime_seconds"
+    assert "maximum runtime of 3 s" in final["error"]["message"]
+    # Soft limit first: the run stopped at a step boundary and left a checkpoint there.
+    step = final["progress"]["step"]
+    assert 0 < step < final["progress"]["total_steps"]
+    checkpoints = api.http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    assert checkpoints and checkpoints[0]["step_number"] >= step
+
+
+def test_max_runtime_out_of_range_is_a_400(api: Api) -> None:
+    file_id = api.upload(jsonl(sentiment_rows(20))).json()["id"]
+    response = api.http.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-bert", "training_file": file_id, "hyperparameters": {"max_runtime_seconds": 0}})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "hyperparameters.max_runtime_seconds"
