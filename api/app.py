@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 
-from api import errors, events, files, fine_tuning, health, inference, models, webhooks
+from api import compat, errors, events, files, fine_tuning, health, inference, models, webhooks
 from api.idempotency import idempotency_middleware
 from domain.settings import get_settings
 
@@ -52,6 +52,6 @@ def create_app() -> FastAPI:
         response.headers["X-Request-ID"] = request_id
         return response
 
-    for module in (health, files, fine_tuning, models, inference, webhooks, events):
+    for module in (health, files, fine_tuning, models, inference, webhooks, events, compat):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
     return app

@@ -34,7 +34,7 @@ def _wait_seconds(request: Request) -> float:
     return min(float(match.group(1)), 600.0) if match else get_settings().inference_wait_seconds
 
 
-def _serveable(session: Session, principal: Principal, model_id: str, task: str) -> None:
+def check_serveable(session: Session, principal: Principal, model_id: str, task: str) -> None:
     model = registry.get_visible_model(session, principal.tenant_id, model_id)
     if model is None:
         raise APIError(400, f"model: no model named '{model_id}'", param="model", code="model_not_found")
@@ -46,10 +46,14 @@ def _serveable(session: Session, principal: Principal, model_id: str, task: str)
                        "fine-tune it first", param="model", code="model_not_fine_tuned")
 
 
-def submit(
+def run_inference(
     request: Request, session: Session, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
-) -> JSONResponse:
-    """Persist the request, send it to the inference queue, and answer within the caller's wait."""
+) -> tuple[Inference, dict[str, Any] | None]:
+    """Persist the request, send it to the inference queue, and wait for its answer within the caller's wait.
+
+    Returns the row and the response body, or None for the body when the answer did not come in time;
+    a failed inference raises its APIError.
+    """
     row = Inference(id=ids.new_id(ids.INFERENCE), tenant_id=principal.tenant_id, endpoint=endpoint,
                     model=model, status="queued", request=payload)
     session.add(row)
@@ -59,13 +63,24 @@ def submit(
     if reply is None:
         session.refresh(row)
         if row.status not in ("succeeded", "failed"):
-            return JSONResponse(inference_object(row), status_code=202)
+            return row, None
         reply = {"status": row.status, "response": row.response, "error": row.error}
     if reply["status"] == "failed":
         err = reply["error"] or {}
         raise APIError(int(err.get("status", 500)), err.get("message", "inference failed"),
                        type_=err.get("type", "server_error"), code=err.get("code"))
-    return JSONResponse(reply["response"])
+    response: dict[str, Any] = reply["response"]
+    return row, response
+
+
+def submit(
+    request: Request, session: Session, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
+) -> JSONResponse:
+    """The response of the online endpoints: the answer, or 202 with a handle past the caller's wait."""
+    row, response = run_inference(request, session, principal, endpoint, model, payload)
+    if response is None:
+        return JSONResponse(inference_object(row), status_code=202)
+    return JSONResponse(response)
 
 
 @router.post("/v1/classifications", summary="Classify texts with a fine-tuned model (extension)")
@@ -75,7 +90,7 @@ def classify(
     principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
-    _serveable(session, principal, body.model, "classification")
+    check_serveable(session, principal, body.model, "classification")
     inputs = [body.input] if isinstance(body.input, str) else body.input
     return submit(request, session, principal, "/v1/classifications", body.model,
                   {"model": body.model, "input": inputs})
@@ -88,7 +103,7 @@ def ner(
     principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
-    _serveable(session, principal, body.model, "ner")
+    check_serveable(session, principal, body.model, "ner")
     inputs = [body.input] if isinstance(body.input, str) else body.input
     return submit(request, session, principal, "/v1/ner", body.model, {"model": body.model, "input": inputs})
 
@@ -100,7 +115,7 @@ def completions(
     principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
-    _serveable(session, principal, body.model, "generation")
+    check_serveable(session, principal, body.model, "generation")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     return submit(request, session, principal, "/v1/completions", body.model,
                   {"model": body.model, "prompt": prompts, **body.sampling()})
@@ -113,7 +128,7 @@ def chat_completions(
     principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
-    _serveable(session, principal, body.model, "generation")
+    check_serveable(session, principal, body.model, "generation")
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     return submit(request, session, principal, "/v1/chat/completions", body.model,
                   {"model": body.model, "messages": messages, **body.sampling()})

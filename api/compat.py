@@ -1,0 +1,152 @@
+"""Seed-compatible routes: the request shapes of the articles LLM OS grew from, over the real endpoints.
+
+Each route validates its own small body, then runs through the same path as its `/v1` twin (the same
+inference queue, models, scopes and errors). Past the caller's `Prefer: wait=N` they answer 202 with the
+inference handle, whose `response` (polled at `GET /v1/inferences/{id}`) has the `/v1` shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import Field, ValidationError
+from sqlalchemy.orm import Session
+
+from api.deps import Principal, get_session, require
+from api.errors import APIError
+from api.fine_tuning import create_job, fine_tuning
+from api.inference import check_serveable, inference_object, run_inference
+from api.schemas import CreateJob, Hyperparameters, Strict
+from domain.settings import get_settings
+
+router = APIRouter(tags=["seed-compatible"])
+inference_scope = require("inference")
+
+_TEXT = Field(..., min_length=1, max_length=100_000)
+_MODEL = Field(None, min_length=1, max_length=256)
+
+
+class GenerateRequest(Strict):
+    prompt: str = _TEXT
+    max_length: int | None = Field(None, ge=1, le=4096, description="Tokens to generate at most (`max_tokens`).")
+    temperature: float | None = Field(None, ge=0, le=2)
+    model_name: str | None = _MODEL
+
+
+class AskRequest(Strict):
+    question: str = _TEXT
+    context: str | None = Field(None, max_length=100_000)
+    model_name: str | None = _MODEL
+
+
+class TextRequest(Strict):
+    text: str = _TEXT
+
+
+class LlmServiceRequest(Strict):
+    text: str | list[str]
+    model: str | None = _MODEL
+
+
+class MicromodelRequest(Strict):
+    model: str = Field(..., min_length=1, max_length=256)
+    task: str | None = Field(None, description="classification, ner or generation; read from the file when absent.")
+    training_file: str = Field(..., min_length=1, max_length=64, description="A file id from `POST /v1/files`.")
+    epochs: int | None = Field(None, description="`n_epochs`.")
+    learning_rate: float | None = None
+
+
+def _answer(
+    request: Request, session: Session, principal: Principal, endpoint: str, model: str, payload: dict[str, Any],
+    shape: Any,
+) -> JSONResponse:
+    row, response = run_inference(request, session, principal, endpoint, model, payload)
+    if response is None:
+        return JSONResponse(inference_object(row), status_code=202)
+    return JSONResponse(shape(response))
+
+
+def _sampling(max_tokens: int | None, temperature: float | None) -> dict[str, Any]:
+    return {"max_tokens": max_tokens or 64, "temperature": 1.0 if temperature is None else temperature,
+            "top_p": 1.0, "n": 1, "stop": None, "seed": None}
+
+
+@router.post("/generate", summary="Generate text from a prompt (seed-compatible)")
+def generate(
+    body: GenerateRequest, request: Request, principal: Principal = Depends(inference_scope),
+    session: Session = Depends(get_session),
+) -> JSONResponse:
+    model = body.model_name or get_settings().default_generation_model
+    check_serveable(session, principal, model, "generation")
+    payload = {"model": model, "prompt": [body.prompt], **_sampling(body.max_length, body.temperature)}
+    return _answer(request, session, principal, "/v1/completions", model, payload,
+                   lambda r: {"text": r["choices"][0]["text"]})
+
+
+@router.post("/ask", summary="Answer a question, optionally from a context (seed-compatible)")
+def ask(
+    body: AskRequest, request: Request, principal: Principal = Depends(inference_scope),
+    session: Session = Depends(get_session),
+) -> JSONResponse:
+    model = body.model_name or get_settings().default_generation_model
+    check_serveable(session, principal, model, "generation")
+    messages = [{"role": "system", "content": "Answer the question briefly and accurately."}]
+    question = f"Context: {body.context}\n\nQuestion: {body.question}" if body.context else body.question
+    messages.append({"role": "user", "content": question})
+    # Greedy: a question has one best answer, and repeated asks should agree.
+    payload = {"model": model, "messages": messages, **_sampling(None, 0.0)}
+    return _answer(request, session, principal, "/v1/chat/completions", model, payload,
+                   lambda r: {"answer": r["choices"][0]["message"]["content"]})
+
+
+def _classify(
+    request: Request, session: Session, principal: Principal, model: str | None, texts: list[str], shape: Any
+) -> JSONResponse:
+    chosen = model or get_settings().default_classification_model
+    try:
+        check_serveable(session, principal, chosen, "classification")
+    except APIError as exc:
+        if model is None:
+            exc.message += "; set LLMOS_DEFAULT_CLASSIFICATION_MODEL to a fine-tuned classifier"
+        raise
+    return _answer(request, session, principal, "/v1/classifications", chosen, {"model": chosen, "input": texts},
+                   shape)
+
+
+@router.post("/api/llm", summary="Label a text with the default classifier (seed-compatible)")
+def api_llm(
+    body: TextRequest, request: Request, principal: Principal = Depends(inference_scope),
+    session: Session = Depends(get_session),
+) -> JSONResponse:
+    return _classify(request, session, principal, None, [body.text],
+                     lambda r: {"prediction": r["data"][0]["label"]})
+
+
+@router.post("/llm-service", summary="Label texts with per-label scores (seed-compatible)")
+def llm_service(
+    body: LlmServiceRequest, request: Request, principal: Principal = Depends(inference_scope),
+    session: Session = Depends(get_session),
+) -> JSONResponse:
+    texts = [body.text] if isinstance(body.text, str) else body.text
+    if not texts or len(texts) > 2048 or any(not t or len(t) > 100_000 for t in texts):
+        raise APIError(400, "text: 1-2048 non-empty texts of at most 100000 characters", param="text")
+    return _classify(request, session, principal, body.model, texts,
+                     lambda r: {"predictions": [{"label": d["label"], "score": d["score"], "scores": d["scores"]}
+                                                for d in r["data"]]})
+
+
+@router.post("/micromodel", status_code=202, summary="Fine-tune a small model (seed-compatible)")
+def micromodel(
+    body: MicromodelRequest, principal: Principal = Depends(fine_tuning), session: Session = Depends(get_session),
+) -> dict[str, Any]:
+    # Through CreateJob, so every rule and error of POST /v1/fine_tuning/jobs applies unchanged.
+    try:
+        job = CreateJob(model=body.model, training_file=body.training_file, task=body.task,
+                        hyperparameters=Hyperparameters(n_epochs=body.epochs, learning_rate=body.learning_rate))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = {"n_epochs": "epochs"}.get(str(first["loc"][-1]), str(first["loc"][-1])) if first["loc"] else None
+        raise APIError(400, f"{field}: {first['msg']}", param=field) from None
+    return create_job(job, principal, session)
