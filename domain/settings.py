@@ -48,10 +48,12 @@ class Settings(BaseSettings):
         12 * 3600, description="Redis visibility timeout, seconds; must exceed the task time limit."
     )
     heartbeat_seconds: float = Field(5.0, description="How often a running job heartbeats and reads its flags.")
+    # The heartbeat runs on its own thread, so a long step or evaluation never silences it: a crashed
+    # worker's job is back in the queue within stale + reconcile seconds (the target is under a minute).
     stale_heartbeat_seconds: float = Field(
-        120.0, description="A running job silent this long is requeued by the reconciler."
+        30.0, description="A running job silent this long is requeued by the reconciler."
     )
-    reconcile_seconds: float = Field(30.0, description="Reconciler period (beat).")
+    reconcile_seconds: float = Field(10.0, description="Reconciler period (beat).")
     requeue_after_seconds: float = Field(
         60.0, description="A queued job untouched this long has its task sent again."
     )
