@@ -113,6 +113,13 @@ def heartbeat(session: Session, job_id: str, attempt: int) -> tuple[bool, bool, 
     return None if row is None else (bool(row[0]), bool(row[1]), str(row[2]))
 
 
+def database_started_at(session: Session) -> datetime:
+    """When the Postgres server last started."""
+    started = session.scalar(select(func.pg_postmaster_start_time()))
+    assert isinstance(started, datetime)
+    return started
+
+
 def stale_running_jobs(session: Session, older_than: datetime) -> list[FineTuningJob]:
     return list(
         session.scalars(

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.settings import get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @lru_cache(maxsize=1)
@@ -44,3 +51,28 @@ def reset_engine() -> None:
         get_engine().dispose(close=False)
     get_engine.cache_clear()
     session_factory.cache_clear()
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True for errors that mean Postgres could not be reached (or the connection dropped), not bad SQL."""
+    return isinstance(exc, DBAPIError) and (exc.connection_invalidated or type(exc.orig).__name__ in (
+        "OperationalError", "InterfaceError"))
+
+
+def when_reachable(work: Callable[[], T], what: str, timeout: float) -> T:
+    """Run ``work`` (which opens its own transactions), retrying while Postgres is unreachable, up to ``timeout``.
+
+    Worker-side writes that must not be lost (a finished job's outcome, a checkpoint record) wait out a
+    database restart instead of failing the job that produced them.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.5
+    while True:
+        try:
+            return work()
+        except DBAPIError as exc:
+            if not unreachable(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database unreachable; retrying in %.1f s", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

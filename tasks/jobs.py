@@ -18,7 +18,7 @@ from celery import Task
 
 from db import jobs as jobs_repo
 from db.models import File, FineTuningJob, Model
-from db.session import transaction
+from db.session import transaction, unreachable, when_reachable
 from domain import dispatch, ids, jobs
 from domain.clock import utcnow
 from domain.events import emit_event
@@ -26,7 +26,7 @@ from domain.settings import get_settings
 from domain.storage import job_dir
 from tasks import recipes
 from tasks.app import celery_app
-from tasks.progress import JobReporter
+from tasks.progress import OUTAGE_WAIT_SECONDS, JobReporter
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,14 @@ def train_job(self: Task, job_id: str) -> None:
     try:
         result = _run_training(job_id, base_path, train_path, valid_path, snapshot, reporter)
     except Exception as exc:
+        if unreachable(exc):
+            # Not the job's fault: stop this attempt; its heartbeat goes silent and the reconciler requeues
+            # it once Postgres is back, resuming from the checkpoint on disk.
+            log.error("train %s: database unreachable for too long; leaving the job to the reconciler", job_id)
+            return
         log.exception("training of %s failed", job_id)
-        _finish_failed(job_id, attempt, f"{type(exc).__name__}: {exc}")
+        message = f"{type(exc).__name__}: {exc}"
+        when_reachable(lambda: _finish_failed(job_id, attempt, message), f"failure of {job_id}", OUTAGE_WAIT_SECONDS)
         return
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -156,7 +162,9 @@ def train_job(self: Task, job_id: str) -> None:
     if reporter.lost:
         log.warning("train %s: attempt %s lost its claim; leaving the job to the newer attempt", job_id, attempt)
         return
-    _record_outcome(job_id, attempt, model_name, base, result)
+    # A trained model is not thrown away because Postgres restarted at the wrong moment.
+    when_reachable(lambda: _record_outcome(job_id, attempt, model_name, base, result), f"outcome of {job_id}",
+                   OUTAGE_WAIT_SECONDS)
 
 
 def _run_training(job_id: str, base_path: Path, train_path: Path | None, valid_path: Path | None,

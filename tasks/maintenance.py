@@ -37,7 +37,10 @@ def reconcile() -> dict[str, int]:
             dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
             counts["resent"] += 1
         stale = now - timedelta(seconds=settings.stale_heartbeat_seconds)
-        for job in jobs_repo.stale_running_jobs(session, stale):
+        # Heartbeats could not be written while Postgres was down: right after it restarts, a silent job
+        # is not evidence of a dead worker, so wait one stale period for live workers to beat again.
+        just_restarted = jobs_repo.database_started_at(session) > stale
+        for job in [] if just_restarted else jobs_repo.stale_running_jobs(session, stale):
             jobs_repo.release_claim(session, job.id, job.attempts, "lost")
             if job.status == jobs.CANCELLING:
                 jobs.transition(session, job, jobs.CANCELLED, "Worker lost while cancelling; job cancelled")

@@ -11,13 +11,17 @@ from typing import Any
 
 from db import jobs as jobs_repo
 from db.models import Checkpoint
-from db.session import transaction
+from db.session import transaction, unreachable, when_reachable
 from domain import ids, jobs
 from domain.clock import utcnow
 from domain.events import emit_event
 from training.callbacks import StepState, StopReason
 
 log = logging.getLogger(__name__)
+
+# How long a worker waits out a database outage before a write it must not lose fails the attempt (the
+# reconciler then requeues the job, and the next attempt resumes from the checkpoint on disk).
+OUTAGE_WAIT_SECONDS = 600.0
 
 
 def hard_limit_grace(runtime_limit: float) -> float:
@@ -112,6 +116,15 @@ class JobReporter:
         self._write_progress(state, emit)
 
     def _write_progress(self, state: StepState, emit: bool) -> None:
+        try:
+            self._write_progress_row(state, emit)
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            # Progress is refreshed at the next step; a database outage must not stop training.
+            log.warning("progress of %s not written: database unreachable", self.job_id)
+
+    def _write_progress_row(self, state: StepState, emit: bool) -> None:
         percent = round(100.0 * state.step / max(state.total_steps, 1), 1)
         progress = {"step": state.step, "total_steps": state.total_steps, "epoch": round(state.epoch, 3),
                     "percent": percent, "train_loss": round(state.train_loss, 5),
@@ -131,6 +144,11 @@ class JobReporter:
                 emit_event(session, job.tenant_id, "fine_tuning.job.progress", jobs.job_object(job))
 
     def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        # Metrics events and checkpoint records are kept: training waits for the database to come back.
+        when_reachable(lambda: self._record_metrics(step, epoch, metrics), f"metrics of {self.job_id}",
+                       OUTAGE_WAIT_SECONDS)
+
+    def _record_metrics(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
         data: dict[str, Any] = {"step": step, "epoch": round(epoch, 3), **metrics}
         summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
         with transaction() as session:
@@ -141,6 +159,10 @@ class JobReporter:
                                type_="metrics", data=data)
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        when_reachable(lambda: self._record_checkpoint(step, path, metrics), f"checkpoint of {self.job_id}",
+                       OUTAGE_WAIT_SECONDS)
+
+    def _record_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         with transaction() as session:
             job = jobs_repo.get_job_by_id(session, self.job_id)
             if job is None:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Outage:
             "LLMOS_HOME": str(self.dir / "home"), "LLMOS_DATABASE_URL": self.pg.url,
             "LLMOS_BROKER_URL": self.redis.url, "LLMOS_API_PORT": str(free_port()),
             "LLMOS_HEARTBEAT_SECONDS": "0.3", "LLMOS_RECONCILE_SECONDS": "1", "LLMOS_REQUEUE_AFTER_SECONDS": "2",
+            "LLMOS_STALE_HEARTBEAT_SECONDS": "3",
         }
         subprocess.run([sys.executable, "-m", "ops.cli", "migrate"], cwd=ROOT, env={**os.environ, **self.env},
                        check=True, capture_output=True, timeout=180)
@@ -70,29 +72,51 @@ def outage() -> Iterator[Outage]:
         stack.close()
 
 
-def test_jobs_survive_a_broker_outage_and_the_api_says_503_only_while_postgres_is_down(outage: Outage) -> None:
+def test_jobs_survive_broker_and_database_outages_and_the_api_says_503_only_while_postgres_is_down(
+    outage: Outage,
+) -> None:
     api = outage.api
-    file_id = api.upload(jsonl(sentiment_rows(60))).json()["id"]
+    file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
+    # A long job that is running through both outages.
+    running = api.http.post("/v1/fine_tuning/jobs", json={"model": "tiny-bert", "training_file": file_id,
+                                                          "hyperparameters": {"n_epochs": 50, "batch_size": 4}})
+    running_id = running.json()["id"]
+    wait_until(lambda: (api.job(running_id).get("progress") or {}).get("step", 0) > 5, 120, "training to start")
 
     stop_server(outage.redis)
     assert api.http.get("/readyz").status_code == 503
     created = api.http.post("/v1/fine_tuning/jobs", json={"model": "tiny-bert", "training_file": file_id,
-                                                          "hyperparameters": {"n_epochs": 2}})
+                                                          "hyperparameters": {"n_epochs": 1}})
     assert created.status_code == 200, created.text  # persisted although the broker is down
-    job_id = created.json()["id"]
-    assert api.job(job_id)["status"] == "validating_files"
-
+    queued_id = created.json()["id"]
+    assert api.job(queued_id)["status"] == "validating_files"
     outage.redis = outage.restart(outage.redis)
-    # The reconciler re-sends the lost task; workers reconnect by themselves.
-    assert api.wait_status(job_id, {"succeeded", "failed"}, timeout=180)["status"] == "succeeded"
+    # The reconciler re-sends the lost validation task; workers reconnect by themselves.
+    wait_until(lambda: api.job(queued_id)["status"] == "queued", 120, "the lost task to be re-sent")
 
+    before = api.job(running_id)
+    assert before["status"] == "running"
     stop_server(outage.pg)
+    outage_started = time.monotonic()
     down = api.http.get("/v1/fine_tuning/jobs")
     assert down.status_code == 503 and down.headers["retry-after"]
     assert down.json()["error"]["code"] == "database_unavailable"
     assert api.http.get("/readyz").status_code == 503
+    gpu_log = outage.procs[1]
+    # Down long enough that every heartbeat looks stale (LLMOS_STALE_HEARTBEAT_SECONDS=3), as the worker saw.
+    wait_until(lambda: "heartbeat of" in gpu_log.tail(200) and time.monotonic() - outage_started > 5, 60,
+               "the training worker to notice the outage")
 
     outage.pg = outage.restart(outage.pg)
     wait_until(lambda: api.http.get("/v1/fine_tuning/jobs").status_code == 200, 60, "the API to recover")
-    assert api.job(job_id)["status"] == "succeeded"
     assert api.http.get("/readyz").status_code == 200
+    # The same attempt trained on through the outage: not requeued, not failed, progress moving again.
+    wait_until(lambda: api.job(running_id)["progress"]["step"] > before["progress"]["step"] + 5, 120,
+               "training to continue after the outage")
+    after = api.job(running_id)
+    assert after["status"] == "running" and after["attempts"] == 1, after
+    assert not [m for m in api.messages(running_id) if "requeued" in m]
+    assert api.http.post(f"/v1/fine_tuning/jobs/{running_id}/cancel").status_code == 200
+    assert api.wait_status(running_id, {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
+    # The job created while the broker was down trains once the worker is free.
+    assert api.wait_status(queued_id, {"succeeded", "failed"}, timeout=180)["status"] == "succeeded"
