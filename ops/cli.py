@@ -19,10 +19,13 @@ SCOPES = ("files", "fine_tuning", "batches", "inference", "webhooks", "admin")
 DEFAULT_SCOPES = [s for s in SCOPES if s != "admin"]
 
 # Queue → (concurrency, extra worker options). Training: one process per GPU, a fresh process per
-# task so CUDA memory is returned; inference: its own process so requests never wait behind training.
+# task so CUDA memory is returned; inference: its own process so requests never wait behind training,
+# with a threads pool of `inference_concurrency` (concurrency 0 here) so concurrent requests are in one
+# process together and can be batched; prefetch (concurrency times worker_prefetch_multiplier 1) holds
+# that many, acknowledged on receipt as every queue's.
 QUEUE_PROFILES: dict[str, tuple[int, list[str]]] = {
     "gpu": (1, ["--max-tasks-per-child=1"]),
-    "inference": (1, []),
+    "inference": (0, ["--pool=threads"]),
     "cpu": (2, []),
 }
 
@@ -59,11 +62,16 @@ def cmd_api(_: argparse.Namespace) -> None:
 
 
 def worker_argv(queues: list[str], name: str) -> list[str]:
-    concurrency = max(QUEUE_PROFILES.get(q, (1, []))[0] for q in queues)
-    extra = [opt for q in queues for opt in QUEUE_PROFILES.get(q, (1, []))[1]]
+    """Celery worker arguments for a worker serving `queues`, by their profiles."""
+    settings = get_settings()
+    threaded = queues == ["inference"]
+    # Beside other queues, inference shares their prefork pool (one request at a time per process).
+    profiles = [QUEUE_PROFILES.get(q, (1, [])) for q in queues if threaded or q != "inference"] or [(1, [])]
+    concurrency = settings.inference_concurrency if threaded else max(c for c, _ in profiles)
+    extra = [opt for _, options in profiles for opt in options]
     if "gpu" in queues:
-        concurrency = get_settings().train_concurrency
-    return ["worker", "-Q", ",".join(queues), "-c", str(concurrency), "-n",
+        concurrency = settings.train_concurrency
+    return ["worker", "-Q", ",".join(queues), "-c", str(max(1, concurrency)), "-n",
             f"{name}-{os.getpid()}@{socket.gethostname()}", "--loglevel=INFO", "--without-mingle",
             "--without-gossip", *sorted(set(extra))]
 
@@ -80,7 +88,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
         # Import torch and transformers once, before the pool forks: each training task gets a fresh
         # process (--max-tasks-per-child=1), and validation resolves hyperparameters with the training
         # code; both would otherwise pay seconds of imports. Importing does not initialise CUDA; that
-        # happens only in the child that trains.
+        # happens only in the child that trains. The inference worker's threads pool never forks (and
+        # never sends worker_process_init), so this import is its preload.
         import training.classification
         import training.predict  # noqa: F401
     celery_app.worker_main(worker_argv(queues, "-".join(queues)))

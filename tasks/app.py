@@ -52,6 +52,8 @@ celery_app = create_celery()
 
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
+    # Sent by the prefork pool only: a threads pool (the inference-only worker) shares the main process's
+    # engine and imports, which `llmos worker` preloads before the pool starts.
     # A forked pool process must not reuse the parent's pooled database sockets.
     reset_engine()
     if "inference" in os.environ.get("LLMOS_WORKER_QUEUES", "").split(","):

@@ -1,4 +1,8 @@
-"""Online inference on the ``inference`` queue, with fine-tuned models kept warm in the worker process."""
+"""Online inference on the ``inference`` queue, with fine-tuned models kept warm in the worker process.
+
+The worker runs a threads pool: concurrent requests wait in one process, where `BATCHERS` groups those
+for the same model and endpoint into shared forward passes and `CACHE` keeps models warm within a budget.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -16,48 +21,129 @@ from domain.clock import utcnow
 from domain.settings import get_settings
 from tasks import recipes
 from tasks.app import celery_app
+from tasks.batching import BatcherRegistry
 
 log = logging.getLogger(__name__)
 
-MAX_WARM_MODELS = 4
+MIB = 1024 * 1024
+
+
+def model_bytes(predictor: Any) -> int:
+    """Memory of a predictor's model: its parameters and buffers (tied weights counted once)."""
+    model = predictor.model
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class ModelCache:
-    """Predictors by model ID, least recently used evicted; each loads once per process."""
+    """Predictors by (task, model ID) within a memory budget, least recently used evicted first.
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, Any] = OrderedDict()
+    Each model loads once per process, however many threads ask for it at once: a lock per key serialises
+    its load while other models load or serve meanwhile. A model bigger than the whole budget still
+    loads, alone. Predictors are thread-safe, so every caller gets the shared instance.
+    """
+
+    def __init__(self, budget_bytes: int, load: Callable[[str, Path], Any] = recipes.predictor) -> None:
+        self.budget_bytes = budget_bytes
+        self._load = load
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
+        # One lock per key ever loaded: tiny, and never dropping them means no two loads of one key race.
+        self._key_locks: dict[str, threading.Lock] = {}
+        self.loads = 0
 
     def get(self, model_id: str, task: str, path: Path) -> Any:
+        """The warm predictor for `model_id`'s `task`, loaded from `path` on first use."""
         key = f"{task}:{model_id}"
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
+            hit = self._hit(key)
+            if hit is not None:
+                return hit
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                hit = self._hit(key)
+                if hit is not None:
+                    return hit
             from training.devices import configure_cpu
 
             configure_cpu(get_settings().torch_threads)
-            predictor = recipes.predictor(task, path)
-            self._items[key] = predictor
-            while len(self._items) > self.capacity:
-                evicted, _ = self._items.popitem(last=False)
-                log.info("evicted %s from the model cache", evicted)
+            started = time.perf_counter()
+            predictor = self._load(task, path)
+            size = model_bytes(predictor)
+            with self._lock:
+                self.loads += 1
+                self._items[key] = (predictor, size)
+                self._evict(keep=key)
+            log.info("loaded %s (%.1f MiB) in %.2fs", key, size / MIB, time.perf_counter() - started)
             return predictor
 
+    def _hit(self, key: str) -> Any:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
 
-CACHE = ModelCache(MAX_WARM_MODELS)
+    def _evict(self, keep: str) -> None:
+        """Drop least recently used models until the warm ones fit the budget (call with the lock held)."""
+        if self._items[keep][1] > self.budget_bytes:
+            log.warning("%s needs %.1f MiB, more than the model cache's whole budget of %.1f MiB; kept alone",
+                        keep, self._items[keep][1] / MIB, self.budget_bytes / MIB)
+        while self.used_bytes() > self.budget_bytes and len(self._items) > 1:
+            evicted = next(k for k in self._items if k != keep)
+            _, size = self._items.pop(evicted)
+            # Requests still running on it keep their reference; its memory goes when they finish.
+            log.info("evicted %s (%.1f MiB) from the model cache", evicted, size / MIB)
+
+    def used_bytes(self) -> int:
+        """Memory of the models warm now."""
+        return sum(size for _, size in self._items.values())
+
+    def keys(self) -> list[str]:
+        """Warm models' keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
+
+_settings = get_settings()
+CACHE = ModelCache(_settings.model_cache_mb * MIB)
+BATCHERS = BatcherRegistry(_settings.inference_batch_window_ms / 1000, _settings.inference_max_batch_size)
+
+
+def _batched(model: Model, task: str, method: str, inputs: list[Any], sampling: dict[str, Any] | None = None,
+             solo: str | None = None) -> list[Any]:
+    """Run `inputs` through the model in a shared batch with concurrent requests for the same endpoint.
+
+    Generation requests share a batch only when their sampling parameters are equal; a seeded one runs
+    alone (`solo`), so its answer depends on its seed and not on what it happened to be batched with.
+    """
+    model_id, path, max_size = model.id, Path(model.path), BATCHERS.max_size
+
+    def run(batch: list[Any], group: Hashable) -> list[Any]:
+        predictor = CACHE.get(model_id, task, path)
+        if method == "predict":
+            results: list[Any] = predictor.predict(batch, batch_size=max_size)
+        else:
+            params: tuple[tuple[str, Any], ...] = group[0]  # type: ignore[index]
+            results = getattr(predictor, method)(batch, **dict(params), batch_size=max_size)
+        return results
+
+    if sampling is None:
+        return BATCHERS.call((task, method, model_id), run, inputs)
+    params = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in sampling.items()))
+    size = len(inputs) * int(sampling.get("n") or 1)
+    return BATCHERS.call((task, method, model_id), run, inputs, group=(params, solo), size=size)
 
 
 def _classify(model: Model, request: dict[str, Any], request_id: str) -> dict[str, Any]:
-    predictions = CACHE.get(model.id, "classification", Path(model.path)).predict(list(request["input"]))
+    predictions = _batched(model, "classification", "predict", list(request["input"]))
     return {"object": "list", "model": model.id,
             "data": [{"index": i, **p} for i, p in enumerate(predictions)]}
 
 
 def _ner(model: Model, request: dict[str, Any], request_id: str) -> dict[str, Any]:
-    found = CACHE.get(model.id, "ner", Path(model.path)).predict(list(request["input"]))
+    found = _batched(model, "ner", "predict", list(request["input"]))
     return {"object": "list", "model": model.id,
             "data": [{"index": i, "entities": entities} for i, entities in enumerate(found)]}
 
@@ -73,8 +159,9 @@ def _sampling(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _completions(model: Model, request: dict[str, Any], request_id: str) -> dict[str, Any]:
-    results = CACHE.get(model.id, "generation", Path(model.path)).generate(list(request["prompt"]),
-                                                                           **_sampling(request))
+    sampling = _sampling(request)
+    results = _batched(model, "generation", "generate", list(request["prompt"]), sampling,
+                       solo=request_id if sampling["seed"] is not None else None)
     choices = [{"text": c["text"], "index": i * len(results[0]) + j, "logprobs": None,
                 "finish_reason": c["finish_reason"]} for i, prompt in enumerate(results) for j, c in enumerate(prompt)]
     return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": int(time.time()),
@@ -82,7 +169,9 @@ def _completions(model: Model, request: dict[str, Any], request_id: str) -> dict
 
 
 def _chat(model: Model, request: dict[str, Any], request_id: str) -> dict[str, Any]:
-    results = CACHE.get(model.id, "generation", Path(model.path)).chat([request["messages"]], **_sampling(request))
+    sampling = _sampling(request)
+    results = _batched(model, "generation", "chat", [request["messages"]], sampling,
+                       solo=request_id if sampling["seed"] is not None else None)
     choices = [{"index": j, "message": {"role": "assistant", "content": c["text"], "refusal": None},
                 "logprobs": None, "finish_reason": c["finish_reason"]} for j, c in enumerate(results[0])]
     return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()),

@@ -1,8 +1,14 @@
-"""Batch prediction with fine-tuned models: classification, NER and text generation (plain or LoRA dirs)."""
+"""Batch prediction with fine-tuned models: classification, NER and text generation (plain or LoRA dirs).
+
+Predictors are safe to call from several threads: each holds one lock around its public methods, since
+HF fast tokenizers raise "Already borrowed" under concurrent use and one forward pass at a time uses the
+CPU cores best anyway.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +51,20 @@ class ClassificationPredictor:
             limits.append(positions)
         self.max_length: int | None = min(limits) if limits else None
         self._amp_dtype = autocast_dtype(self.device)
+        self.lock = threading.RLock()
 
     def predict(
         self, texts: list[str], batch_size: int = 32, text_pairs: list[str] | None = None
     ) -> list[dict[str, Any]]:
-        """Return one {"label", "score", "scores"} per text, in input order."""
+        """Return one {"label", "score", "scores"} per text, in input order; safe from several threads."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if text_pairs is not None and len(text_pairs) != len(texts):
             raise ValueError("text_pairs must have one entry per text")
+        with self.lock:
+            return self._predict(texts, batch_size, text_pairs)
+
+    def _predict(self, texts: list[str], batch_size: int, text_pairs: list[str] | None) -> list[dict[str, Any]]:
         # Batching texts of similar length wastes less compute on padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         results: list[dict[str, Any]] = [{} for _ in texts]
@@ -118,6 +129,7 @@ class NerPredictor:
         self.labels: list[str] = [str(id2label[i]) for i in range(len(id2label))]
         self.max_length = _position_limit(self.tokenizer, self.model.config)
         self._amp_dtype = autocast_dtype(self.device)
+        self.lock = threading.RLock()
 
     def predict(self, texts: list[str], batch_size: int = 32) -> list[list[dict[str, Any]]]:
         """Return, per text, its entities: {"entity_group", "text", "start", "end", "score"}, in text order."""
@@ -125,10 +137,11 @@ class NerPredictor:
             raise ValueError("batch_size must be at least 1")
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         results: list[list[dict[str, Any]]] = [[] for _ in texts]
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            for i, words in zip(chunk, self._word_predictions([texts[i] for i in chunk]), strict=True):
-                results[i] = group_entities(texts[i], words)
+        with self.lock:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                for i, words in zip(chunk, self._word_predictions([texts[i] for i in chunk]), strict=True):
+                    results[i] = group_entities(texts[i], words)
         return results
 
     def _word_predictions(self, texts: list[str]) -> list[list[tuple[str, float, int, int]]]:
@@ -223,6 +236,7 @@ class GenerationPredictor:
         configured = configured if isinstance(configured, list) else [configured]
         # Chat models may end a turn with a token other than the tokenizer's EOS; stop on all of them.
         self.stop_ids: list[int] = sorted({int(t) for t in [self.tokenizer.eos_token_id, *configured] if t is not None})
+        self.lock = threading.RLock()
 
     def generate(
         self,
@@ -235,9 +249,13 @@ class GenerationPredictor:
         n: int = 1,
         batch_size: int = 8,
     ) -> list[list[dict[str, Any]]]:
-        """Complete each prompt `n` times: {"text", "finish_reason", "prompt_tokens", "completion_tokens"}."""
-        encoded = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]
-        return self._complete(encoded, max_tokens, temperature, top_p, stop, seed, n, batch_size)
+        """Complete each prompt `n` times: {"text", "finish_reason", "prompt_tokens", "completion_tokens"}.
+
+        Prompts go through the model `batch_size` at a time, left-padded; all share the sampling settings.
+        """
+        with self.lock:
+            encoded = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]
+            return self._complete(encoded, max_tokens, temperature, top_p, stop, seed, n, batch_size)
 
     def chat(
         self,
@@ -251,21 +269,23 @@ class GenerationPredictor:
         batch_size: int = 8,
     ) -> list[list[dict[str, Any]]]:
         """Answer each conversation (rendered with the chat template) `n` times, like `generate`."""
-        encoded = []
         for messages in messages_list:
             if not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages
             ):
                 raise ValueError("each conversation must be a non-empty list of {role, content} messages")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": m["role"], "content": m["content"]} for m in messages],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            # The template writes any BOS itself.
-            encoded.append(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
-        return self._complete(encoded, max_tokens, temperature, top_p, stop, seed, n, batch_size)
+        with self.lock:
+            encoded = []
+            for messages in messages_list:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": m["role"], "content": m["content"]} for m in messages],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+                # The template writes any BOS itself.
+                encoded.append(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+            return self._complete(encoded, max_tokens, temperature, top_p, stop, seed, n, batch_size)
 
     def _complete(
         self,

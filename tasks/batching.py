@@ -1,0 +1,153 @@
+"""Dynamic batching for online inference: concurrent requests for one model and endpoint share a forward pass.
+
+Each (model, endpoint) has a `Batcher` with its own thread. Callers hand in their inputs and block on a
+future; the thread takes the oldest waiting request, waits until that request is `window_s` old (or the
+batch is full) for others to join, runs them as one call and hands each caller its own slice of the
+results, in its input order. While a batch runs, new requests queue, so under load batches fill up without
+waiting at all. Only requests with equal `group` share a call (generation: equal sampling parameters).
+When a shared call raises, each of its requests is re-run alone, so an error fails only the requests that
+cause it. A batcher's thread ends after `idle_s` without work; the registry replaces it on the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Runs one shared call: all requests' inputs, concatenated, and their common group → one result per input.
+BatchRunner = Callable[[list[Any], Hashable], Sequence[Any]]
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """One caller's inputs waiting for a batch, with the future its results go to."""
+
+    inputs: list[Any]
+    # Rows this request adds to the forward pass (generation: prompts times n).
+    size: int
+    group: Hashable
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future[list[Any]] = field(default_factory=Future)
+
+
+class Batcher:
+    """Groups requests for one model and endpoint into shared calls of at most `max_size` rows."""
+
+    def __init__(self, name: str, run: BatchRunner, window_s: float, max_size: int, idle_s: float = 60.0) -> None:
+        self.name = name
+        self._run = run
+        self.window_s = max(0.0, window_s)
+        self.max_size = max(1, max_size)
+        self.idle_s = idle_s
+        self._pending: list[PendingRequest] = []
+        self._cond = threading.Condition()
+        self.closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher {name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, inputs: list[Any], group: Hashable = None, size: int | None = None) -> Future[list[Any]] | None:
+        """Queue a request; None when this batcher has closed (idle) and a new one must take it."""
+        request = PendingRequest(list(inputs), len(inputs) if size is None else size, group)
+        with self._cond:
+            if self.closed:
+                return None
+            self._pending.append(request)
+            self._cond.notify()
+        return request.future
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self._execute(batch)
+
+    def _take(self) -> list[PendingRequest] | None:
+        """Block for the next batch: the oldest request and those that match its group and fit beside it."""
+        with self._cond:
+            idle_since = time.monotonic()
+            while not self._pending:
+                left = self.idle_s - (time.monotonic() - idle_since)
+                if left <= 0:
+                    self.closed = True
+                    return None
+                self._cond.wait(left)
+            first = self._pending[0]
+            deadline = first.arrived + self.window_s
+            while True:
+                chosen = self._fitting(first)
+                left = deadline - time.monotonic()
+                if sum(r.size for r in chosen) >= self.max_size or left <= 0:
+                    break
+                self._cond.wait(left)
+            taken = set(map(id, chosen))
+            self._pending = [r for r in self._pending if id(r) not in taken]
+            return chosen
+
+    def _fitting(self, first: PendingRequest) -> list[PendingRequest]:
+        chosen, rows = [first], first.size
+        for request in self._pending[1:]:
+            if request.group != first.group:
+                continue
+            if rows + request.size > self.max_size:
+                # First come, first served: a later, smaller request does not jump ahead of this one.
+                break
+            chosen.append(request)
+            rows += request.size
+        return chosen
+
+    def _execute(self, batch: list[PendingRequest]) -> None:
+        inputs = [item for request in batch for item in request.inputs]
+        log.info("batch %s: %d requests, %d inputs", self.name, len(batch), len(inputs))
+        try:
+            results = list(self._run(inputs, batch[0].group))
+            if len(results) != len(inputs):
+                raise RuntimeError(f"batch {self.name} returned {len(results)} results for {len(inputs)} inputs")
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            log.warning("batch %s of %d requests failed (%s); running each alone", self.name, len(batch), exc)
+            for request in batch:
+                self._execute([request])
+            return
+        start = 0
+        for request in batch:
+            request.future.set_result(results[start : start + len(request.inputs)])
+            start += len(request.inputs)
+
+
+class BatcherRegistry:
+    """One live batcher per key, created on first use and replaced after it closes for idleness."""
+
+    def __init__(self, window_s: float, max_size: int, idle_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self.max_size = max_size
+        self.idle_s = idle_s
+        self._batchers: dict[Hashable, Batcher] = {}
+        self._lock = threading.Lock()
+
+    def call(
+        self, key: Hashable, run: BatchRunner, inputs: list[Any], group: Hashable = None, size: int | None = None
+    ) -> list[Any]:
+        """Run `inputs` in a batch with other callers of `key`; return their results, or raise its error.
+
+        `run` is used when this call creates the batcher; later calls share that batcher's runner.
+        """
+        while True:
+            with self._lock:
+                batcher = self._batchers.get(key)
+                if batcher is None or batcher.closed:
+                    name = " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+                    batcher = Batcher(name, run, self.window_s, self.max_size, self.idle_s)
+                    self._batchers[key] = batcher
+            future = batcher.submit(inputs, group, size)
+            if future is not None:
+                return future.result()
