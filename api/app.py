@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 
-from api import compat, errors, events, files, fine_tuning, health, inference, models, webhooks
+from api import batches, compat, errors, events, files, fine_tuning, health, inference, models, webhooks
 from api.idempotency import idempotency_middleware
 from domain.settings import get_settings
 
@@ -54,4 +54,5 @@ def create_app() -> FastAPI:
 
     for module in (health, files, fine_tuning, models, inference, webhooks, events, compat):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(batches.router, responses=errors.ERROR_RESPONSES)
     return app

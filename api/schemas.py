@@ -233,3 +233,27 @@ class ChatRequest(SamplingFields):
         if self.max_completion_tokens and not self.max_tokens:
             result["max_tokens"] = self.max_completion_tokens
         return result
+
+
+class CreateBatch(Strict):
+    """`POST /v1/batches`: run every line of an uploaded ``batch`` file against one endpoint."""
+
+    input_file_id: str = Field(..., min_length=1, max_length=64, description="A file uploaded with purpose batch.")
+    endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/classifications", "/v1/ner"]
+    completion_window: Literal["24h"] = Field(..., description="Only 24h is offered.")
+    metadata: dict[str, str] | None = None
+    webhook_url: str | None = Field(None, max_length=2048, description="Receives this batch's events.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("at most 16 keys of up to 64 characters, values of up to 512")
+        return v
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http(s) URL")
+        return v

@@ -285,3 +285,66 @@ class IdempotencyKey(Base):
     response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
     response_content_type: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Batch(Base):
+    """An offline inference batch over an uploaded file (OpenAI's Batch object)."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_tenant_created", "tenant_id", "created_at"),
+        Index("ix_batches_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    # Why a running batch must stop (cancelled | expired | failed); the worker holding it finalises.
+    stop_reason: Mapped[str | None] = mapped_column(String(16))
+    errors: Mapped[JSON | None]
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    batch_metadata: Mapped[JSON | None] = mapped_column("metadata", JSONB)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Celery task id of the current validation send, so the reconciler can tell a waiting one from a lost one.
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    in_progress_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    finalizing_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]
+    cancelling_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+
+
+class BatchChunk(Base):
+    """A slice of a batch's valid lines run as one task; `done` chunks are never run again."""
+
+    __tablename__ = "batch_chunks"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    line_count: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | running | done
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The current send's Celery task id: a message carrying another id is stale and does nothing.
+    task_id: Mapped[str] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(256))
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    # Where the finished attempt wrote its output and error lines (attempt-specific names).
+    output_path: Mapped[str | None] = mapped_column(Text)
+    error_path: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

@@ -41,9 +41,14 @@ def create_celery() -> Celery:
                 "schedule": timedelta(seconds=settings.webhook_dispatch_seconds),
                 "options": {"queue": dispatch.QUEUE_CPU, "expires": max(settings.webhook_dispatch_seconds, 5)},
             },
+            "batches": {
+                "task": "llmos.maintenance.reconcile_batches",
+                "schedule": timedelta(seconds=settings.reconcile_seconds),
+                "options": {"queue": dispatch.QUEUE_CPU, "expires": settings.reconcile_seconds},
+            },
         },
     )
-    app.conf.include = ["tasks.jobs", "tasks.inference", "tasks.maintenance", "tasks.webhooks"]
+    app.conf.include = ["tasks.jobs", "tasks.inference", "tasks.maintenance", "tasks.webhooks", "tasks.batches"]
     return app
 
 

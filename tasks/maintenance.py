@@ -8,7 +8,7 @@ from datetime import timedelta
 from db import idempotency
 from db import jobs as jobs_repo
 from db.session import transaction
-from domain import dispatch, ids, jobs
+from domain import batches, dispatch, ids, jobs
 from domain.clock import utcnow
 from domain.settings import get_settings
 from tasks.app import celery_app
@@ -60,4 +60,68 @@ def reconcile() -> dict[str, int]:
         counts["idempotency_keys_purged"] = idempotency.purge_expired(session)
     if any(counts.values()):
         log.info("reconcile: %s", counts)
+    return counts
+
+
+@celery_app.task(name=batches.TASK_RECONCILE)
+def reconcile_batches() -> dict[str, int]:
+    """Expire overdue batches and revive ones whose worker went silent; returns counts for the log."""
+    from db import batches as batches_repo
+    from tasks.batches import send_settle
+
+    settings = get_settings()
+    now = utcnow()
+    counts = {"expired": 0, "resent": 0, "settled": 0, "failed": 0}
+    with transaction() as session:
+        for batch in batches_repo.overdue_batches(session, (batches.VALIDATING, batches.IN_PROGRESS), now):
+            # The worker holding it (if any) stops at its next group; settling keeps what was answered.
+            batch.stop_reason, batch.updated_at = "expired", now
+            send_settle(session, batch.id)
+            counts["expired"] += 1
+        stale = now - timedelta(seconds=settings.stale_heartbeat_seconds)
+        waiting_inference = dispatch.waiting_task_ids(dispatch.QUEUE_INFERENCE)
+        waiting_cpu = dispatch.waiting_task_ids(dispatch.QUEUE_CPU)
+        for batch in batches_repo.stale_batches(session, tuple(batches.ACTIVE), stale):
+            if batch.stop_reason is not None or batch.status in (batches.FINALIZING, batches.CANCELLING):
+                batch.heartbeat_at = now
+                send_settle(session, batch.id)
+                counts["settled"] += 1
+                continue
+            if batch.status == batches.VALIDATING:
+                if waiting_cpu is not None and batch.task_id in waiting_cpu:
+                    continue  # still in line, not lost
+                batch.heartbeat_at = now
+                dispatch.enqueue_after_commit(session, batches.TASK_VALIDATE, batch.id, task_id=batch.task_id,
+                                              queue=dispatch.QUEUE_CPU)
+                counts["resent"] += 1
+                continue
+            chunk = batches_repo.next_chunk(session, batch.id)
+            if chunk is None:
+                batch.heartbeat_at = now
+                send_settle(session, batch.id)
+                counts["settled"] += 1
+                continue
+            if chunk.status == "running":
+                # Its worker died mid-chunk (early ack: the message is gone with it); run the chunk again.
+                if chunk.attempts >= settings.max_attempts:
+                    message = (f"chunk {chunk.seq} lost its worker {chunk.attempts} times; giving up after "
+                               f"{settings.max_attempts} attempts")
+                    batch.stop_reason = "failed"
+                    batch.errors = batches.error_list([batches.line_error("worker_lost", message)])
+                    send_settle(session, batch.id)
+                    counts["failed"] += 1
+                    batch.heartbeat_at = now
+                    continue
+                log.warning("batch %s: worker %s went silent during chunk %d; sending it again", batch.id,
+                            chunk.worker, chunk.seq)
+                chunk.status, chunk.task_id = "pending", ids.random_token(32)
+            elif waiting_inference is not None and chunk.task_id in waiting_inference:
+                continue  # queued behind other work, not lost
+            batch.heartbeat_at = now
+            # A pending chunk keeps its task id: if the first send turns up after all, the claim dedupes it.
+            dispatch.enqueue_after_commit(session, batches.TASK_RUN_CHUNK, batch.id, chunk.seq, chunk.task_id,
+                                          task_id=chunk.task_id, queue=dispatch.QUEUE_INFERENCE)
+            counts["resent"] += 1
+    if any(counts.values()):
+        log.info("reconcile batches: %s", counts)
     return counts

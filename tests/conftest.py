@@ -114,6 +114,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         # A small cap so the 413 paths are exercised with real bodies.
         "LLMOS_MAX_UPLOAD_BYTES": str(1_000_000),
         "LLMOS_API_PORT": str(free_port()),
+        # Batch tests span several chunks with a few dozen lines (workers read it; the default is 500).
+        "LLMOS_BATCH_CHUNK_LINES": "20",
     }
     os.environ.update(env)
     from domain.settings import get_settings

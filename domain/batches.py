@@ -1,0 +1,122 @@
+"""The batch state machine, its public object and the events each change writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db import registry
+from db.models import Batch, Model
+from domain.clock import unix, utcnow
+from domain.events import emit_event
+
+VALIDATING = "validating"
+IN_PROGRESS = "in_progress"
+FINALIZING = "finalizing"
+COMPLETED = "completed"
+FAILED = "failed"
+EXPIRED = "expired"
+CANCELLING = "cancelling"
+CANCELLED = "cancelled"
+
+TERMINAL = frozenset({COMPLETED, FAILED, EXPIRED, CANCELLED})
+# Statuses in which a worker may still be running lines.
+ACTIVE = frozenset({VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING})
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    VALIDATING: frozenset({IN_PROGRESS, FAILED, CANCELLING, CANCELLED, EXPIRED}),
+    IN_PROGRESS: frozenset({FINALIZING, CANCELLING, CANCELLED, EXPIRED, FAILED}),
+    FINALIZING: frozenset({COMPLETED, FAILED, EXPIRED}),
+    CANCELLING: frozenset({CANCELLED}),
+    COMPLETED: frozenset(),
+    FAILED: frozenset(),
+    EXPIRED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+EVENT_TYPES = {IN_PROGRESS: "batch.in_progress", COMPLETED: "batch.completed", FAILED: "batch.failed",
+               EXPIRED: "batch.expired", CANCELLED: "batch.cancelled"}
+
+# Endpoint → the model task that serves it.
+ENDPOINT_TASKS = {"/v1/classifications": "classification", "/v1/ner": "ner",
+                  "/v1/completions": "generation", "/v1/chat/completions": "generation"}
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+
+# Task names, known to producers without importing task code. Validation and settling run on the cpu
+# queue; chunks run on the inference queue, where models are kept warm.
+TASK_VALIDATE = "llmos.batches.validate"
+TASK_RUN_CHUNK = "llmos.batches.run_chunk"
+TASK_SETTLE = "llmos.batches.settle"
+TASK_RECONCILE = "llmos.maintenance.reconcile_batches"
+
+
+class InvalidTransition(Exception):
+    def __init__(self, batch: Batch, target: str) -> None:
+        super().__init__(f"batch {batch.id} is {batch.status}; it cannot become {target}")
+
+
+def batch_object(batch: Batch) -> dict[str, Any]:
+    """OpenAI's ``batch`` shape: every field present, unset ones null; plus ``webhook_url``."""
+    return {
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "errors": batch.errors,
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
+        "status": batch.status,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "created_at": unix(batch.created_at),
+        "in_progress_at": unix(batch.in_progress_at),
+        "expires_at": unix(batch.expires_at),
+        "finalizing_at": unix(batch.finalizing_at),
+        "completed_at": unix(batch.completed_at),
+        "failed_at": unix(batch.failed_at),
+        "expired_at": unix(batch.expired_at),
+        "cancelling_at": unix(batch.cancelling_at),
+        "cancelled_at": unix(batch.cancelled_at),
+        "request_counts": {"total": batch.total, "completed": batch.completed, "failed": batch.failed},
+        "metadata": batch.batch_metadata,
+        "webhook_url": batch.webhook_url,
+    }
+
+
+def transition(session: Session, batch: Batch, target: str) -> None:
+    """Move a loaded (locked) batch to ``target``, stamping ``<target>_at`` and emitting its event."""
+    if target not in TRANSITIONS[batch.status]:
+        raise InvalidTransition(batch, target)
+    now = utcnow()
+    batch.status = target
+    batch.updated_at = now
+    setattr(batch, f"{target}_at", now)
+    event_type = EVENT_TYPES.get(target)
+    if event_type:
+        session.flush()
+        emit_event(session, batch.tenant_id, event_type, batch_object(batch))
+
+
+def error_list(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's ``errors`` shape of a batch."""
+    return {"object": "list", "data": errors}
+
+
+def line_error(code: str, message: str, param: str | None = None, line: int | None = None) -> dict[str, Any]:
+    return {"code": code, "message": message, "param": param, "line": line}
+
+
+def serving_problem(
+    session: Session, tenant_id: str, model_id: str, task: str
+) -> tuple[Model | None, dict[str, Any] | None]:
+    """The model if the tenant may run ``task`` on it, else an error (the online endpoints' rules)."""
+    model = registry.get_visible_model(session, tenant_id, model_id)
+    if model is None:
+        return None, line_error("model_not_found", f"no model named '{model_id}'", "body.model")
+    if task not in model.tasks:
+        return None, line_error("unsupported_task", f"model '{model_id}' does not serve {task}; it serves "
+                                f"{', '.join(model.tasks)}", "body.model")
+    if model.kind == "base" and task in ("classification", "ner"):
+        return None, line_error("model_not_fine_tuned", f"model '{model_id}' is a base encoder without a "
+                                f"trained {task} head; fine-tune it first", "body.model")
+    return model, None
