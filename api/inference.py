@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
+import redis
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
@@ -15,9 +17,10 @@ from api.schemas import ChatRequest, ClassificationRequest, CompletionRequest, N
 from db import registry
 from db.models import Inference
 from domain import dispatch, ids, replies
-from domain.clock import unix
+from domain.clock import unix, utcnow
 from domain.settings import get_settings
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["inference"])
 inference_scope = require("inference")
 _WAIT = re.compile(r"wait=(\d+(?:\.\d+)?)")
@@ -57,9 +60,20 @@ def run_inference(
     row = Inference(id=ids.new_id(ids.INFERENCE), tenant_id=principal.tenant_id, endpoint=endpoint,
                     model=model, status="queued", request=payload)
     session.add(row)
-    dispatch.enqueue_after_commit(session, dispatch.TASK_INFER, row.id, task_id=row.id)
     session.commit()
-    reply = replies.wait_reply(row.id, _wait_seconds(request))
+    # Sent here rather than after commit, so a broker outage is known while the caller still waits.
+    if not dispatch.publish(dispatch.StagedTask(dispatch.TASK_INFER, (row.id,), row.id)):
+        message = "The broker is unavailable; retry shortly."
+        row.status, row.finished_at = "failed", utcnow()
+        row.error = {"status": 503, "message": message, "type": "server_error", "code": "broker_unavailable"}
+        session.commit()
+        raise APIError(503, message, type_="server_error", code="broker_unavailable", headers={"Retry-After": "5"})
+    try:
+        reply = replies.wait_reply(row.id, _wait_seconds(request))
+    except redis.RedisError:
+        # The request is queued; only the fast path is gone. The caller polls the row instead.
+        log.warning("reply channel of %s unavailable; answering with the handle", row.id)
+        reply = None
     if reply is None:
         session.refresh(row)
         if row.status not in ("succeeded", "failed"):

@@ -85,6 +85,10 @@ def test_jobs_survive_broker_and_database_outages_and_the_api_says_503_only_whil
 
     stop_server(outage.redis)
     assert api.http.get("/readyz").status_code == 503
+    # Online inference cannot be queued: the caller hears so at once, and the request is not left dangling.
+    refused = api.http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 2})
+    assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+    assert refused.json()["error"]["code"] == "broker_unavailable"
     created = api.http.post("/v1/fine_tuning/jobs", json={"model": "tiny-bert", "training_file": file_id,
                                                           "hyperparameters": {"n_epochs": 1}})
     assert created.status_code == 200, created.text  # persisted although the broker is down
