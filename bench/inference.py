@@ -1,0 +1,331 @@
+"""Benchmark: online inference end to end (API, queue, threaded worker, dynamic batching) against in-process calls.
+
+Measured with real processes (the API and Celery workers as `llmos up` runs them), each figure next to the
+load average, since the machine's cores are shared:
+
+1. Classification with a briefly fine-tuned `minilm-l6`: latency p50/p99 of one-text requests at
+   concurrency 1 and 32; throughput at concurrency 32 as a ratio of the same model called in-process
+   (same torch thread count as the worker) on batches of 32 texts, in the same run.
+2. Generation: tokens/s of 16 concurrent /v1/completions requests (same sampling parameters, so they may
+   share batches) as a ratio of the predictor's `generate` on the same 16 prompts in one padded batch.
+3. Batch-file throughput: `bench/batch_file.py`'s `run_batch_benchmark`, when that module exists.
+
+Usage:
+    python bench/inference.py [--requests 200] [--concurrency 32] [--gen-model tiny-gpt2] [--home DIR]
+
+With LLMOS_DATABASE_URL / LLMOS_BROKER_URL set it uses those servers (a fresh database, dropped at the end);
+otherwise embedded ones in a temp dir. `--home DIR` keeps LLMOS_HOME there, so `--gen-model
+smollm2-135m-instruct` converts its GGUF file once (about a minute) and reruns reuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.lifecycle import Child, bring_up, machine_facts, percent, scratch_dir, table  # noqa: E402
+
+TRAIN_ROWS = 120
+HYPERPARAMETERS: dict[str, Any] = {"n_epochs": 1, "batch_size": 16, "learning_rate": 5e-5}
+JOB_TIMEOUT = 900.0
+GEN_PROMPTS = 16
+WAIT = "wait=300"
+
+
+def load_average() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.2f}/{five:.2f}"
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]  # nearest rank
+
+
+def texts(n: int) -> list[str]:
+    """Distinct review-like texts of varied length."""
+    from tests.data import NEGATIVE, POSITIVE, SUBJECTS
+
+    words = POSITIVE + NEGATIVE
+    return [f"{SUBJECTS[i % len(SUBJECTS)]} was {words[i % len(words)]}" + " and so on" * (i % 5) + f" ({i})"
+            for i in range(n)]
+
+
+def fine_tune(http: httpx.Client) -> str:
+    from tests.data import jsonl, sentiment_rows
+
+    content = jsonl(sentiment_rows(TRAIN_ROWS)).encode()
+    file_id = http.post("/v1/files", data={"purpose": "fine-tune"},
+                        files={"file": ("train.jsonl", content)}).json()["id"]
+    created = http.post("/v1/fine_tuning/jobs", json={"model": "minilm-l6", "training_file": file_id,
+                                                      "hyperparameters": HYPERPARAMETERS, "seed": 0})
+    if created.status_code != 200:
+        raise RuntimeError(f"job creation answered {created.status_code}: {created.text}")
+    job_id = created.json()["id"]
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] == "succeeded":
+            model_id: str = job["fine_tuned_model"]
+            return model_id
+        if job["status"] in ("failed", "cancelled"):
+            raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
+        time.sleep(0.5)
+    raise RuntimeError(f"job {job_id} did not finish within {JOB_TIMEOUT:.0f}s")
+
+
+def model_path(model_id: str) -> Path:
+    from db.models import Model
+    from db.session import transaction
+
+    with transaction() as session:
+        row = session.get(Model, model_id)
+        if row is None:
+            raise RuntimeError(f"no model {model_id}")
+        return Path(row.path)
+
+
+def closed_loop(call: Callable[[int], int], requests: int, concurrency: int) -> tuple[list[float], float, int]:
+    """`concurrency` clients calling back to back until `requests` calls are done: latencies, wall, items."""
+    latencies: list[float] = []
+    items = 0
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def client() -> None:
+        nonlocal items
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            started = time.perf_counter()
+            done = call(i)
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+                items += done
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()
+    return latencies, time.perf_counter() - started, items
+
+
+def classification(http: httpx.Client, model_id: str, args: argparse.Namespace) -> dict[str, Any]:
+    from domain.settings import get_settings
+    from training.devices import configure_cpu
+    from training.predict import ClassificationPredictor
+
+    sample = texts(args.requests * 2)
+
+    def classify(i: int) -> int:
+        response = http.post("/v1/classifications", json={"model": model_id, "input": sample[i % len(sample)]},
+                             headers={"Prefer": WAIT})
+        if response.status_code != 200:
+            raise RuntimeError(f"classification answered {response.status_code}: {response.text}")
+        return 1
+
+    for i in range(3):  # warm: the model loads on the first request
+        classify(i)
+    out: dict[str, Any] = {}
+    for concurrency in (1, args.concurrency):
+        latencies, wall, items = closed_loop(classify, args.requests * (1 if concurrency == 1 else 3), concurrency)
+        out[f"c{concurrency}"] = {"p50_ms": round(percentile(latencies, 50) * 1000, 1),
+                                  "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+                                  "items_per_s": round(items / wall, 1), "requests": len(latencies),
+                                  "load": load_average()}
+
+    # The baseline: the same model in this process, same torch threads as the worker, batches of 32.
+    configure_cpu(get_settings().torch_threads)
+    predictor = ClassificationPredictor(model_path(model_id))
+    predictor.predict(sample[:32], batch_size=32)
+    total = out[f"c{args.concurrency}"]["requests"]
+    started = time.perf_counter()
+    for start in range(0, total, 32):
+        chunk = [sample[(start + j) % len(sample)] for j in range(min(32, total - start))]
+        predictor.predict(chunk, batch_size=32)
+    baseline = total / (time.perf_counter() - started)
+    out["in_process_batch32_items_per_s"] = round(baseline, 1)
+    out["in_process_load"] = load_average()
+    out["throughput_ratio"] = round(out[f"c{args.concurrency}"]["items_per_s"] / baseline, 3)
+    return out
+
+
+def generation(http: httpx.Client, args: argparse.Namespace) -> dict[str, Any]:
+    from domain.settings import get_settings
+    from tests.data import SUBJECTS
+    from training.devices import configure_cpu
+    from training.predict import GenerationPredictor
+
+    prompts = [f"{SUBJECTS[i % len(SUBJECTS)]} was" + " very" * (i // len(SUBJECTS)) for i in range(GEN_PROMPTS)]
+    sampling = {"max_tokens": args.gen_tokens, "temperature": 0}
+
+    def complete(prompt: str) -> int:
+        response = http.post("/v1/completions", json={"model": args.gen_model, "prompt": prompt, **sampling},
+                             headers={"Prefer": WAIT})
+        if response.status_code != 200:
+            raise RuntimeError(f"completion answered {response.status_code}: {response.text}")
+        tokens: int = response.json()["usage"]["completion_tokens"]
+        return tokens
+
+    complete(prompts[0])  # warm: the model loads on the first request
+    online: list[float] = []
+    loads: list[str] = []
+    for _ in range(args.gen_rounds):
+        barrier = threading.Barrier(GEN_PROMPTS)
+
+        def together(prompt: str, barrier: threading.Barrier = barrier) -> int:
+            barrier.wait(60)
+            return complete(prompt)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(GEN_PROMPTS) as pool:
+            tokens = sum(pool.map(together, prompts))
+        online.append(tokens / (time.perf_counter() - started))
+        loads.append(load_average())
+
+    configure_cpu(get_settings().torch_threads)
+    predictor = GenerationPredictor(model_path(args.gen_model))
+    predictor.generate(prompts[:2], **sampling)
+    offline: list[float] = []
+    for _ in range(args.gen_rounds):
+        started = time.perf_counter()
+        results = predictor.generate(prompts, batch_size=GEN_PROMPTS, **sampling)
+        tokens = sum(c["completion_tokens"] for choices in results for c in choices)
+        offline.append(tokens / (time.perf_counter() - started))
+    online_median, offline_median = statistics.median(online), statistics.median(offline)
+    return {"model": args.gen_model, "max_tokens": args.gen_tokens, "rounds": args.gen_rounds,
+            "online_tokens_per_s": round(online_median, 1), "online_load": loads,
+            "in_process_padded_batch_tokens_per_s": round(offline_median, 1), "in_process_load": load_average(),
+            "ratio": round(online_median / offline_median, 3)}
+
+
+def batch_sizes(log: Path, model_id: str) -> dict[str, float]:
+    """Requests per forward pass the worker logged for `model_id` (its one line per batch)."""
+    import re
+
+    sizes = [int(m[1]) for m in re.finditer(rf"batch \S+ \S+ {re.escape(model_id)}: (\d+) requests",
+                                            log.read_text(errors="replace"))]
+    if not sizes:
+        return {}
+    return {"batches": len(sizes), "mean_requests": round(statistics.mean(sizes), 1), "max_requests": max(sizes)}
+
+
+def batch_file_section(api_url: str, key: str, model_id: str, lines: int) -> dict[str, Any] | None:
+    """Batch-file throughput, from bench/batch_file.py (another engineer's); None while it is missing."""
+    # --- batch-file throughput: bench/batch_file.py plugs in here ---
+    try:
+        module = importlib.import_module("bench.batch_file")
+    except ModuleNotFoundError as exc:
+        if exc.name != "bench.batch_file":
+            raise
+        print("batch-file throughput: bench/batch_file.py is missing; not measured")
+        return None
+    result: dict[str, Any] = module.run_batch_benchmark(api_url, key, model_id, lines)
+    print(f"batch-file throughput ({lines} lines, load {load_average()}): {json.dumps(result)}")
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--requests", type=int, default=200,
+                        help="classification requests at concurrency 1; three times as many at --concurrency (200)")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent classification clients (32)")
+    parser.add_argument("--gen-model", default="tiny-gpt2", help="tiny-gpt2 (default) or smollm2-135m-instruct")
+    parser.add_argument("--gen-tokens", type=int, default=32, help="max_tokens per completion (32)")
+    parser.add_argument("--gen-rounds", type=int, default=3, help="rounds of 16 concurrent completions (3)")
+    parser.add_argument("--batch-lines", type=int, default=2000, help="lines of the batch-file section (2000)")
+    parser.add_argument("--home", type=Path, help="persistent LLMOS_HOME (reuses converted models); default temp")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    command = shlex.join(["python", *sys.argv])
+    facts = machine_facts()
+    print(f"command: {command}")
+    print(f"machine: {facts['cpu_count']} CPUs ({facts['cpus_usable']} usable) {facts['cpu_model']}; "
+          f"torch {facts['torch']}; load average {load_average()}; CPU idle before start: "
+          f"{percent(facts['cpu_idle_before'])}")
+    if args.home is not None:
+        args.home.mkdir(parents=True, exist_ok=True)
+        (work / "home").symlink_to(args.home.resolve())
+    os.environ["LLMOS_CONVERT_GGUF_MODELS"] = "1" if args.gen_model.startswith("smollm2") else "0"
+    failure_logs: list[Child] = []
+    with contextlib.ExitStack() as exits:
+        try:
+            stack = bring_up(exits, work, failure_logs)
+            from domain.settings import get_settings
+            from ops.bootstrap import create_key
+
+            settings = get_settings()
+            print(f"services: {stack.mode}; inference worker: {settings.inference_concurrency} threads, batch window "
+                  f"{settings.inference_batch_window_ms} ms, max batch {settings.inference_max_batch_size}, "
+                  f"torch threads {settings.torch_threads}", flush=True)
+            key = create_key("inference-bench", ["files", "fine_tuning", "inference", "batches"])[1]
+            with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
+                              limits=httpx.Limits(max_connections=args.concurrency + 8)) as http:
+                started = time.perf_counter()
+                model_id = fine_tune(http)
+                print(f"fine-tuned {model_id} ({TRAIN_ROWS} rows, {HYPERPARAMETERS}) in "
+                      f"{time.perf_counter() - started:.0f}s", flush=True)
+                cls = classification(http, model_id, args)
+                cls["batches"] = batch_sizes(stack.children["worker-inference"].log_path, model_id)
+                gen = generation(http, args)
+                gen["batches"] = batch_sizes(stack.children["worker-inference"].log_path, args.gen_model)
+                c1, cn = cls["c1"], cls[f"c{args.concurrency}"]
+                print(table([
+                    ["minilm-l6 classification", "p50 ms", "p99 ms", "texts/s", "load 1/5 min"],
+                    ["concurrency 1", str(c1["p50_ms"]), str(c1["p99_ms"]), str(c1["items_per_s"]), c1["load"]],
+                    [f"concurrency {args.concurrency}", str(cn["p50_ms"]), str(cn["p99_ms"]),
+                     str(cn["items_per_s"]), cn["load"]],
+                    ["in-process, batches of 32", "", "", str(cls["in_process_batch32_items_per_s"]),
+                     cls["in_process_load"]],
+                ]))
+                print(f"classification throughput at concurrency {args.concurrency} / in-process batch 32: "
+                      f"{cls['throughput_ratio']:.2f} (target >= 0.7); p50 at concurrency 1: {c1['p50_ms']} ms "
+                      f"(target < 100); worker batches: {cls['batches']}")
+                print(f"generation ({gen['model']}, {GEN_PROMPTS} concurrent requests, max_tokens {gen['max_tokens']}, "
+                      f"greedy; median of {gen['rounds']} rounds): online {gen['online_tokens_per_s']} tokens/s "
+                      f"(load {', '.join(gen['online_load'])}), in-process one padded batch "
+                      f"{gen['in_process_padded_batch_tokens_per_s']} tokens/s (load {gen['in_process_load']}); "
+                      f"ratio {gen['ratio']:.2f}; worker batches: {gen['batches']}", flush=True)
+                batch_file = batch_file_section(stack.api_url, key, model_id, args.batch_lines)
+        except BaseException:
+            for child in failure_logs:
+                print(f"--- last lines of {child.name} ({child.log_path}) ---\n{child.tail()}", file=sys.stderr)
+            raise
+    print(json.dumps({"command": command, "services": stack.mode, "classification": cls, "generation": gen,
+                      "batch_file": batch_file}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import signal
+
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with scratch_dir() as work:
+        run(args, work)
+
+
+if __name__ == "__main__":
+    main()
