@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,20 +54,37 @@ def _worker_name(task: Task) -> str:
     return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
 
 
-def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    """Write records atomically and durably (tmp, fsync, rename); returns the byte count."""
+def _write_blocks(path: Path, blocks: Iterable[bytes]) -> int:
+    """Write bytes atomically and durably (tmp, fsync, rename); returns the byte count."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     size = 0
     with tmp.open("wb") as out:
-        for record in records:
-            data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-            size += len(data)
-            out.write(data)
+        for block in blocks:
+            size += len(block)
+            out.write(block)
         out.flush()
         os.fsync(out.fileno())
     tmp.replace(path)
     return size
+
+
+def _encoded(records: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    for record in records:
+        yield (json.dumps(record, ensure_ascii=False) + "\n").encode()
+
+
+def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write JSON Lines atomically and durably; returns the byte count."""
+    return _write_blocks(path, _encoded(records))
+
+
+def _file_blocks(paths: Iterable[Path]) -> Iterator[bytes]:
+    """The files' bytes one after another, in blocks (chunk outputs are already final lines)."""
+    for path in paths:
+        if path.exists():
+            with path.open("rb") as data:
+                yield from iter(lambda: data.read(1 << 20), b"")
 
 
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -236,6 +254,7 @@ def plan_file(plan_dir: Path, seq: int) -> Path:
 def validate_batch(batch_id: str) -> None:
     """validating → in_progress with chunks planned (bad lines kept for the error file), or failed."""
     settings = get_settings()
+    started = time.perf_counter()
     with transaction() as session:
         batch = batches_repo.get_batch_by_id(session, batch_id)
         if batch is None or batch.status != batches.VALIDATING:
@@ -320,7 +339,8 @@ def validate_batch(batch_id: str) -> None:
         first = batches_repo.next_chunk(session, batch_id)
         assert first is not None
         _send_chunk(session, first)
-    log.info("batch %s: %d lines, %d valid, %d chunks", batch_id, total, valid, len(chunk_sizes))
+    log.info("batch %s: %d lines, %d valid, %d chunks, validated in %.2fs", batch_id, total, valid,
+             len(chunk_sizes), time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -459,6 +479,7 @@ def run_lines(endpoint: str, tenant_id: str, entries: list[dict[str, Any]], stop
 def run_chunk(self: Task, batch_id: str, seq: int, task_id: str) -> None:
     """Claim one chunk, answer its lines, record them durably with the counts, and send the next chunk."""
     worker = _worker_name(self)
+    started = time.perf_counter()
     with transaction() as session:
         batch = batches_repo.get_batch_by_id(session, batch_id, lock=True)
         if batch is None or batch.status in batches.TERMINAL:
@@ -474,7 +495,9 @@ def run_chunk(self: Task, batch_id: str, seq: int, task_id: str) -> None:
         attempt, endpoint, tenant_id = chunk.attempts, batch.endpoint, batch.tenant_id
     entries = list(_read_jsonl(plan_file(work_dir(batch_id) / PLAN_DIR, seq)))
     with Heartbeat(batch_id) as heartbeat:
+        answering = time.perf_counter()
         results = run_lines(endpoint, tenant_id, entries, heartbeat.stop_requested.is_set)
+        answered = time.perf_counter() - answering
     base = work_dir(batch_id) / f"chunk-{seq:05d}-a{attempt}"
     output_path, error_path = base.with_suffix(".out.jsonl"), base.with_suffix(".err.jsonl")
     _write_jsonl(output_path, (r.record for r in results if not r.failed))
@@ -500,6 +523,8 @@ def run_chunk(self: Task, batch_id: str, seq: int, task_id: str) -> None:
             _send_chunk(session, following)
         else:
             send_settle(session, batch_id)
+    log.info("batch %s chunk %d: %d lines in %.2fs (answering %.2fs)", batch_id, seq, len(results),
+             time.perf_counter() - started, answered)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -514,13 +539,13 @@ def _merged_errors(paths: list[Path]) -> Iterator[dict[str, Any]]:
         yield {k: v for k, v in record.items() if k != "line"}
 
 
-def _store_output(tenant_id: str, batch_id: str, kind: str, records: Iterable[dict[str, Any]]) -> File | None:
+def _store_output(tenant_id: str, batch_id: str, kind: str, blocks: Iterable[bytes]) -> File | None:
     """Write a result file where uploads live, as a ``batch_output`` File row; None when it has no lines."""
     import hashlib
 
     file_id = ids.new_id(ids.FILE)
     dest = file_path(tenant_id, file_id)
-    size = _write_jsonl(dest, records)
+    size = _write_blocks(dest, blocks)
     if size == 0:
         dest.unlink(missing_ok=True)
         return None
@@ -538,6 +563,7 @@ def settle(batch_id: str) -> str | None:
     Returns the final status it recorded, or None when there was nothing to do yet.
     """
     settings = get_settings()
+    started = time.perf_counter()
     with transaction() as session:
         batch = batches_repo.get_batch_by_id(session, batch_id, lock=True)
         if batch is None or batch.status in batches.TERMINAL:
@@ -560,9 +586,8 @@ def settle(batch_id: str) -> str | None:
         outputs = [Path(c.output_path) for c in done if c.output_path]
         error_paths = [work_dir(batch_id) / PLAN_DIR / VALIDATION_ERRORS] + \
             [Path(c.error_path) for c in done if c.error_path]
-    output_file = _store_output(tenant_id, batch_id, "output",
-                                (record for path in outputs if path.exists() for record in _read_jsonl(path)))
-    error_file = _store_output(tenant_id, batch_id, "error", _merged_errors(error_paths))
+    output_file = _store_output(tenant_id, batch_id, "output", _file_blocks(outputs))
+    error_file = _store_output(tenant_id, batch_id, "error", _encoded(_merged_errors(error_paths)))
     with transaction() as session:
         batch = batches_repo.get_batch_by_id(session, batch_id, lock=True)
         if batch is None or batch.status in batches.TERMINAL:
@@ -577,7 +602,7 @@ def settle(batch_id: str) -> str | None:
         batch.error_file_id = error_file.id if error_file else None
         batches.transition(session, batch, target)
     shutil.rmtree(work_dir(batch_id), ignore_errors=True)
-    log.info("batch %s %s", batch_id, target)
+    log.info("batch %s %s; result files written in %.2fs", batch_id, target, time.perf_counter() - started)
     return target
 
 
