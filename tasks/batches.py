@@ -437,7 +437,10 @@ def run_lines(endpoint: str, tenant_id: str, entries: list[dict[str, Any]], stop
               ) -> list[LineResult]:
     """Answer the chunk's lines (encoders grouped by model, one call each); stops early when asked to."""
     from tasks.inference import HANDLERS
+    from training.devices import configure_cpu
 
+    # Thread count and denormal flushing are per thread; a threads-pool worker runs this on any of them.
+    configure_cpu(get_settings().torch_threads)
     models = _load_models(tenant_id, entries)
     results: list[LineResult] = []
     missing = [(i, e) for i, e in enumerate(entries) if models[e["payload"]["model"]] is None]
