@@ -14,6 +14,9 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
 from db.models import Inference, Model
 from db.session import transaction
 from domain import dispatch, replies
@@ -182,10 +185,21 @@ HANDLERS = {"/v1/classifications": _classify, "/v1/ner": _ner, "/v1/completions"
             "/v1/chat/completions": _chat}
 
 
+def _commit_without_waiting_for_disk(session: Session) -> None:
+    """An inference row's commits skip the WAL flush, each about 10 ms of a request's latency here.
+
+    The commit stays atomic; only a Postgres crash within a fraction of a second after it could lose it.
+    The row then reads as before (queued or running), as after a worker crash mid-request, while a caller
+    that waited already has its answer from Redis. Jobs and everything else keep durable commits.
+    """
+    session.execute(text("SET LOCAL synchronous_commit = off"))
+
+
 @celery_app.task(name=dispatch.TASK_INFER)
 def run_inference(inference_id: str) -> None:
     """Answer one request: write the response to its row, then push it to the waiting caller."""
     with transaction() as session:
+        _commit_without_waiting_for_disk(session)
         row = session.get(Inference, inference_id, with_for_update=True)
         if row is None or row.status != "queued":
             return
@@ -213,6 +227,7 @@ def run_inference(inference_id: str) -> None:
                  "error": {"status": 500, "message": f"inference failed: {type(exc).__name__}",
                            "type": "server_error", "code": "inference_error"}}
     with transaction() as session:
+        _commit_without_waiting_for_disk(session)
         row = session.get(Inference, inference_id)
         if row is not None:
             row.status, row.response, row.error = reply["status"], reply["response"], reply["error"]
