@@ -102,6 +102,13 @@ def runtime_used(session: Session, job_id: str) -> float:
     return float(seconds or 0)
 
 
+def lost_claims(session: Session, job_id: str) -> int:
+    """Attempts of the job whose worker stopped responding (pauses and graceful hand-backs are not counted)."""
+    return int(session.scalar(
+        select(func.count()).select_from(JobClaim).where(JobClaim.job_id == job_id, JobClaim.outcome == "lost")
+    ) or 0)
+
+
 def heartbeat(session: Session, job_id: str, attempt: int) -> tuple[bool, bool, str] | None:
     """Record liveness of this attempt; returns (cancel_requested, pause_requested, status) or None if lost."""
     row = session.execute(

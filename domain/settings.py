@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(
         60.0, description="A queued job untouched this long has its task sent again."
     )
-    max_attempts: int = Field(3, description="Claims a job may use before it fails for good.")
+    max_attempts: int = Field(
+        3, description="Times a job's worker may be lost before the job fails (pauses and hand-backs do not count)."
+    )
     max_job_runtime_seconds: int = Field(
         24 * 3600, description="Default maximum training time of a job (hyperparameter `max_runtime_seconds`)."
     )

@@ -44,8 +44,8 @@ def reconcile() -> dict[str, int]:
             jobs_repo.release_claim(session, job.id, job.attempts, "lost")
             if job.status == jobs.CANCELLING:
                 jobs.transition(session, job, jobs.CANCELLED, "Worker lost while cancelling; job cancelled")
-            elif job.attempts >= settings.max_attempts:
-                message = (f"the worker stopped responding {job.attempts} times; giving up after "
+            elif (lost := jobs_repo.lost_claims(session, job.id)) >= settings.max_attempts:
+                message = (f"the worker stopped responding {lost} times; giving up after "
                            f"{settings.max_attempts} attempts")
                 jobs.transition(session, job, jobs.FAILED, f"Job failed: {message}", level="error",
                                 error=jobs.failure("worker_lost", message))

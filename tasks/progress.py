@@ -86,7 +86,7 @@ class JobReporter:
             return
         if flags is None:
             self._lost = True
-            self._stop_reason = "shutdown"
+            self._stop_reason = "lost"
             return
         cancel, pause, _status = flags
         if cancel:
@@ -165,7 +165,7 @@ class JobReporter:
     def _record_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         with transaction() as session:
             job = jobs_repo.get_job_by_id(session, self.job_id)
-            if job is None:
+            if job is None or job.attempts != self.attempt:
                 return
             existing = session.query(Checkpoint).filter_by(job_id=job.id, step_number=step).one_or_none()
             if existing is not None:

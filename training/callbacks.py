@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 # cancel: stop, keep nothing; pause / shutdown / time_limit: checkpoint first, so a later run can resume
-# and a job stopped at its runtime limit still leaves its last state behind.
-StopReason = Literal["cancel", "pause", "shutdown", "time_limit"]
+# and a job stopped at its runtime limit still leaves its last state behind; lost: another run owns the
+# job now, so write nothing into it.
+StopReason = Literal["cancel", "pause", "shutdown", "time_limit", "lost"]
 
 
 @dataclass

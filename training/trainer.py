@@ -168,7 +168,7 @@ def run_training(
             reason = callbacks.should_stop()
             if reason is not None:
                 log.info("stopping at step %d: %s", state.global_step, reason)
-                if reason == "cancel":
+                if reason in ("cancel", "lost"):
                     return outcome(False, reason, None)
                 return outcome(False, reason, checkpoint({"stop_reason": reason}))
             start = state.step_in_epoch * args.batch_size

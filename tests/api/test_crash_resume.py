@@ -57,7 +57,7 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(
 
 
 def test_a_job_that_keeps_losing_its_worker_fails_at_the_attempt_cap(api: Api, services: dict[str, str]) -> None:
-    from db.models import FineTuningJob
+    from db.models import FineTuningJob, JobClaim
     from db.session import transaction
     from domain.clock import utcnow
     from domain.settings import get_settings
@@ -70,9 +70,13 @@ def test_a_job_that_keeps_losing_its_worker_fails_at_the_attempt_cap(api: Api, s
     with transaction() as session:
         row = session.get(FineTuningJob, job["id"])
         assert row is not None
-        # A job on its last allowed attempt whose worker went silent long ago.
+        # A job whose worker was lost on every earlier attempt, and whose current worker went silent too.
         row.status, row.attempts, row.error, row.finished_at = "running", cap, None, None
         row.heartbeat_at = utcnow() - timedelta(hours=1)
+        for attempt in range(1, cap + 1):
+            session.add(JobClaim(job_id=row.id, attempt=attempt, worker="gone", claimed_at=utcnow(),
+                                 released_at=utcnow() if attempt < cap else None,
+                                 outcome="lost" if attempt < cap else None))
     reconcile()  # the beat task's function, called directly for a deterministic pass
     final = api.job(job["id"])
     assert final["status"] == "failed" and final["error"]["code"] == "worker_lost"
