@@ -14,8 +14,8 @@ from api.deps import Principal, get_session, require
 from api.errors import APIError, conflict, not_found
 from api.pages import After, Limit, page_body
 from db import files as files_repo
-from db.models import File, FineTuningJob
-from domain import ids
+from db.models import Batch, File, FineTuningJob
+from domain import batches, ids
 from domain.clock import unix, utcnow
 from domain.jobs import TERMINAL
 from domain.settings import get_settings
@@ -118,6 +118,14 @@ def delete_file(
     )
     if in_use:
         raise conflict(f"file {file_id} is used by job {in_use}, which has not finished", code="file_in_use")
+    batch = session.scalar(
+        select(Batch.id).where(
+            Batch.tenant_id == principal.tenant_id, Batch.input_file_id == file_id,
+            Batch.status.in_(batches.ACTIVE),
+        ).limit(1)
+    )
+    if batch:
+        raise conflict(f"file {file_id} is the input of batch {batch}, which has not finished", code="file_in_use")
     row.deleted_at = utcnow()
     session.commit()
     file_path(principal.tenant_id, file_id).unlink(missing_ok=True)

@@ -231,6 +231,9 @@ def test_cancel_mid_run_keeps_the_answered_lines(api: Api, api_url: str) -> None
     total = 200
     batch = _create(api, _generation_lines(total), "/v1/completions")
     wait_until(lambda: _done_chunks(batch["id"]) >= 1, 120, "the first chunk to finish")
+    # The input of an unfinished batch cannot be deleted from under it.
+    in_use = api.http.delete(f"/v1/files/{batch['input_file_id']}")
+    assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "file_in_use", in_use.text
     cancelled = _client(api, api_url).batches.cancel(batch["id"])
     assert cancelled.status in ("cancelling", "cancelled") and cancelled.cancelling_at is not None
     final = _wait(api, batch["id"], FINAL)
