@@ -12,6 +12,7 @@ load average, since the machine's cores are shared:
 
 Usage:
     python bench/inference.py [--requests 200] [--concurrency 32] [--gen-model tiny-gpt2] [--home DIR]
+    python bench/inference.py --home DIR --gen-model smollm2-135m-instruct
 
 With LLMOS_DATABASE_URL / LLMOS_BROKER_URL set it uses those servers (a fresh database, dropped at the end);
 otherwise embedded ones in a temp dir. `--home DIR` keeps LLMOS_HOME there, so `--gen-model
@@ -31,7 +32,6 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.lifecycle import Child, bring_up, machine_facts, percent, scratch_dir, table  # noqa: E402
+from bench.lifecycle import Child, Connection, bring_up, machine_facts, percent, scratch_dir, table  # noqa: E402
 
 TRAIN_ROWS = 120
 HYPERPARAMETERS: dict[str, Any] = {"n_epochs": 1, "batch_size": 16, "learning_rate": 5e-5}
@@ -103,35 +103,62 @@ def model_path(model_id: str) -> Path:
         return Path(row.path)
 
 
-def closed_loop(call: Callable[[int], int], requests: int, concurrency: int) -> tuple[list[float], float, int]:
-    """`concurrency` clients calling back to back until `requests` calls are done: latencies, wall, items."""
-    latencies: list[float] = []
-    items = 0
-    lock = threading.Lock()
-    counter = iter(range(requests))
+def raw_closed_loop(api_url: str, headers: dict[str, str], bodies: list[bytes], requests: int,
+                    concurrency: int) -> tuple[list[float], float, int]:
+    """Like `closed_loop` for POST /v1/classifications, on bench/lifecycle.py's cheap raw HTTP client.
 
-    def client() -> None:
-        nonlocal items
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            started = time.perf_counter()
-            done = call(i)
-            elapsed = time.perf_counter() - started
-            with lock:
-                latencies.append(elapsed)
-                items += done
+    The load generator shares the servers' two cores: this client costs far less CPU per request than
+    httpx from 32 threads (see `Connection`), so the figures measure the service, not the client.
+    """
+    import asyncio
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(client) for _ in range(concurrency)]:
-            future.result()
-    return latencies, time.perf_counter() - started, items
+    url = httpx.URL(api_url)
+    assert url.port is not None
+    host, port = url.host, url.port
+
+    async def load() -> tuple[list[float], float, int]:
+        connections = [Connection(host, port, headers) for _ in range(concurrency)]
+        latencies: list[float] = []
+        issued = 0  # shared by the clients; asyncio switches only at await, so no lock is needed
+
+        async def one_client(connection: Connection) -> None:
+            nonlocal issued
+            while issued < requests:
+                body = bodies[issued % len(bodies)]
+                issued += 1
+                started = time.perf_counter()
+                status, content = await connection.request("POST", "/v1/classifications", body)
+                latencies.append(time.perf_counter() - started)
+                if status != 200:
+                    raise RuntimeError(f"classification answered {status}: {content[:500]!r}")
+
+        started = time.perf_counter()
+        try:
+            await asyncio.gather(*(one_client(connection) for connection in connections))
+        finally:
+            for connection in connections:
+                await connection.close()
+        return latencies, time.perf_counter() - started, len(latencies)
+
+    return asyncio.run(load())
 
 
-def classification(http: httpx.Client, model_id: str, args: argparse.Namespace) -> dict[str, Any]:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) so far of each named process with its children, and of this process alone."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            out[name] = sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+    # The stack's processes are this one's children: count the load generator on its own.
+    out["bench client"] = sum(psutil.Process().cpu_times()[:2])
+    return out
+
+
+def classification(http: httpx.Client, model_id: str, args: argparse.Namespace,
+                   pids: dict[str, int]) -> dict[str, Any]:
     from domain.settings import get_settings
     from training.devices import configure_cpu
     from training.predict import ClassificationPredictor
@@ -147,27 +174,43 @@ def classification(http: httpx.Client, model_id: str, args: argparse.Namespace) 
 
     for i in range(3):  # warm: the model loads on the first request
         classify(i)
-    out: dict[str, Any] = {}
-    for concurrency in (1, args.concurrency):
-        latencies, wall, items = closed_loop(classify, args.requests * (1 if concurrency == 1 else 3), concurrency)
-        out[f"c{concurrency}"] = {"p50_ms": round(percentile(latencies, 50) * 1000, 1),
-                                  "p99_ms": round(percentile(latencies, 99) * 1000, 1),
-                                  "items_per_s": round(items / wall, 1), "requests": len(latencies),
-                                  "load": load_average()}
-
-    # The baseline: the same model in this process, same torch threads as the worker, batches of 32.
+    # The baseline: the same model in this process, same torch threads as the worker, batches of 32; taken
+    # before and after the online runs, as the shared machine's load drifts.
     configure_cpu(get_settings().torch_threads)
     predictor = ClassificationPredictor(model_path(model_id))
     predictor.predict(sample[:32], batch_size=32)
-    total = out[f"c{args.concurrency}"]["requests"]
-    started = time.perf_counter()
-    for start in range(0, total, 32):
-        chunk = [sample[(start + j) % len(sample)] for j in range(min(32, total - start))]
-        predictor.predict(chunk, batch_size=32)
-    baseline = total / (time.perf_counter() - started)
-    out["in_process_batch32_items_per_s"] = round(baseline, 1)
+    baseline_texts = args.requests * 3
+
+    def baseline_items_per_s() -> float:
+        started = time.perf_counter()
+        for start in range(0, baseline_texts, 32):
+            chunk = [sample[(start + j) % len(sample)] for j in range(min(32, baseline_texts - start))]
+            predictor.predict(chunk, batch_size=32)
+        return baseline_texts / (time.perf_counter() - started)
+
+    before_online = baseline_items_per_s()
+    out: dict[str, Any] = {}
+    headers = {"Authorization": http.headers["authorization"], "Prefer": WAIT}
+    bodies = [json.dumps({"model": model_id, "input": text}).encode() for text in sample]
+    for concurrency in (1, args.concurrency):
+        before = cpu_seconds(pids)
+        latencies, wall, items = raw_closed_loop(str(http.base_url).rstrip("/"), headers, bodies,
+                                                 args.requests * (1 if concurrency == 1 else 3), concurrency)
+        after = cpu_seconds(pids)
+        out[f"c{concurrency}"] = {"p50_ms": round(percentile(latencies, 50) * 1000, 1),
+                                  "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+                                  "items_per_s": round(items / wall, 1), "requests": len(latencies),
+                                  "load": load_average(),
+                                  # Where the CPU went, per request (Postgres and Redis not included).
+                                  "cpu_ms_per_request": {name: round((after[name] - before[name]) / len(latencies)
+                                                                     * 1000, 1) for name in after if name in before}}
+
+    after_online = baseline_items_per_s()
+    out["in_process_batch32_items_per_s_before_after"] = [round(before_online, 1), round(after_online, 1)]
+    out["in_process_batch32_items_per_s"] = round((before_online + after_online) / 2, 1)
     out["in_process_load"] = load_average()
-    out["throughput_ratio"] = round(out[f"c{args.concurrency}"]["items_per_s"] / baseline, 3)
+    online = out[f"c{args.concurrency}"]["items_per_s"]
+    out["throughput_ratio"] = round(online / out["in_process_batch32_items_per_s"], 3)
     return out
 
 
@@ -288,7 +331,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 model_id = fine_tune(http)
                 print(f"fine-tuned {model_id} ({TRAIN_ROWS} rows, {HYPERPARAMETERS}) in "
                       f"{time.perf_counter() - started:.0f}s", flush=True)
-                cls = classification(http, model_id, args)
+                pids = {name: stack.children[name].popen.pid for name in ("api", "worker-inference")}
+                cls = classification(http, model_id, args, pids)
                 cls["batches"] = batch_sizes(stack.children["worker-inference"].log_path, model_id)
                 gen = generation(http, args)
                 gen["batches"] = batch_sizes(stack.children["worker-inference"].log_path, args.gen_model)
@@ -298,12 +342,15 @@ def run(args: argparse.Namespace, work: Path) -> None:
                     ["concurrency 1", str(c1["p50_ms"]), str(c1["p99_ms"]), str(c1["items_per_s"]), c1["load"]],
                     [f"concurrency {args.concurrency}", str(cn["p50_ms"]), str(cn["p99_ms"]),
                      str(cn["items_per_s"]), cn["load"]],
-                    ["in-process, batches of 32", "", "", str(cls["in_process_batch32_items_per_s"]),
-                     cls["in_process_load"]],
+                    ["in-process, batches of 32 (before/after)", "", "",
+                     "/".join(map(str, cls["in_process_batch32_items_per_s_before_after"])), cls["in_process_load"]],
                 ]))
                 print(f"classification throughput at concurrency {args.concurrency} / in-process batch 32: "
                       f"{cls['throughput_ratio']:.2f} (target >= 0.7); p50 at concurrency 1: {c1['p50_ms']} ms "
                       f"(target < 100); worker batches: {cls['batches']}")
+                print(f"CPU ms per request at concurrency {args.concurrency} (Postgres and Redis not counted): "
+                      f"{cn['cpu_ms_per_request']}; in-process forward pass per text: "
+                      f"{1000 / cls['in_process_batch32_items_per_s']:.1f} ms")
                 print(f"generation ({gen['model']}, {GEN_PROMPTS} concurrent requests, max_tokens {gen['max_tokens']}, "
                       f"greedy; median of {gen['rounds']} rounds): online {gen['online_tokens_per_s']} tokens/s "
                       f"(load {', '.join(gen['online_load'])}), in-process one padded batch "
