@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI, Request, Response
 
 from api import batches, compat, errors, events, files, fine_tuning, health, inference, models, webhooks
@@ -20,14 +22,25 @@ MAX_JSON_BODY = 8 * 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
 
 
+@asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    # Each synchronous inference request holds a thread while it waits for its reply; Starlette's default
+    # of 40 would queue requests before the inference worker could batch them.
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = max(limiter.total_tokens, get_settings().inference_concurrency + 16)
+    yield
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(
+        lifespan=_lifespan,
         title="LLM OS",
         version="0.1.0",
         description="Fine-tune and serve language models: an OpenAI-compatible asynchronous job API.",
     )
     errors.install(app)
+
     health.register_collectors()
     # Registered first, so it runs inside request_context: replays get a request ID and metrics too.
     app.middleware("http")(idempotency_middleware)

@@ -113,7 +113,8 @@ def heartbeat(session: Session, job_id: str, attempt: int) -> tuple[bool, bool, 
     """Record liveness of this attempt; returns (cancel_requested, pause_requested, status) or None if lost."""
     row = session.execute(
         update(FineTuningJob)
-        .where(FineTuningJob.id == job_id, FineTuningJob.attempts == attempt)
+        .where(FineTuningJob.id == job_id, FineTuningJob.attempts == attempt,
+               FineTuningJob.status.in_(("running", "cancelling")))
         .values(heartbeat_at=utcnow())
         .returning(FineTuningJob.cancel_requested, FineTuningJob.pause_requested, FineTuningJob.status)
     ).first()

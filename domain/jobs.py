@@ -21,6 +21,8 @@ CANCELLING = "cancelling"
 PAUSED = "paused"
 
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+# The states in which a worker's claim on the job is live.
+CLAIMED = frozenset({RUNNING, CANCELLING})
 
 # Which status may follow which; anything else is a bug or a lost race, never applied.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -131,3 +133,8 @@ def transition(
 
 def failure(code: str, message: str, param: str | None = None) -> dict[str, Any]:
     return {"code": code, "message": message, "param": param}
+
+
+def holds_claim(job: FineTuningJob, attempt: int) -> bool:
+    """True while ``attempt`` still owns the job: requeued, paused or finished jobs belong to nobody."""
+    return job.attempts == attempt and job.status in CLAIMED

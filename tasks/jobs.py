@@ -209,7 +209,7 @@ def _end_runaway_attempt(job_id: str, attempt: int, limit: float) -> None:
     """Hard limit: the step did not return within the grace, so fail the job and end this process."""
     with transaction() as session:
         job = jobs_repo.get_job_by_id(session, job_id, lock=True)
-        if job is not None and job.attempts == attempt and job.status not in jobs.TERMINAL:
+        if job is not None and jobs.holds_claim(job, attempt):
             _fail_over_runtime(session, job, attempt, limit, (job.progress or {}).get("step"))
     log.error("train %s: still running past its hard runtime limit; ending the process", job_id)
     # The pool replaces this process (one task per child); the stuck step cannot be interrupted otherwise.
@@ -219,7 +219,7 @@ def _end_runaway_attempt(job_id: str, attempt: int, limit: float) -> None:
 def _finish_failed(job_id: str, attempt: int, message: str) -> None:
     with transaction() as session:
         job = jobs_repo.get_job_by_id(session, job_id, lock=True)
-        if job is None or job.attempts != attempt or job.status in jobs.TERMINAL:
+        if job is None or not jobs.holds_claim(job, attempt):
             return
         jobs.transition(session, job, jobs.FAILED, f"Training failed: {message}", level="error",
                         error=jobs.failure("training_error", message))
@@ -232,7 +232,7 @@ def _record_outcome(job_id: str, attempt: int, model_name: str, base: Model, res
     outcome = result.outcome
     with transaction() as session:
         job = jobs_repo.get_job_by_id(session, job_id, lock=True)
-        if job is None or job.attempts != attempt or job.status in jobs.TERMINAL:
+        if job is None or not jobs.holds_claim(job, attempt):
             return
         if not outcome.completed:
             reason = outcome.stop_reason

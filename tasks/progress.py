@@ -132,7 +132,7 @@ class JobReporter:
                     "samples_per_second": round(state.samples_per_second, 2)}
         with transaction() as session:
             job = jobs_repo.get_job_by_id(session, self.job_id)
-            if job is None or job.attempts != self.attempt:
+            if job is None or not jobs.holds_claim(job, self.attempt):
                 return
             job.progress = progress
             job.heartbeat_at = utcnow()
@@ -165,7 +165,7 @@ class JobReporter:
     def _record_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         with transaction() as session:
             job = jobs_repo.get_job_by_id(session, self.job_id)
-            if job is None or job.attempts != self.attempt:
+            if job is None or not jobs.holds_claim(job, self.attempt):
                 return
             existing = session.query(Checkpoint).filter_by(job_id=job.id, step_number=step).one_or_none()
             if existing is not None:
