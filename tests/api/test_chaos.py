@@ -1,5 +1,8 @@
 """Crashes at random moments lose no job, never run one in two places, and resume without losing quality.
 
+Also here: a SIGKILLed job that succeeds equals an uninterrupted run bit for bit; a frozen (SIGSTOPped)
+worker whose job moved on writes nothing once thawed; and pauses do not use up the crash budget.
+
 The chaos test kills the gpu worker (SIGKILL of its process group, SIGKILL of the training process only,
 as the OOM killer does, or SIGTERM) and beat (SIGKILL or SIGTERM) at seeded random moments while 50 jobs
 go through, then checks every job's claim records. Replay a failure with the seed its message prints:
@@ -213,10 +216,11 @@ def run_chaos(api: Api, stack: dict[str, Process], services: dict[str, str], rng
             assert [c.outcome for c in mine][-1] == "succeeded", context
             assert models[job_id] == [job["fine_tuned_model"]], context
         else:
-            # The only legitimate failure: this job's worker was lost on its last allowed attempt.
+            # The only legitimate failure: this job's worker was lost `cap` times (hand-backs do not count),
+            # the last time on its last claim. Possible here only when kills keep striking the same job.
             assert job["status"] == "failed", context
             assert job["error"]["code"] == "worker_lost", context
-            assert job["attempts"] == cap and mine[-1].outcome == "lost", context
+            assert [c.outcome for c in mine].count("lost") == cap and mine[-1].outcome == "lost", context
             assert models[job_id] == [], context
     # Later tests need a live stack: the restarted processes still run.
     assert all(stack[name].popen.poll() is None for name in (*GPU_WORKERS, "beat"))
@@ -232,15 +236,16 @@ def test_sigkill_then_success_matches_an_uninterrupted_run(
     from domain.storage import job_dir
     from training.trainer import latest_checkpoint
 
-    file_id = api.upload(jsonl(sentiment_rows(200))).json()["id"]
-    # 180 rows trained (a tenth held out), batch 4: 45 steps an epoch, a checkpoint at each epoch end.
+    file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
+    # 360 rows trained (a tenth held out), batch 2: 180 steps an epoch, a checkpoint at each epoch end; long
+    # enough that polling on a busy machine sees the job mid-epoch before the next checkpoint.
     body = {"model": "tiny-bert", "training_file": file_id, "seed": 1234,
-            "hyperparameters": {"n_epochs": 4, "batch_size": 4, "learning_rate": 1e-3}}
-    steps_per_epoch = 45
+            "hyperparameters": {"n_epochs": 3, "batch_size": 2, "learning_rate": 1e-3}}
+    steps_per_epoch = 180
     killed = api.http.post("/v1/fine_tuning/jobs", json=body).json()
 
     def checkpoint_passed() -> int | None:
-        # Mid-epoch, past the first checkpoint, so the kill loses steps the resume must redo.
+        # Past the first checkpoint, so the job resumes from one rather than from scratch.
         checkpoints = api.http.get(f"/v1/fine_tuning/jobs/{killed['id']}/checkpoints").json()["data"]
         step = (api.job(killed["id"]).get("progress") or {}).get("step", 0)
         return step if checkpoints and step > checkpoints[0]["step_number"] else None
@@ -252,18 +257,19 @@ def test_sigkill_then_success_matches_an_uninterrupted_run(
     wait_until(lambda: not _group_alive(worker.pid), 30, "the training process to die")
     # Nothing writes the checkpoints until the reconciler requeues the job: this is what it resumes from.
     on_disk = latest_checkpoint(job_dir(killed["id"]) / "checkpoints")
+    last_seen_step = api.job(killed["id"])["progress"]["step"]
+    # Restarted before any assertion, so a failure here leaves later tests a gpu worker.
+    restart(stack, services, "worker-gpu", 100)
     assert on_disk is not None
     checkpoint_step = int(on_disk.name.rsplit("-", 1)[-1])
-    last_seen_step = api.job(killed["id"])["progress"]["step"]
-    assert last_seen_step > checkpoint_step
-    restart(stack, services, "worker-gpu", 100)
+    # A SIGKILL loses the steps since the last epoch-end checkpoint (none if it struck right after one).
+    assert checkpoint_step >= steps_per_epoch and checkpoint_step % steps_per_epoch == 0, checkpoint_step
+    assert 0 <= last_seen_step - checkpoint_step < steps_per_epoch, (last_seen_step, checkpoint_step)
 
     final = api.wait_status(killed["id"], TERMINAL, timeout=300)
     assert final["status"] == "succeeded" and final["attempts"] == 2, final
     resumed = [m for m in api.messages(killed["id"]) if m.startswith("resumed from checkpoint")]
     assert [int(re.findall(r"\d+", m)[-1]) for m in resumed] == [checkpoint_step]
-    # A SIGKILL loses at most the steps since the last epoch-end checkpoint.
-    assert 0 < last_seen_step - checkpoint_step < steps_per_epoch
     claims = claims_of([killed["id"]])[killed["id"]]
     assert [(c.attempt, c.outcome) for c in claims] == [(1, "lost"), (2, "succeeded")]
     assert claims[1].claimed_at >= claims[0].released_at
@@ -297,8 +303,6 @@ def training_process_of(worker: Process) -> psutil.Process:
     return children[0]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pauses and graceful hand-backs count toward the worker-lost cap "
-                                       "(tasks/maintenance.py compares job.attempts, which counts every claim)")
 def test_pauses_do_not_use_up_the_attempts_a_crash_may_take(
     api: Api, stack: dict[str, Process], services: dict[str, str]
 ) -> None:
@@ -325,9 +329,93 @@ def test_pauses_do_not_use_up_the_attempts_a_crash_may_take(
 
     after = wait_until(requeued_or_ended, 60, "the reconciler to requeue or fail the job")
     try:
-        # Expected: requeued, since this was its first crash; today: failed with worker_lost.
+        # Requeued: this was its first crash. (Counting every claim, it failed here with worker_lost.)
         assert after["status"] not in TERMINAL and after["attempts"] == cap + 1, (after["status"], after["error"])
     finally:
         if api.job(job["id"])["status"] not in TERMINAL:
             api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
             api.wait_status(job["id"], TERMINAL)
+
+
+def test_a_frozen_worker_thawed_after_its_job_moved_on_writes_nothing(
+    api: Api, stack: dict[str, Process], services: dict[str, str]
+) -> None:
+    env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
+    # A second gpu worker to take the job over while the first is frozen (a paused VM, a long swap storm).
+    stack["worker-gpu-b"] = Process("worker-gpu-b-frozen", [sys.executable, "-m", "ops.cli", "worker", "--queues",
+                                                           "gpu"], env, Path(services["home"]) / "logs")
+    frozen: Process | None = None
+    try:
+        file_id = api.upload(jsonl(sentiment_rows(200))).json()["id"]
+        steps_per_epoch = 45  # 180 rows trained, batch 4
+        job = api.http.post("/v1/fine_tuning/jobs", json={
+            "model": "tiny-bert", "training_file": file_id,
+            "hyperparameters": {"n_epochs": 30, "batch_size": 4}}).json()
+        wait_until(lambda: api.http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"], 180,
+                   "the first checkpoint")
+        holder = worker_pid(_claim_worker(job["id"]))
+        frozen = next(stack[name] for name in GPU_WORKERS if stack[name].popen.pid == holder)
+        os.killpg(frozen.popen.pid, signal.SIGSTOP)
+        wait_until(lambda: api.job(job["id"])["attempts"] == 2 and api.job(job["id"])["status"] == "running", 120,
+                   "the other worker to take the job over")
+        moved_on = api.job(job["id"])["progress"]["step"]
+        wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) > moved_on, 120,
+                   "the new attempt to train")
+        os.killpg(frozen.popen.pid, signal.SIGCONT)
+        wait_until(lambda: "lost its claim" in frozen.log_path.read_text(errors="replace"), 60,
+                   "the thawed attempt to notice it lost its claim")
+        assert api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+        assert api.wait_status(job["id"], TERMINAL)["status"] == "cancelled"
+        checkpoints = api.http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+        # Only epoch ends: a checkpoint mid-epoch is the thawed attempt writing into the job it lost.
+        steps = [c["step_number"] for c in checkpoints]
+        assert all(step % steps_per_epoch == 0 for step in steps), steps
+        claims = claims_of([job["id"]])[job["id"]]
+        assert [(c.attempt, c.outcome) for c in claims] == [(1, "lost"), (2, "cancel")]
+        assert claims[1].claimed_at >= claims[0].released_at
+        assert worker_pid(claims[0].worker) == frozen.popen.pid != worker_pid(claims[1].worker)
+    finally:
+        if frozen is not None:
+            os.killpg(frozen.popen.pid, signal.SIGCONT)
+        stack.pop("worker-gpu-b").stop()
+
+
+def _claim_worker(job_id: str) -> str:
+    from db.models import FineTuningJob
+    from db.session import transaction
+
+    with transaction() as session:
+        row = session.get(FineTuningJob, job_id)
+        assert row is not None and row.worker
+        return str(row.worker)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a lost attempt whose job is requeued but not yet claimed again keeps "
+                                       "its heartbeat (db/jobs.py heartbeat matches on attempts only) and trains on")
+def test_a_worker_thawed_before_its_job_is_claimed_again_stops(api: Api, stack: dict[str, Process]) -> None:
+    file_id = api.upload(jsonl(sentiment_rows(200))).json()["id"]
+    job = api.http.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-bert", "training_file": file_id, "hyperparameters": {"n_epochs": 50, "batch_size": 4}}).json()
+    total_steps = 50 * 45  # 180 rows trained, batch 4
+    wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) > 0, 180, "training to start")
+    frozen = stack["worker-gpu"]  # the only gpu worker: nobody claims the job while it is frozen
+    os.killpg(frozen.popen.pid, signal.SIGSTOP)
+    try:
+        requeued = api.wait_status(job["id"], {"queued"}, timeout=60)
+        assert requeued["attempts"] == 1
+    finally:
+        os.killpg(frozen.popen.pid, signal.SIGCONT)
+    try:
+        # Its claim was released as lost: the thawed attempt must stop at its next heartbeat, and the worker
+        # then claims the job anew and resumes mid-run. (Today the lost attempt trains the queued job to its
+        # end, fails to record success from `queued`, and attempt 2 resumes from the final step.)
+        wait_until(lambda: api.job(job["id"])["attempts"] == 2, 180, "a new claim")
+        resumed = wait_until(lambda: [m for m in api.messages(job["id"]) if m.startswith("resumed from checkpoint")],
+                             60, "the resume event")
+        assert int(re.findall(r"\d+", resumed[-1])[-1]) < total_steps, resumed
+        claims = claims_of([job["id"]])[job["id"]]
+        assert (claims[0].attempt, claims[0].outcome) == (1, "lost")
+    finally:
+        if api.job(job["id"])["status"] not in TERMINAL:
+            api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+        api.wait_status(job["id"], TERMINAL)
