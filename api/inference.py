@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 from api.deps import Principal, get_session, require
 from api.errors import APIError, not_found
 from api.schemas import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
-from db import registry
 from db.models import Inference
 from domain import dispatch, ids, replies
 from domain.clock import unix, utcnow
+from domain.serving import serving_refusal
 from domain.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -39,15 +39,9 @@ def _wait_seconds(request: Request) -> float:
 
 
 def check_serveable(session: Session, principal: Principal, model_id: str, task: str) -> None:
-    model = registry.get_visible_model(session, principal.tenant_id, model_id)
+    model, code, message = serving_refusal(session, principal.tenant_id, model_id, task)
     if model is None:
-        raise APIError(400, f"model: no model named '{model_id}'", param="model", code="model_not_found")
-    if task not in model.tasks:
-        raise APIError(400, f"model '{model_id}' does not serve {task}; it serves {', '.join(model.tasks)}",
-                       param="model", code="unsupported_task")
-    if model.kind == "base" and task in ("classification", "ner"):
-        raise APIError(400, f"model '{model_id}' is a base encoder without a trained {task} head; "
-                       "fine-tune it first", param="model", code="model_not_fine_tuned")
+        raise APIError(400, f"model: {message}", param="model", code=code)
 
 
 def run_inference(

@@ -6,10 +6,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db import registry
 from db.models import Batch, Model
 from domain.clock import unix, utcnow
 from domain.events import emit_event
+from domain.serving import serving_refusal
 
 VALIDATING = "validating"
 IN_PROGRESS = "in_progress"
@@ -110,13 +110,7 @@ def serving_problem(
     session: Session, tenant_id: str, model_id: str, task: str
 ) -> tuple[Model | None, dict[str, Any] | None]:
     """The model if the tenant may run ``task`` on it, else an error (the online endpoints' rules)."""
-    model = registry.get_visible_model(session, tenant_id, model_id)
+    model, code, message = serving_refusal(session, tenant_id, model_id, task)
     if model is None:
-        return None, line_error("model_not_found", f"no model named '{model_id}'", "body.model")
-    if task not in model.tasks:
-        return None, line_error("unsupported_task", f"model '{model_id}' does not serve {task}; it serves "
-                                f"{', '.join(model.tasks)}", "body.model")
-    if model.kind == "base" and task in ("classification", "ner"):
-        return None, line_error("model_not_fine_tuned", f"model '{model_id}' is a base encoder without a "
-                                f"trained {task} head; fine-tune it first", "body.model")
+        return None, line_error(code, message, "body.model")
     return model, None
