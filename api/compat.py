@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from api.deps import Principal, get_session, require
 from api.errors import APIError
 from api.fine_tuning import create_job, fine_tuning
-from api.inference import check_serveable, inference_object, run_inference
+from api.inference import ACCEPTED, check_serveable, inference_object, run_inference
 from api.schemas import CreateJob, Hyperparameters, Strict
 from domain.settings import get_settings
 
@@ -73,7 +73,7 @@ def _sampling(max_tokens: int | None, temperature: float | None) -> dict[str, An
             "top_p": 1.0, "n": 1, "stop": None, "seed": None}
 
 
-@router.post("/generate", summary="Generate text from a prompt (seed-compatible)")
+@router.post("/generate", responses=ACCEPTED, summary="Generate text from a prompt (seed-compatible)")
 def generate(
     body: GenerateRequest, request: Request, principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
@@ -85,7 +85,7 @@ def generate(
                    lambda r: {"text": r["choices"][0]["text"]})
 
 
-@router.post("/ask", summary="Answer a question, optionally from a context (seed-compatible)")
+@router.post("/ask", responses=ACCEPTED, summary="Answer a question, optionally from a context (seed-compatible)")
 def ask(
     body: AskRequest, request: Request, principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
@@ -115,7 +115,7 @@ def _classify(
                    shape)
 
 
-@router.post("/api/llm", summary="Label a text with the default classifier (seed-compatible)")
+@router.post("/api/llm", responses=ACCEPTED, summary="Label a text with the default classifier (seed-compatible)")
 def api_llm(
     body: TextRequest, request: Request, principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
@@ -124,7 +124,7 @@ def api_llm(
                      lambda r: {"prediction": r["data"][0]["label"]})
 
 
-@router.post("/llm-service", summary="Label texts with per-label scores (seed-compatible)")
+@router.post("/llm-service", responses=ACCEPTED, summary="Label texts with per-label scores (seed-compatible)")
 def llm_service(
     body: LlmServiceRequest, request: Request, principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),

@@ -27,6 +27,13 @@ inference_scope = require("inference")
 _WAIT = re.compile(r"wait=(\d+(?:\.\d+)?)")
 
 
+# Documented on every route that can answer with the handle instead of the result.
+ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {"description": "Still running after `Prefer: wait=N`: the inference object (`inf_…`), to poll at "
+                         "`GET /v1/inferences/{id}` until it carries the `response`."},
+}
+
+
 def inference_object(row: Inference) -> dict[str, Any]:
     return {"id": row.id, "object": "inference", "status": row.status, "endpoint": row.endpoint,
             "model": row.model, "created_at": unix(row.created_at), "finished_at": unix(row.finished_at),
@@ -95,7 +102,7 @@ def submit(
     return JSONResponse(response)
 
 
-@router.post("/v1/classifications", summary="Classify texts with a fine-tuned model (extension)")
+@router.post("/v1/classifications", responses=ACCEPTED, summary="Classify texts with a fine-tuned model (extension)")
 def classify(
     body: ClassificationRequest,
     request: Request,
@@ -108,7 +115,7 @@ def classify(
                   {"model": body.model, "input": inputs})
 
 
-@router.post("/v1/ner", summary="Find named entities with a fine-tuned NER model (extension)")
+@router.post("/v1/ner", responses=ACCEPTED, summary="Find named entities with a fine-tuned NER model (extension)")
 def ner(
     body: NerRequest,
     request: Request,
@@ -120,7 +127,7 @@ def ner(
     return submit(request, session, principal, "/v1/ner", body.model, {"model": body.model, "input": inputs})
 
 
-@router.post("/v1/completions", summary="Complete prompts (OpenAI Completions)")
+@router.post("/v1/completions", responses=ACCEPTED, summary="Complete prompts (OpenAI Completions)")
 def completions(
     body: CompletionRequest,
     request: Request,
@@ -133,7 +140,7 @@ def completions(
                   {"model": body.model, "prompt": prompts, **body.sampling()})
 
 
-@router.post("/v1/chat/completions", summary="Answer a conversation (OpenAI Chat Completions)")
+@router.post("/v1/chat/completions", responses=ACCEPTED, summary="Answer a conversation (OpenAI Chat Completions)")
 def chat_completions(
     body: ChatRequest,
     request: Request,

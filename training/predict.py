@@ -28,6 +28,9 @@ from training.lora import load_pretrained
 
 log = logging.getLogger(__name__)
 
+# Below this, sampling is greedy in all but name, and dividing logits by a temperature near zero (the API
+# accepts any value in [0, 2]) overflows them to inf and the sampler fails.
+GREEDY_BELOW_TEMPERATURE = 1e-4
 # Tokenizers without a real limit report a huge sentinel as model_max_length.
 _NO_LIMIT = 1_000_000
 
@@ -334,7 +337,7 @@ class GenerationPredictor:
         sampling: dict[str, Any] = (
             # top_k=0 turns off transformers' default top-50 cut: OpenAI samples with temperature and top_p only.
             {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-            if temperature > 0
+            if temperature >= GREEDY_BELOW_TEMPERATURE
             else {"do_sample": False}
         )
         return GenerationConfig(

@@ -65,3 +65,14 @@ def test_seed_routes_need_a_key_and_the_scope(anon: Api, api_url: str, make_key:
     files_only = Api(api_url, make_key(scopes=["files"]))  # type: ignore[operator]
     assert files_only.http.post("/generate", json={"prompt": "hi"}).status_code == 403
     assert files_only.http.post("/micromodel", json={"model": "tiny-bert", "training_file": "x"}).status_code == 403
+
+
+def test_a_temperature_next_to_zero_is_greedy_not_a_crash(api: Api) -> None:
+    # Found by the fuzzer: logits divided by 2.2e-308 overflow to inf and the sampler raised (a 500).
+    body = {"model": "tiny-gpt2", "prompt": "Once upon a time", "max_tokens": 4}
+    tiny = api.http.post("/v1/completions", json={**body, "temperature": 2.2250738585072014e-308})
+    assert tiny.status_code == 200, tiny.text
+    greedy = api.http.post("/v1/completions", json={**body, "temperature": 0}).json()
+    assert tiny.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+    compat = api.http.post("/generate", json={"prompt": "Once upon a time", "max_length": 4, "temperature": 1e-300})
+    assert compat.status_code == 200, compat.text
