@@ -311,15 +311,7 @@ def train_classification(
         metrics, _ = compute_metrics(y_true, y_pred, labels)
         return {"eval_loss": loss, "eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]}
 
-    args = TrainArgs(
-        n_epochs=int(hp["n_epochs"]),
-        batch_size=int(hp["batch_size"]),
-        learning_rate=float(hp["learning_rate"]),
-        checkpoint_dir=spec.checkpoint_dir,
-        warmup_ratio=float(hp["warmup_ratio"]),
-        weight_decay=float(hp["weight_decay"]),
-        seed=spec.seed,
-    )
+    args = TrainArgs.from_hyperparameters(hp, spec.checkpoint_dir, spec.seed)
     log.info(
         "classification: %d train rows, %d eval rows, %d labels, max_length %d, %s",
         len(train_rows),

@@ -353,16 +353,8 @@ def train_generation(
         loss_before = evaluate_loss(model, eval_batches)
         before = {"eval_loss_before": loss_before, "perplexity_before": perplexity(loss_before)}
 
-    args = TrainArgs(
-        n_epochs=int(hp["n_epochs"]),
-        # One dataset item is a whole length-grouped batch.
-        batch_size=1,
-        learning_rate=float(hp["learning_rate"]),
-        checkpoint_dir=spec.checkpoint_dir,
-        warmup_ratio=float(hp["warmup_ratio"]),
-        weight_decay=float(hp["weight_decay"]),
-        seed=spec.seed,
-    )
+    # One dataset item is a whole length-grouped batch.
+    args = TrainArgs.from_hyperparameters(hp, spec.checkpoint_dir, spec.seed, batch_size=1)
     log.info(
         "generation: %d train rows in %d batches, %d eval rows, max_length %d, %s",
         len(train_features),

@@ -251,15 +251,7 @@ def train_ner(
             "eval_accuracy": metrics["accuracy"],
         }
 
-    args = TrainArgs(
-        n_epochs=int(hp["n_epochs"]),
-        batch_size=int(hp["batch_size"]),
-        learning_rate=float(hp["learning_rate"]),
-        checkpoint_dir=spec.checkpoint_dir,
-        warmup_ratio=float(hp["warmup_ratio"]),
-        weight_decay=float(hp["weight_decay"]),
-        seed=spec.seed,
-    )
+    args = TrainArgs.from_hyperparameters(hp, spec.checkpoint_dir, spec.seed)
     log.info(
         "ner: %d train rows, %d eval rows, %d labels, max_length %d, %s",
         len(train_rows),

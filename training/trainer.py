@@ -68,6 +68,21 @@ class TrainArgs:
     keep_checkpoints: int = 2
     logging_steps: int = 0
 
+    @classmethod
+    def from_hyperparameters(
+        cls, hp: dict[str, Any], checkpoint_dir: Path, seed: int, batch_size: int | None = None
+    ) -> TrainArgs:
+        """The run's settings from a task's resolved hyperparameters; ``batch_size`` overrides the resolved one."""
+        return cls(
+            n_epochs=int(hp["n_epochs"]),
+            batch_size=int(hp["batch_size"]) if batch_size is None else batch_size,
+            learning_rate=float(hp["learning_rate"]),
+            checkpoint_dir=checkpoint_dir,
+            warmup_ratio=float(hp["warmup_ratio"]),
+            weight_decay=float(hp["weight_decay"]),
+            seed=seed,
+        )
+
 
 @dataclass
 class TrainOutcome:
