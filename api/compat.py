@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from api.deps import Principal, get_session, require
 from api.errors import APIError
 from api.fine_tuning import create_job, fine_tuning
-from api.inference import ACCEPTED, check_serveable, inference_object, run_inference
+from api.inference import ACCEPTED, check_serveable, run_inference
 from api.schemas import CreateJob, Hyperparameters, Strict
 from domain.settings import get_settings
 
@@ -62,9 +62,9 @@ def _answer(
     request: Request, session: Session, principal: Principal, endpoint: str, model: str, payload: dict[str, Any],
     shape: Any,
 ) -> JSONResponse:
-    row, response = run_inference(request, session, principal, endpoint, model, payload)
+    response, handle = run_inference(request, session, principal, endpoint, model, payload)
     if response is None:
-        return JSONResponse(inference_object(row), status_code=202)
+        return JSONResponse(handle, status_code=202)
     return JSONResponse(shape(response))
 
 

@@ -9,12 +9,12 @@ from typing import Any
 import redis
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from api.deps import Principal, get_session, require
 from api.errors import APIError, not_found
 from api.schemas import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
+from db import inferences
 from db.models import Inference
 from domain import dispatch, ids, replies
 from domain.clock import unix, utcnow
@@ -53,52 +53,48 @@ def check_serveable(session: Session, principal: Principal, model_id: str, task:
 
 def run_inference(
     request: Request, session: Session, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
-) -> tuple[Inference, dict[str, Any] | None]:
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Persist the request, send it to the inference queue, and wait for its answer within the caller's wait.
 
-    Returns the row and the response body, or None for the body when the answer did not come in time;
-    a failed inference raises its APIError.
+    Returns (response body, None), or (None, the inference object to poll) when the answer did not come
+    in time; a failed inference raises its APIError.
     """
-    row = Inference(id=ids.new_id(ids.INFERENCE), tenant_id=principal.tenant_id, endpoint=endpoint,
-                    model=model, status="queued", request=payload)
-    session.add(row)
-    # An online request's row need not wait for the WAL flush (~10 ms here): if Postgres crashed within that
-    # instant, the caller still has its answer through the reply channel, as the worker's commits do.
-    session.execute(text("SET LOCAL synchronous_commit = off"))
-    session.commit()
-    # Sent here rather than after commit, so a broker outage is known while the caller still waits.
-    if not dispatch.publish(dispatch.StagedTask(dispatch.TASK_INFER, (row.id,), row.id)):
+    inference_id = ids.new_id(ids.INFERENCE)
+    inferences.create(inference_id, principal.tenant_id, endpoint, model, payload, utcnow())
+    # Sent at once rather than after a commit (the row is already in), so a broker outage is known while
+    # the caller still waits.
+    if not dispatch.publish(dispatch.StagedTask(dispatch.TASK_INFER, (inference_id,), inference_id)):
         message = "The broker is unavailable; retry shortly."
-        row.status, row.finished_at = "failed", utcnow()
-        row.error = {"status": 503, "message": message, "type": "server_error", "code": "broker_unavailable"}
-        session.commit()
+        error = {"status": 503, "message": message, "type": "server_error", "code": "broker_unavailable"}
+        inferences.finish([(inference_id, {"status": "failed", "response": None, "error": error})], utcnow())
         raise APIError(503, message, type_="server_error", code="broker_unavailable", headers={"Retry-After": "5"})
     try:
-        reply = replies.wait_reply(row.id, _wait_seconds(request))
+        reply = replies.wait_reply(inference_id, _wait_seconds(request))
     except redis.RedisError:
         # The request is queued; only the fast path is gone. The caller polls the row instead.
-        log.warning("reply channel of %s unavailable; answering with the handle", row.id)
+        log.warning("reply channel of %s unavailable; answering with the handle", inference_id)
         reply = None
     if reply is None:
-        session.refresh(row)
+        row = session.get(Inference, inference_id, populate_existing=True)
+        assert row is not None  # inserted above; rows go only with their tenant
         if row.status not in ("succeeded", "failed"):
-            return row, None
+            return None, inference_object(row)
         reply = {"status": row.status, "response": row.response, "error": row.error}
     if reply["status"] == "failed":
         err = reply["error"] or {}
         raise APIError(int(err.get("status", 500)), err.get("message", "inference failed"),
                        type_=err.get("type", "server_error"), code=err.get("code"))
     response: dict[str, Any] = reply["response"]
-    return row, response
+    return response, {}
 
 
 def submit(
     request: Request, session: Session, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
 ) -> JSONResponse:
     """The response of the online endpoints: the answer, or 202 with a handle past the caller's wait."""
-    row, response = run_inference(request, session, principal, endpoint, model, payload)
+    response, handle = run_inference(request, session, principal, endpoint, model, payload)
     if response is None:
-        return JSONResponse(inference_object(row), status_code=202)
+        return JSONResponse(handle, status_code=202)
     return JSONResponse(response)
 
 

@@ -27,6 +27,21 @@ def get_engine() -> Engine:
 
 
 @lru_cache(maxsize=1)
+def relaxed_engine() -> Engine:
+    """Autocommit connections whose commits skip the WAL flush: for online inference rows only.
+
+    An inference row is written a few hundred times a second, one statement at a time; waiting for the
+    disk (about 10 ms here) and a BEGIN/COMMIT round trip each would dominate a request's cost. The
+    statement stays atomic; only a Postgres crash within a fraction of a second after it could lose it,
+    while a caller that waited already has its answer from Redis. Jobs and everything else keep durable
+    commits on `get_engine()`.
+    """
+    url = get_settings().resolved_database_url()
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30, pool_recycle=1800,
+                         isolation_level="AUTOCOMMIT", connect_args={"options": "-c synchronous_commit=off"})
+
+
+@lru_cache(maxsize=1)
 def session_factory() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
@@ -47,9 +62,10 @@ def transaction() -> Iterator[Session]:
 
 def reset_engine() -> None:
     """Drop pooled connections; a forked worker child must not share its parent's sockets."""
-    if get_engine.cache_info().currsize:
-        get_engine().dispose(close=False)
-    get_engine.cache_clear()
+    for engine in (get_engine, relaxed_engine):
+        if engine.cache_info().currsize:
+            engine().dispose(close=False)
+        engine.cache_clear()
     session_factory.cache_clear()
 
 

@@ -30,14 +30,20 @@ def client() -> redis.Redis | None:
     return redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=None, health_check_interval=30)
 
 
-def push_reply(request_id: str, payload: dict[str, Any]) -> None:
+def push_replies(replies: list[tuple[str, dict[str, Any]]]) -> None:
+    """Push each (request ID, answer) to its caller's list, all in one round trip."""
     conn = client()
-    if conn is None:
+    if conn is None or not replies:
         return
-    pipe = conn.pipeline()
-    pipe.rpush(_key(request_id), json.dumps(payload))
-    pipe.expire(_key(request_id), REPLY_TTL_SECONDS)
+    pipe = conn.pipeline(transaction=False)
+    for request_id, payload in replies:
+        pipe.rpush(_key(request_id), json.dumps(payload))
+        pipe.expire(_key(request_id), REPLY_TTL_SECONDS)
     pipe.execute()
+
+
+def push_reply(request_id: str, payload: dict[str, Any]) -> None:
+    push_replies([(request_id, payload)])
 
 
 def wait_reply(request_id: str, timeout: float) -> dict[str, Any] | None:

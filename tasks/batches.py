@@ -468,7 +468,7 @@ def run_lines(endpoint: str, tenant_id: str, entries: list[dict[str, Any]], stop
             assert model is not None
             line_id, request_id = _new_ids()
             try:
-                body = HANDLERS[endpoint](model, entry["payload"], request_id)
+                body = HANDLERS[endpoint](model.id, model.path, entry["payload"], request_id)
                 results.append(LineResult(position, _success(entry["custom_id"], body, request_id, line_id), False))
             except Exception as exc:
                 if not isinstance(exc, ValueError | LookupError):

@@ -14,11 +14,9 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+import redis
 
-from db.models import Inference, Model
-from db.session import transaction
+from db import inferences
 from domain import dispatch, replies
 from domain.clock import utcnow
 from domain.settings import get_settings
@@ -112,16 +110,19 @@ class ModelCache:
 _settings = get_settings()
 CACHE = ModelCache(_settings.model_cache_mb * MIB)
 BATCHERS = BatcherRegistry(_settings.inference_batch_window_ms / 1000, _settings.inference_max_batch_size)
+# Row claims and outcomes of concurrent requests share one statement each, like their forward passes: no
+# window (whatever waits is taken at once), and while one statement runs the next requests gather.
+ROWS = BatcherRegistry(0.0, _settings.inference_concurrency, log_batches=False)
 
 
-def _batched(model: Model, task: str, method: str, inputs: list[Any], sampling: dict[str, Any] | None = None,
-             solo: str | None = None) -> list[Any]:
+def _batched(model_id: str, model_path: str, task: str, method: str, inputs: list[Any],
+             sampling: dict[str, Any] | None = None, solo: str | None = None) -> list[Any]:
     """Run `inputs` through the model in a shared batch with concurrent requests for the same endpoint.
 
     Generation requests share a batch only when their sampling parameters are equal; a seeded one runs
     alone (`solo`), so its answer depends on its seed and not on what it happened to be batched with.
     """
-    model_id, path, max_size = model.id, Path(model.path), BATCHERS.max_size
+    max_size, path = BATCHERS.max_size, Path(model_path)
 
     def run(batch: list[Any], group: Hashable) -> list[Any]:
         predictor = CACHE.get(model_id, task, path)
@@ -139,15 +140,19 @@ def _batched(model: Model, task: str, method: str, inputs: list[Any], sampling: 
     return BATCHERS.call((task, method, model_id), run, inputs, group=(params, solo), size=size)
 
 
-def _classify(model: Model, request: dict[str, Any], request_id: str) -> dict[str, Any]:
-    predictions = _batched(model, "classification", "predict", list(request["input"]))
-    return {"object": "list", "model": model.id,
+# Handlers: (model ID, model directory, request body, request ID) -> the endpoint's response body.
+Handler = Callable[[str, str, dict[str, Any], str], dict[str, Any]]
+
+
+def _classify(model_id: str, model_path: str, request: dict[str, Any], request_id: str) -> dict[str, Any]:
+    predictions = _batched(model_id, model_path, "classification", "predict", list(request["input"]))
+    return {"object": "list", "model": model_id,
             "data": [{"index": i, **p} for i, p in enumerate(predictions)]}
 
 
-def _ner(model: Model, request: dict[str, Any], request_id: str) -> dict[str, Any]:
-    found = _batched(model, "ner", "predict", list(request["input"]))
-    return {"object": "list", "model": model.id,
+def _ner(model_id: str, model_path: str, request: dict[str, Any], request_id: str) -> dict[str, Any]:
+    found = _batched(model_id, model_path, "ner", "predict", list(request["input"]))
+    return {"object": "list", "model": model_id,
             "data": [{"index": i, "entities": entities} for i, entities in enumerate(found)]}
 
 
@@ -161,75 +166,77 @@ def _sampling(request: dict[str, Any]) -> dict[str, Any]:
     return {k: request[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed", "n")}
 
 
-def _completions(model: Model, request: dict[str, Any], request_id: str) -> dict[str, Any]:
+def _completions(model_id: str, model_path: str, request: dict[str, Any], request_id: str) -> dict[str, Any]:
     sampling = _sampling(request)
-    results = _batched(model, "generation", "generate", list(request["prompt"]), sampling,
+    results = _batched(model_id, model_path, "generation", "generate", list(request["prompt"]), sampling,
                        solo=request_id if sampling["seed"] is not None else None)
     choices = [{"text": c["text"], "index": i * len(results[0]) + j, "logprobs": None,
                 "finish_reason": c["finish_reason"]} for i, prompt in enumerate(results) for j, c in enumerate(prompt)]
     return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": int(time.time()),
-            "model": model.id, "choices": choices, "usage": _usage(results), "system_fingerprint": None}
+            "model": model_id, "choices": choices, "usage": _usage(results), "system_fingerprint": None}
 
 
-def _chat(model: Model, request: dict[str, Any], request_id: str) -> dict[str, Any]:
+def _chat(model_id: str, model_path: str, request: dict[str, Any], request_id: str) -> dict[str, Any]:
     sampling = _sampling(request)
-    results = _batched(model, "generation", "chat", [request["messages"]], sampling,
+    results = _batched(model_id, model_path, "generation", "chat", [request["messages"]], sampling,
                        solo=request_id if sampling["seed"] is not None else None)
     choices = [{"index": j, "message": {"role": "assistant", "content": c["text"], "refusal": None},
                 "logprobs": None, "finish_reason": c["finish_reason"]} for j, c in enumerate(results[0])]
     return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()),
-            "model": model.id, "choices": choices, "usage": _usage(results), "system_fingerprint": None}
+            "model": model_id, "choices": choices, "usage": _usage(results), "system_fingerprint": None}
 
 
-HANDLERS = {"/v1/classifications": _classify, "/v1/ner": _ner, "/v1/completions": _completions,
+HANDLERS: dict[str, Handler] = {"/v1/classifications": _classify, "/v1/ner": _ner, "/v1/completions": _completions,
             "/v1/chat/completions": _chat}
 
 
-def _commit_without_waiting_for_disk(session: Session) -> None:
-    """An inference row's commits skip the WAL flush, each about 10 ms of a request's latency here.
-
-    The commit stays atomic; only a Postgres crash within a fraction of a second after it could lose it.
-    The row then reads as before (queued or running), as after a worker crash mid-request, while a caller
-    that waited already has its answer from Redis. Jobs and everything else keep durable commits.
-    """
-    session.execute(text("SET LOCAL synchronous_commit = off"))
+def _claim_rows(ids: list[str], _group: Hashable) -> list[inferences.Claim | None]:
+    claimed = inferences.claim(list(dict.fromkeys(ids)))
+    # A message delivered twice at once: only its first copy runs.
+    return [claimed.pop(inference_id, None) for inference_id in ids]
 
 
-@celery_app.task(name=dispatch.TASK_INFER)
-def run_inference(inference_id: str) -> None:
-    """Answer one request: write the response to its row, then push it to the waiting caller."""
-    with transaction() as session:
-        _commit_without_waiting_for_disk(session)
-        row = session.get(Inference, inference_id, with_for_update=True)
-        if row is None or row.status != "queued":
-            return
-        row.status = "running"
-        model = session.get(Model, row.model)
-        endpoint, request, tenant_id = row.endpoint, row.request, row.tenant_id
-    reply: dict[str, Any]
+def _finish_rows(outcomes: list[tuple[str, dict[str, Any]]], _group: Hashable) -> list[None]:
+    """Write the outcomes to their rows (the truth, for polls), then push each to its waiting caller."""
+    inferences.finish(outcomes, utcnow())
     try:
-        if model is None or model.deleted_at is not None or model.tenant_id not in (None, tenant_id):
-            raise LookupError(f"model '{request.get('model')}' no longer exists")
-        response = HANDLERS[endpoint](model, request, inference_id)
-        reply = {"status": "succeeded", "response": response, "error": None}
+        replies.push_replies(outcomes)
+    except redis.RedisError:
+        # The rows hold the answers: callers whose wait ends poll them.
+        log.warning("reply channel unavailable; %d answers are in their rows only", len(outcomes))
+    return [None] * len(outcomes)
+
+
+def answer(claim: inferences.Claim) -> dict[str, Any]:
+    """The reply to a claimed request: its response, or the error a caller should see."""
+    try:
+        if not claim.servable() or claim.model_path is None:
+            raise LookupError(f"model '{claim.model_id}' no longer exists")
+        response = HANDLERS[claim.endpoint](claim.model_id, claim.model_path, claim.request, claim.id)
+        return {"status": "succeeded", "response": response, "error": None}
     except ValueError as exc:
         # The request cannot be served as asked (a prompt longer than the context, say).
-        reply = {"status": "failed", "response": None,
-                 "error": {"status": 400, "message": str(exc), "type": "invalid_request_error",
-                           "code": "invalid_request"}}
+        return {"status": "failed", "response": None,
+                "error": {"status": 400, "message": str(exc), "type": "invalid_request_error",
+                          "code": "invalid_request"}}
     except LookupError as exc:
-        reply = {"status": "failed", "response": None,
-                 "error": {"status": 404, "message": str(exc), "type": "invalid_request_error",
-                           "code": "model_not_found"}}
+        return {"status": "failed", "response": None,
+                "error": {"status": 404, "message": str(exc), "type": "invalid_request_error",
+                          "code": "model_not_found"}}
     except Exception as exc:
-        log.exception("inference %s failed", inference_id)
-        reply = {"status": "failed", "response": None,
-                 "error": {"status": 500, "message": f"inference failed: {type(exc).__name__}",
-                           "type": "server_error", "code": "inference_error"}}
-    with transaction() as session:
-        _commit_without_waiting_for_disk(session)
-        row = session.get(Inference, inference_id)
-        if row is not None:
-            row.status, row.response, row.error = reply["status"], reply["response"], reply["error"]
-            row.finished_at = utcnow()
-    replies.push_reply(inference_id, reply)
+        log.exception("inference %s failed", claim.id)
+        return {"status": "failed", "response": None,
+                "error": {"status": 500, "message": f"inference failed: {type(exc).__name__}",
+                          "type": "server_error", "code": "inference_error"}}
+
+
+# No task events: at hundreds of requests a second, three event messages each cost more broker traffic
+# and worker CPU than the request's own work. Flower shows training and maintenance; the API's Prometheus
+# metrics count and time every inference request.
+@celery_app.task(name=dispatch.TASK_INFER, send_events=False)
+def run_inference(inference_id: str) -> None:
+    """Answer one request: claim its row, run it in a shared batch, write the outcome and push it back."""
+    claim = ROWS.call("claim", _claim_rows, [inference_id])[0]
+    if claim is None:
+        return
+    ROWS.call("finish", _finish_rows, [(inference_id, answer(claim))])
