@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     eval_fraction: float = Field(0.1, description="Share of training rows held out when no validation file.")
     progress_event_seconds: float = Field(10.0, description="Throttle of progress events (plus each epoch end).")
     inference_wait_seconds: float = Field(60.0, description="Default `Prefer: wait=N` of online inference.")
+    inference_abandon_seconds: float = Field(
+        900.0, description="An online request unanswered this long fails with `inference_lost` (its worker "
+                           "stopped: requests are not redelivered)."
+    )
     inference_concurrency: int = Field(
         64, description="Requests one inference worker process holds at once (threads), so they can be batched."
     )

@@ -77,13 +77,15 @@ def worker_argv(queues: list[str], name: str) -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from tasks.app import celery_app
+    from tasks.app import celery_app, serve_only_inference
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = [q for q in queues if q not in QUEUE_PROFILES]
     if unknown:
         raise SystemExit(f"error: unknown queue(s) {', '.join(unknown)}; choose from gpu, inference, cpu")
     os.environ["LLMOS_WORKER_QUEUES"] = ",".join(queues)
+    if queues == ["inference"]:
+        serve_only_inference()
     if queues:
         # Import torch and transformers once, before the pool forks: each training task gets a fresh
         # process (--max-tasks-per-child=1), and validation resolves hyperparameters with the training

@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_shutting_down
+from celery.signals import celeryd_after_setup, worker_process_init, worker_shutting_down
 
 from db.session import reset_engine
 from domain import dispatch
@@ -30,6 +30,7 @@ def create_celery() -> Celery:
         task_soft_time_limit=max(settings.task_time_limit - 300, 60),
         worker_send_task_events=True,
         task_send_sent_event=True,
+
         beat_schedule={
             "reconcile": {
                 "task": dispatch.TASK_RECONCILE,
@@ -55,6 +56,19 @@ def create_celery() -> Celery:
 celery_app = create_celery()
 
 
+def serve_only_inference() -> None:
+    """Tune this process's app for a worker that consumes only the inference queue (before it starts).
+
+    No ack emulation on the broker connection: the Redis transport would record every message in an
+    "unacked" hash and index on receipt and delete it on ack, two pipelines and a new client object per
+    request, more than the request's own bookkeeping. What it buys is redelivery of a crashed worker's
+    messages after the visibility timeout (hours), long after their callers gave up; the reconciler fails
+    such requests instead (`inference_abandon_seconds`). Prefetch stays bounded, in memory.
+    """
+    options = dict(celery_app.conf.broker_transport_options or {})
+    celery_app.conf.broker_transport_options = {**options, "ack_emulation": False}
+
+
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
     # Sent by the prefork pool only: a threads pool (the inference-only worker) shares the main process's
@@ -64,6 +78,18 @@ def _init_worker_process(**_: Any) -> None:
     if "inference" in os.environ.get("LLMOS_WORKER_QUEUES", "").split(","):
         # Pay torch/transformers imports at start-up, not on the first request.
         import training.predict  # noqa: F401
+
+
+@celeryd_after_setup.connect
+def _quiet_inference_worker(**_: Any) -> None:
+    """No per-task INFO lines (received, succeeded) in the inference worker.
+
+    At hundreds of requests a second they cost more CPU than the requests' bookkeeping and bury the lines
+    that matter; the API's metrics count and time every request, and errors still log at WARNING.
+    """
+    if os.environ.get("LLMOS_WORKER_QUEUES") == dispatch.QUEUE_INFERENCE:
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @worker_shutting_down.connect

@@ -40,8 +40,10 @@ class PendingRequest:
 class Batcher:
     """Groups requests for one model and endpoint into shared calls of at most `max_size` rows."""
 
-    def __init__(self, name: str, run: BatchRunner, window_s: float, max_size: int, idle_s: float = 60.0) -> None:
+    def __init__(self, name: str, run: BatchRunner, window_s: float, max_size: int, idle_s: float = 60.0,
+                 log_batches: bool = True) -> None:
         self.name = name
+        self.log_batches = log_batches
         self._run = run
         self.window_s = max(0.0, window_s)
         self.max_size = max(1, max_size)
@@ -105,11 +107,14 @@ class Batcher:
 
     def _execute(self, batch: list[PendingRequest]) -> None:
         inputs = [item for request in batch for item in request.inputs]
-        log.info("batch %s: %d requests, %d inputs", self.name, len(batch), len(inputs))
+        started = time.monotonic()
         try:
             results = list(self._run(inputs, batch[0].group))
             if len(results) != len(inputs):
                 raise RuntimeError(f"batch {self.name} returned {len(results)} results for {len(inputs)} inputs")
+            if self.log_batches:
+                log.info("batch %s: %d requests, %d inputs, waited %.0f ms, ran %.0f ms", self.name, len(batch),
+                         len(inputs), (started - batch[0].arrived) * 1000, (time.monotonic() - started) * 1000)
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].future.set_exception(exc)
@@ -127,10 +132,11 @@ class Batcher:
 class BatcherRegistry:
     """One live batcher per key, created on first use and replaced after it closes for idleness."""
 
-    def __init__(self, window_s: float, max_size: int, idle_s: float = 60.0) -> None:
+    def __init__(self, window_s: float, max_size: int, idle_s: float = 60.0, log_batches: bool = True) -> None:
         self.window_s = window_s
         self.max_size = max_size
         self.idle_s = idle_s
+        self.log_batches = log_batches
         self._batchers: dict[Hashable, Batcher] = {}
         self._lock = threading.Lock()
 
@@ -146,7 +152,7 @@ class BatcherRegistry:
                 batcher = self._batchers.get(key)
                 if batcher is None or batcher.closed:
                     name = " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
-                    batcher = Batcher(name, run, self.window_s, self.max_size, self.idle_s)
+                    batcher = Batcher(name, run, self.window_s, self.max_size, self.idle_s, self.log_batches)
                     self._batchers[key] = batcher
             future = batcher.submit(inputs, group, size)
             if future is not None:

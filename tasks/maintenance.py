@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from db import idempotency
+from db import idempotency, inferences
 from db import jobs as jobs_repo
 from db.session import transaction
 from domain import batches, dispatch, ids, jobs
@@ -58,6 +58,11 @@ def reconcile() -> dict[str, int]:
                 counts["requeued"] += 1
     with transaction() as session:
         counts["idempotency_keys_purged"] = idempotency.purge_expired(session)
+    # Online requests whose worker stopped: their messages are not redelivered, so answer the pollers.
+    abandoned = now - timedelta(seconds=settings.inference_abandon_seconds)
+    counts["inferences_lost"] = inferences.abandon(abandoned, now, {
+        "status": 500, "type": "server_error", "code": "inference_lost",
+        "message": f"no worker answered within {settings.inference_abandon_seconds:.0f}s; send the request again"})
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     return counts

@@ -11,12 +11,14 @@ import re
 import threading
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from tests.conftest import Api, Process, wait_until
 from tests.data import NEGATIVE, POSITIVE, SUBJECTS, jsonl, sentiment_rows
@@ -173,6 +175,60 @@ def test_prefer_wait_0_answers_202_then_the_poll_has_the_response(api: Api) -> N
     direct = api.http.post("/v1/completions", json=body).json()
     assert polled["response"]["choices"][0]["text"] == direct["choices"][0]["text"]
     assert polled["response"]["object"] == "text_completion"
+
+
+def _finished_request(api: Api) -> str:
+    """An online request, answered: its ID."""
+    body = {"model": "tiny-gpt2", "prompt": "hello", "max_tokens": 2, "temperature": 0}
+    accepted = api.http.post("/v1/completions", json=body, headers={"Prefer": "wait=0"})
+    assert accepted.status_code == 202, accepted.text
+    inference_id: str = accepted.json()["id"]
+    wait_until(lambda: api.http.get(f"/v1/inferences/{inference_id}").json()["status"] == "succeeded", 60,
+               f"inference {inference_id} to succeed")
+    return inference_id
+
+
+def _set_row(inference_id: str, status: str, age: timedelta) -> None:
+    from db.session import transaction
+    from domain.clock import utcnow
+
+    with transaction() as session:
+        session.execute(text("UPDATE inferences SET status = :status, created_at = :created, response = NULL, "
+                             "finished_at = NULL WHERE id = :id"),
+                        {"status": status, "created": utcnow() - age, "id": inference_id})
+
+
+def test_the_reconciler_fails_requests_no_worker_answered(api: Api) -> None:
+    from domain.settings import get_settings
+    from tasks.maintenance import reconcile
+
+    # Two requests as a crashed worker leaves them (their messages are not redelivered): one older than
+    # the abandon limit, one that may still be answered.
+    lost, recent = _finished_request(api), _finished_request(api)
+    limit = timedelta(seconds=get_settings().inference_abandon_seconds)
+    _set_row(lost, "running", limit + timedelta(minutes=1))
+    _set_row(recent, "queued", limit - timedelta(minutes=1))
+
+    counts = reconcile()  # the beat task's function, called directly for a deterministic pass
+
+    assert counts["inferences_lost"] == 1
+    polled = api.http.get(f"/v1/inferences/{lost}").json()
+    assert polled["status"] == "failed" and polled["error"]["code"] == "inference_lost"
+    assert polled["finished_at"] is not None and polled["response"] is None
+    assert api.http.get(f"/v1/inferences/{recent}").json()["status"] == "queued"
+
+
+def test_a_request_delivered_twice_is_claimed_once(api: Api) -> None:
+    from tasks.inference import _claim_rows
+
+    inference_id = _finished_request(api)
+    _set_row(inference_id, "queued", timedelta(0))
+    # Two copies in one claim statement, then a third later, as redelivery or a publish retry would send.
+    first, second = _claim_rows([inference_id, inference_id], None)
+    assert first is not None and second is None
+    assert first.endpoint == "/v1/completions" and first.model_id == "tiny-gpt2" and first.servable()
+    assert _claim_rows([inference_id], None) == [None]
+    assert api.http.get(f"/v1/inferences/{inference_id}").json()["status"] == "running"
 
 
 # --- in-process: the batcher -----------------------------------------------------------------------------
