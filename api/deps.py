@@ -43,9 +43,8 @@ def authenticate(request: Request, session: Session = Depends(get_session)) -> P
     if found is None:
         raise APIError(401, "Invalid or revoked API key.", type_="authentication_error",
                        code="invalid_api_key")
-    key, tenant = found
-    return Principal(tenant_id=tenant.id, tenant_name=tenant.name, key_id=key.id,
-                     scopes=frozenset(key.scopes))
+    return Principal(tenant_id=found.tenant_id, tenant_name=found.tenant_name, key_id=found.key_id,
+                     scopes=frozenset(found.scopes))
 
 
 def require(scope: str) -> Callable[..., Principal]:

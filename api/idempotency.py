@@ -41,7 +41,7 @@ def _tenant_for(request: Request) -> str | None:
         return None
     with transaction() as session:
         found = tenants.find_active_key(session, token.strip())
-        return None if found is None else found[1].id
+        return None if found is None else found.tenant_id
 
 
 async def idempotency_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

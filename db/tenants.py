@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from db.models import ApiKey, Tenant
@@ -40,13 +41,27 @@ def create_key(session: Session, tenant: Tenant, scopes: list[str]) -> tuple[Api
     return row, plaintext
 
 
-def find_active_key(session: Session, plaintext: str) -> tuple[ApiKey, Tenant] | None:
-    row = session.execute(
-        select(ApiKey, Tenant)
-        .join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None))
-    ).first()
-    return None if row is None else (row[0], row[1])
+@dataclass(frozen=True)
+class ActiveKey:
+    key_id: str
+    scopes: list[str]
+    tenant_id: str
+    tenant_name: str
+
+
+# Every request runs this: plain columns through the session's connection, compiled once, skip the ORM's
+# identity map and entity loading (a measurable share of a small request's CPU).
+_ACTIVE_KEY = (
+    select(ApiKey.id, ApiKey.scopes, Tenant.id, Tenant.name)
+    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+    .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+)
+
+
+def find_active_key(session: Session, plaintext: str) -> ActiveKey | None:
+    """The unrevoked key with this plaintext, and its tenant."""
+    row = session.connection().execute(_ACTIVE_KEY, {"key_hash": hash_key(plaintext)}).first()
+    return None if row is None else ActiveKey(*row)
 
 
 def list_keys(session: Session) -> list[tuple[ApiKey, Tenant]]:
