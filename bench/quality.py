@@ -47,14 +47,14 @@ from bench.lifecycle import Child, bring_up, machine_facts, percent, scratch_dir
 DATA = Path(os.environ.get("LLMOS_BENCH_DATA", "/work/shared/data"))
 CONLL = DATA / "conll2003"
 SST2 = DATA / "sst2"
-JOB_TIMEOUT = 30 * 60.0
+JOB_TIMEOUT = 3 * 3600.0  # a full-data run on two CPU cores takes a while
 PROGRESS_EVERY = 15.0  # seconds between progress lines of a running job
 WAIT = 600  # Prefer: wait=N for inference calls: a batch on a busy CPU can take a while
 SEED = 0
-# One torch thread per worker process. Measured here with MiniLM-L6 (a token-classification step, batch
-# 32 x 40 tokens, on this shared 2-core machine at load ~3.7): 1.57 s/step at 1 thread, 2.06 s/step at 2.
-# The cores are shared with other test runs, so a second thread only adds contention.
-TORCH_THREADS = "1"
+# One torch thread per worker process by default. Measured here with MiniLM-L6 (a token-classification
+# step, batch 32 x 40 tokens, on this shared 2-core machine at load ~3.7): 1.57 s/step at 1 thread,
+# 2.06 s/step at 2: on shared cores a second thread only adds contention. --torch-threads on a quiet machine.
+TORCH_THREADS = 1
 
 
 @dataclass
@@ -364,6 +364,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="epochs per run "
                         f"(defaults: {', '.join(f'{k} {v.epochs}' for k, v in DEFAULTS.items())})")
     parser.add_argument("--home", type=Path, help="persistent LLMOS_HOME (reuses converted models); default temp")
+    parser.add_argument("--torch-threads", type=int, default=TORCH_THREADS,
+                        help=f"torch threads per worker process ({TORCH_THREADS}; more only on a quiet machine)")
     args = parser.parse_args(argv)
     for name in ("train_rows", "test_rows", "epochs"):
         value = getattr(args, name)
@@ -409,7 +411,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     facts = machine_facts()
     print(f"command: {shlex.join(['python', *sys.argv])}")
     print(f"machine: {facts['cpu_count']} CPUs ({facts['cpus_usable']} usable) {facts['cpu_model']}; "
-          f"torch {facts['torch']}; Python {facts['python']}; LLMOS_TORCH_THREADS={TORCH_THREADS}")
+          f"torch {facts['torch']}; Python {facts['python']}; LLMOS_TORCH_THREADS={args.torch_threads}")
     print(f"CPU idle before start: {percent(facts['cpu_idle_before'])} (well below 100%: shared machine, "
           "wall times are inflated)")
     names = args.only or list(RUNS)
@@ -418,7 +420,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         args.home.mkdir(parents=True, exist_ok=True)
         (work / "home").symlink_to(args.home.resolve())
     os.environ["LLMOS_CONVERT_GGUF_MODELS"] = "1"
-    os.environ["LLMOS_TORCH_THREADS"] = TORCH_THREADS
+    os.environ["LLMOS_TORCH_THREADS"] = str(args.torch_threads)
     results: list[Result] = []
     failure_logs: list[Child] = []
     with contextlib.ExitStack() as exits:
