@@ -18,7 +18,8 @@ from api.deps import Principal, get_session, require
 from api.errors import APIError
 from api.fine_tuning import create_job, fine_tuning
 from api.inference import ACCEPTED, check_serveable, run_inference
-from api.schemas import CreateJob, Hyperparameters, Strict
+from api.schemas import CreateJob, Hyperparameters
+from domain.requests import Strict
 from domain.settings import get_settings
 
 router = APIRouter(tags=["seed-compatible"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -47,10 +47,11 @@ def authenticate(request: Request, session: Session = Depends(get_session)) -> P
                      scopes=frozenset(found.scopes))
 
 
-def require(scope: str) -> Callable[..., Principal]:
+def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency that authenticates and demands ``scope`` (``admin`` holds every scope)."""
 
-    def dependency(principal: Principal = Depends(authenticate)) -> Principal:
+    # async: a set lookup needs no thread, and FastAPI runs sync dependencies each on a threadpool hop.
+    async def dependency(principal: Principal = Depends(authenticate)) -> Principal:
         if scope not in principal.scopes and "admin" not in principal.scopes:
             raise APIError(403, f"This key lacks the '{scope}' scope.", type_="permission_error",
                            code="missing_scope")

@@ -13,11 +13,11 @@ from sqlalchemy.orm import Session
 
 from api.deps import Principal, get_session, require
 from api.errors import APIError, not_found
-from api.schemas import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
 from db import inferences
 from db.models import Inference
 from domain import dispatch, ids, replies
 from domain.clock import unix, utcnow
+from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
 from domain.serving import serving_refusal
 from domain.settings import get_settings
 

@@ -12,11 +12,11 @@ from sqlalchemy.orm import Session
 from api.deps import Principal, get_session, require
 from api.errors import APIError, not_found
 from api.pages import After, Limit, page_body
-from api.schemas import Strict
 from db.models import WebhookEndpoint
 from db.pagination import newest_first
 from domain import ids, webhooks
 from domain.clock import utcnow
+from domain.requests import Strict
 
 router = APIRouter(prefix="/v1/webhook_endpoints", tags=["webhooks"])
 scope = require("webhooks")

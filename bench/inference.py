@@ -158,7 +158,7 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 
 
 def classification(http: httpx.Client, model_id: str, args: argparse.Namespace,
-                   pids: dict[str, int]) -> dict[str, Any]:
+                   pids: dict[str, int], worker_log: Path) -> dict[str, Any]:
     from domain.settings import get_settings
     from training.devices import configure_cpu
     from training.predict import ClassificationPredictor
@@ -193,7 +193,7 @@ def classification(http: httpx.Client, model_id: str, args: argparse.Namespace,
     headers = {"Authorization": http.headers["authorization"], "Prefer": WAIT}
     bodies = [json.dumps({"model": model_id, "input": text}).encode() for text in sample]
     for concurrency in (1, args.concurrency):
-        before = cpu_seconds(pids)
+        before, log_start = cpu_seconds(pids), log_size(worker_log)
         latencies, wall, items = raw_closed_loop(str(http.base_url).rstrip("/"), headers, bodies,
                                                  args.requests * (1 if concurrency == 1 else 3), concurrency)
         after = cpu_seconds(pids)
@@ -201,6 +201,7 @@ def classification(http: httpx.Client, model_id: str, args: argparse.Namespace,
                                   "p99_ms": round(percentile(latencies, 99) * 1000, 1),
                                   "items_per_s": round(items / wall, 1), "requests": len(latencies),
                                   "load": load_average(),
+                                  "batches": batch_sizes(worker_log, model_id, log_start),
                                   # Where the CPU went, per request (Postgres and Redis not included).
                                   "cpu_ms_per_request": {name: round((after[name] - before[name]) / len(latencies)
                                                                      * 1000, 1) for name in after if name in before}}
@@ -263,15 +264,24 @@ def generation(http: httpx.Client, args: argparse.Namespace) -> dict[str, Any]:
             "ratio": round(online_median / offline_median, 3)}
 
 
-def batch_sizes(log: Path, model_id: str) -> dict[str, float]:
-    """Requests per forward pass the worker logged for `model_id` (its one line per batch)."""
+def log_size(log: Path) -> int:
+    return log.stat().st_size if log.exists() else 0
+
+
+def batch_sizes(log: Path, model_id: str, since: int = 0) -> dict[str, float]:
+    """Requests per forward pass the worker logged for `model_id` (its one line per batch) after byte `since`."""
     import re
 
-    sizes = [int(m[1]) for m in re.finditer(rf"batch \S+ \S+ {re.escape(model_id)}: (\d+) requests",
-                                            log.read_text(errors="replace"))]
-    if not sizes:
+    with log.open("rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    found = [(int(m[1]), int(m[2])) for m in re.finditer(
+        rf"batch \S+ \S+ {re.escape(model_id)}: (\d+) requests, \d+ inputs, waited \d+ ms, ran (\d+) ms", text)]
+    if not found:
         return {}
-    return {"batches": len(sizes), "mean_requests": round(statistics.mean(sizes), 1), "max_requests": max(sizes)}
+    sizes = [n for n, _ in found]
+    return {"batches": len(sizes), "mean_requests": round(statistics.mean(sizes), 1), "max_requests": max(sizes),
+            "mean_ran_ms": round(statistics.mean(ms for _, ms in found), 1)}
 
 
 def batch_file_section(api_url: str, key: str, model_id: str, lines: int) -> dict[str, Any] | None:
@@ -332,10 +342,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 print(f"fine-tuned {model_id} ({TRAIN_ROWS} rows, {HYPERPARAMETERS}) in "
                       f"{time.perf_counter() - started:.0f}s", flush=True)
                 pids = {name: stack.children[name].popen.pid for name in ("api", "worker-inference")}
-                cls = classification(http, model_id, args, pids)
-                cls["batches"] = batch_sizes(stack.children["worker-inference"].log_path, model_id)
+                worker_log = stack.children["worker-inference"].log_path
+                cls = classification(http, model_id, args, pids, worker_log)
+                gen_start = log_size(worker_log)
                 gen = generation(http, args)
-                gen["batches"] = batch_sizes(stack.children["worker-inference"].log_path, args.gen_model)
+                gen["batches"] = batch_sizes(worker_log, args.gen_model, gen_start)
                 c1, cn = cls["c1"], cls[f"c{args.concurrency}"]
                 print(table([
                     ["minilm-l6 classification", "p50 ms", "p99 ms", "texts/s", "load 1/5 min"],
@@ -347,7 +358,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 ]))
                 print(f"classification throughput at concurrency {args.concurrency} / in-process batch 32: "
                       f"{cls['throughput_ratio']:.2f} (target >= 0.7); p50 at concurrency 1: {c1['p50_ms']} ms "
-                      f"(target < 100); worker batches: {cls['batches']}")
+                      f"(target < 100); worker batches at concurrency {args.concurrency}: {cn['batches']}")
                 print(f"CPU ms per request at concurrency {args.concurrency} (Postgres and Redis not counted): "
                       f"{cn['cpu_ms_per_request']}; in-process forward pass per text: "
                       f"{1000 / cls['in_process_batch32_items_per_s']:.1f} ms")

@@ -30,6 +30,7 @@ from db.models import BatchChunk, File, Model
 from db.session import transaction
 from domain import batches, dispatch, ids
 from domain.clock import utcnow
+from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
 from domain.settings import get_settings
 from domain.storage import file_path
 from tasks.app import celery_app
@@ -151,9 +152,7 @@ class LinePlan:
 
 def _request_schema(endpoint: str) -> type[BaseModel]:
     # The online endpoints' own request classes, so a line is valid exactly when the same body sent
-    # online would be. They live in api.schemas (pydantic only; no FastAPI or torch is imported).
-    from api.schemas import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
-
+    # online would be.
     table: dict[str, type[BaseModel]] = {
         "/v1/classifications": ClassificationRequest, "/v1/ner": NerRequest,
         "/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
