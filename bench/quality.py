@@ -412,8 +412,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"command: {shlex.join(['python', *sys.argv])}")
     print(f"machine: {facts['cpu_count']} CPUs ({facts['cpus_usable']} usable) {facts['cpu_model']}; "
           f"torch {facts['torch']}; Python {facts['python']}; LLMOS_TORCH_THREADS={args.torch_threads}")
-    print(f"CPU idle before start: {percent(facts['cpu_idle_before'])} (well below 100%: shared machine, "
-          "wall times are inflated)")
+    idle = facts["cpu_idle_before"]
+    busy = idle is not None and idle < 0.9
+    print(f"CPU idle before start: {percent(facts['cpu_idle_before'])}"
+          + (" (shared machine: wall times are inflated)" if busy else ""))
     names = args.only or list(RUNS)
     if args.home is not None:
         # bring_up puts LLMOS_HOME at work/home: point that at the persistent directory.
