@@ -186,8 +186,8 @@ def _chat(model_id: str, model_path: str, request: dict[str, Any], request_id: s
             "model": model_id, "choices": choices, "usage": _usage(results), "system_fingerprint": None}
 
 
-HANDLERS: dict[str, Handler] = {"/v1/classifications": _classify, "/v1/ner": _ner, "/v1/completions": _completions,
-            "/v1/chat/completions": _chat}
+HANDLERS: dict[str, Handler] = {"/v1/classifications": _classify, "/v1/ner": _ner,
+                                "/v1/completions": _completions, "/v1/chat/completions": _chat}
 
 
 def _claim_rows(ids: list[str], _group: Hashable) -> list[inferences.Claim | None]:
