@@ -313,6 +313,8 @@ class Batch(Base):
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
     chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Validation runs started; the reconciler gives up on a batch whose validation keeps dying.
+    validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Celery task id of the current validation send, so the reconciler can tell a waiting one from a lost one.
     task_id: Mapped[str | None] = mapped_column(String(64))
     heartbeat_at: Mapped[datetime | None]

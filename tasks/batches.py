@@ -255,10 +255,13 @@ def validate_batch(batch_id: str) -> None:
     settings = get_settings()
     started = time.perf_counter()
     with transaction() as session:
-        batch = batches_repo.get_batch_by_id(session, batch_id)
+        batch = batches_repo.get_batch_by_id(session, batch_id, lock=True)
         if batch is None or batch.status != batches.VALIDATING:
             log.info("validate batch %s: nothing to do (%s)", batch_id, batch and batch.status)
             return
+        # Counted before the work: a run that crashes (a bug, a worker killed by the OOM killer on a huge
+        # file) never gets to record itself, and the reconciler must not resend it forever.
+        batch.validation_attempts += 1
         tenant_id, endpoint = batch.tenant_id, batch.endpoint
         source = session.get(File, batch.input_file_id)
         source_path = None

@@ -96,6 +96,14 @@ def reconcile_batches() -> dict[str, int]:
                 if waiting_cpu is not None and batch.task_id in waiting_cpu:
                     continue  # still in line, not lost
                 batch.heartbeat_at = now
+                if batch.validation_attempts >= settings.max_attempts:
+                    message = (f"validating the input file stopped without finishing {batch.validation_attempts} "
+                               f"times (a crash or a lost worker); giving up after {settings.max_attempts} attempts")
+                    batch.stop_reason = "failed"
+                    batch.errors = batches.error_list([batches.line_error("worker_lost", message)])
+                    send_settle(session, batch.id)
+                    counts["failed"] += 1
+                    continue
                 dispatch.enqueue_after_commit(session, batches.TASK_VALIDATE, batch.id, task_id=batch.task_id,
                                               queue=dispatch.QUEUE_CPU)
                 counts["resent"] += 1

@@ -259,6 +259,32 @@ def test_an_overdue_batch_expires_with_its_partial_output(api: Api) -> None:
     _partial_output_is_consistent(api, final, total)
 
 
+def test_a_validation_that_keeps_crashing_fails_the_batch_after_the_attempt_cap(api: Api, tmp_path: Path) -> None:
+    from db.models import Batch, File
+    from db.session import transaction
+    from domain.settings import get_settings
+
+    file_id = api.upload(jsonl([_line("a", "/v1/completions", {"model": "tiny-gpt2", "prompt": "hi"})]),
+                         purpose="batch", name="batch.jsonl").json()["id"]
+    with transaction() as session:
+        row = session.get(File, file_id)
+        assert row is not None
+        # Reading a directory raises what validation does not expect: every run crashes, as a bug would.
+        row.path = str(tmp_path)
+    created = api.http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/completions",
+                                                 "completion_window": "24h"})
+    assert created.status_code == 200, created.text
+    # Each crash leaves the batch silent; the reconciler resends it after the stale period, then gives up.
+    final = _wait(api, created.json()["id"], FINAL, timeout=120)
+    cap = get_settings().max_attempts
+    assert final["status"] == "failed" and final["failed_at"] is not None
+    (error,) = final["errors"]["data"]
+    assert error["code"] == "worker_lost" and f"giving up after {cap} attempts" in error["message"]
+    with transaction() as session:
+        batch = session.get(Batch, final["id"])
+        assert batch is not None and batch.validation_attempts == cap
+
+
 def test_a_killed_inference_worker_redoes_only_the_chunk_it_was_running(
     api: Api, stack: dict[str, Process], services: dict[str, str]
 ) -> None:
