@@ -68,6 +68,9 @@ def run_inference(
         error = {"status": 503, "message": message, "type": "server_error", "code": "broker_unavailable"}
         inferences.finish([(inference_id, {"status": "failed", "response": None, "error": error})], utcnow())
         raise APIError(503, message, type_="server_error", code="broker_unavailable", headers={"Retry-After": "5"})
+    # Hand the request's database connection back while it waits: otherwise every waiting caller holds one,
+    # and more concurrent callers than the pool has connections would queue for a connection, not an answer.
+    session.rollback()
     try:
         reply = replies.wait_reply(inference_id, _wait_seconds(request))
     except redis.RedisError:
