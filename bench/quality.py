@@ -394,9 +394,8 @@ def report(results: list[Result]) -> None:
             print(f"ner test P/R {r.extra['test_precision']}/{r.extra['test_recall']}; job metrics.f1 on the "
                   f"validation subsample {r.extra['job_valid_f1']}; its per-type f1 {per_type}")
             print("ner note: minilm-l6 is uncased (capitalisation, the strongest cue for names, is lost) and "
-                  "small (6 layers, 384 wide), and here sees a subsample for few epochs on CPU; a cased encoder "
-                  "(bert-base-cased, roberta), 3+ epochs on all 14,041 sentences, on a GPU, would lift it "
-                  "toward ~0.91-0.92.")
+                  "small (6 layers, 384 wide); a cased encoder (bert-base-cased, roberta) with 3+ epochs on all "
+                  "14,041 sentences would lift it toward ~0.91-0.92.")
         elif r.name == "sst2":
             print(f"sst2 job metrics on dev: accuracy {r.extra['job_dev_accuracy']}, macro_f1 "
                   f"{r.extra['job_dev_macro_f1']}; SST-2's test.tsv here is labelled, so it is the test split "
