@@ -72,12 +72,22 @@ def reconcile() -> dict[str, int]:
 def reconcile_batches() -> dict[str, int]:
     """Expire overdue batches and revive ones whose worker went silent; returns counts for the log."""
     from db import batches as batches_repo
+    from db.models import Batch
     from tasks.batches import send_settle
 
     settings = get_settings()
     now = utcnow()
     counts = {"expired": 0, "resent": 0, "settled": 0, "failed": 0}
     with transaction() as session:
+
+        def give_up(batch: Batch, what: str) -> None:
+            """Fail a batch whose work keeps dying; settling keeps the lines already answered."""
+            batch.stop_reason = "failed"
+            message = f"{what}; giving up after {settings.max_attempts} attempts"
+            batch.errors = batches.error_list([batches.line_error("worker_lost", message)])
+            send_settle(session, batch.id)
+            counts["failed"] += 1
+
         for batch in batches_repo.overdue_batches(session, (batches.VALIDATING, batches.IN_PROGRESS), now):
             # The worker holding it (if any) stops at its next group; settling keeps what was answered.
             batch.stop_reason, batch.updated_at = "expired", now
@@ -97,12 +107,8 @@ def reconcile_batches() -> dict[str, int]:
                     continue  # still in line, not lost
                 batch.heartbeat_at = now
                 if batch.validation_attempts >= settings.max_attempts:
-                    message = (f"validating the input file stopped without finishing {batch.validation_attempts} "
-                               f"times (a crash or a lost worker); giving up after {settings.max_attempts} attempts")
-                    batch.stop_reason = "failed"
-                    batch.errors = batches.error_list([batches.line_error("worker_lost", message)])
-                    send_settle(session, batch.id)
-                    counts["failed"] += 1
+                    give_up(batch, f"validating the input file stopped without finishing "
+                                   f"{batch.validation_attempts} times (a crash or a lost worker)")
                     continue
                 dispatch.enqueue_after_commit(session, batches.TASK_VALIDATE, batch.id, task_id=batch.task_id,
                                               queue=dispatch.QUEUE_CPU)
@@ -117,12 +123,7 @@ def reconcile_batches() -> dict[str, int]:
             if chunk.status == "running":
                 # Its worker died mid-chunk (early ack: the message is gone with it); run the chunk again.
                 if chunk.attempts >= settings.max_attempts:
-                    message = (f"chunk {chunk.seq} lost its worker {chunk.attempts} times; giving up after "
-                               f"{settings.max_attempts} attempts")
-                    batch.stop_reason = "failed"
-                    batch.errors = batches.error_list([batches.line_error("worker_lost", message)])
-                    send_settle(session, batch.id)
-                    counts["failed"] += 1
+                    give_up(batch, f"chunk {chunk.seq} lost its worker {chunk.attempts} times")
                     batch.heartbeat_at = now
                     continue
                 log.warning("batch %s: worker %s went silent during chunk %d; sending it again", batch.id,
