@@ -42,10 +42,6 @@ def push_replies(replies: list[tuple[str, dict[str, Any]]]) -> None:
     pipe.execute()
 
 
-def push_reply(request_id: str, payload: dict[str, Any]) -> None:
-    push_replies([(request_id, payload)])
-
-
 def wait_reply(request_id: str, timeout: float) -> dict[str, Any] | None:
     """Block up to ``timeout`` seconds for the answer; None when it did not come in time."""
     conn = client()

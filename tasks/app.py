@@ -30,7 +30,6 @@ def create_celery() -> Celery:
         task_soft_time_limit=max(settings.task_time_limit - 300, 60),
         worker_send_task_events=True,
         task_send_sent_event=True,
-
         beat_schedule={
             "reconcile": {
                 "task": dispatch.TASK_RECONCILE,
@@ -64,9 +63,20 @@ def serve_only_inference() -> None:
     request, more than the request's own bookkeeping. What it buys is redelivery of a crashed worker's
     messages after the visibility timeout (hours), long after their callers gave up; the reconciler fails
     such requests instead (`inference_abandon_seconds`). Prefetch stays bounded, in memory.
+
+    No per-task INFO lines (received, succeeded) either: at hundreds of requests a second they cost more CPU
+    than the requests' bookkeeping and bury the lines that matter; the API's metrics count and time every
+    request, and errors still log at WARNING.
     """
     options = dict(celery_app.conf.broker_transport_options or {})
     celery_app.conf.broker_transport_options = {**options, "ack_emulation": False}
+    # Celery sets up logging when the worker starts, after this call; the levels must be set after that.
+    celeryd_after_setup.connect(_quiet_task_logs, weak=False)
+
+
+def _quiet_task_logs(**_: Any) -> None:
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @worker_process_init.connect
@@ -78,18 +88,6 @@ def _init_worker_process(**_: Any) -> None:
     if "inference" in os.environ.get("LLMOS_WORKER_QUEUES", "").split(","):
         # Pay torch/transformers imports at start-up, not on the first request.
         import training.predict  # noqa: F401
-
-
-@celeryd_after_setup.connect
-def _quiet_inference_worker(**_: Any) -> None:
-    """No per-task INFO lines (received, succeeded) in the inference worker.
-
-    At hundreds of requests a second they cost more CPU than the requests' bookkeeping and bury the lines
-    that matter; the API's metrics count and time every request, and errors still log at WARNING.
-    """
-    if os.environ.get("LLMOS_WORKER_QUEUES") == dispatch.QUEUE_INFERENCE:
-        for name in ("celery.app.trace", "celery.worker.strategy"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @worker_shutting_down.connect
