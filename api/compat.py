@@ -80,7 +80,7 @@ def generate(
     session: Session = Depends(get_session),
 ) -> JSONResponse:
     model = body.model_name or get_settings().default_generation_model
-    check_serveable(session, principal, model, "generation")
+    check_serveable(principal, model, "generation")
     payload = {"model": model, "prompt": [body.prompt], **_sampling(body.max_length, body.temperature)}
     return _answer(request, session, principal, "/v1/completions", model, payload,
                    lambda r: {"text": r["choices"][0]["text"]})
@@ -92,7 +92,7 @@ def ask(
     session: Session = Depends(get_session),
 ) -> JSONResponse:
     model = body.model_name or get_settings().default_generation_model
-    check_serveable(session, principal, model, "generation")
+    check_serveable(principal, model, "generation")
     messages = [{"role": "system", "content": "Answer the question briefly and accurately."}]
     question = f"Context: {body.context}\n\nQuestion: {body.question}" if body.context else body.question
     messages.append({"role": "user", "content": question})
@@ -107,7 +107,7 @@ def _classify(
 ) -> JSONResponse:
     chosen = model or get_settings().default_classification_model
     try:
-        check_serveable(session, principal, chosen, "classification")
+        check_serveable(principal, chosen, "classification")
     except APIError as exc:
         if model is None:
             exc.message += "; set LLMOS_DEFAULT_CLASSIFICATION_MODEL to a fine-tuned classifier"

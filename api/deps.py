@@ -33,13 +33,13 @@ class Principal:
     scopes: frozenset[str]
 
 
-def authenticate(request: Request, session: Session = Depends(get_session)) -> Principal:
+def authenticate(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
                        type_="authentication_error", code="missing_api_key")
-    found = tenants.find_active_key(session, token.strip())
+    found = tenants.find_active_key(token.strip())
     if found is None:
         raise APIError(401, "Invalid or revoked API key.", type_="authentication_error",
                        code="invalid_api_key")

@@ -39,9 +39,8 @@ def _tenant_for(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
-    with transaction() as session:
-        found = tenants.find_active_key(session, token.strip())
-        return None if found is None else found.tenant_id
+    found = tenants.find_active_key(token.strip())
+    return None if found is None else found.tenant_id
 
 
 async def idempotency_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -45,9 +45,10 @@ def _wait_seconds(request: Request) -> float:
     return min(float(match.group(1)), 600.0) if match else get_settings().inference_wait_seconds
 
 
-def check_serveable(session: Session, principal: Principal, model_id: str, task: str) -> None:
-    model, code, message = serving_refusal(session, principal.tenant_id, model_id, task)
-    if model is None:
+def check_serveable(principal: Principal, model_id: str, task: str) -> None:
+    refusal = serving_refusal(principal.tenant_id, model_id, task)
+    if refusal is not None:
+        code, message = refusal
         raise APIError(400, f"model: {message}", param="model", code=code)
 
 
@@ -68,9 +69,9 @@ def run_inference(
         error = {"status": 503, "message": message, "type": "server_error", "code": "broker_unavailable"}
         inferences.finish([(inference_id, {"status": "failed", "response": None, "error": error})], utcnow())
         raise APIError(503, message, type_="server_error", code="broker_unavailable", headers={"Retry-After": "5"})
-    # Hand the request's database connection back while it waits: otherwise every waiting caller holds one,
-    # and more concurrent callers than the pool has connections would queue for a connection, not an answer.
-    session.rollback()
+    # No connection is held while it waits (the key, model and row statements above each returned theirs):
+    # otherwise more concurrent callers than the pool has connections would queue for one, not an answer.
+    assert not session.in_transaction()
     try:
         reply = replies.wait_reply(inference_id, _wait_seconds(request))
     except redis.RedisError:
@@ -108,7 +109,7 @@ def classify(
     principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
-    check_serveable(session, principal, body.model, "classification")
+    check_serveable(principal, body.model, "classification")
     inputs = [body.input] if isinstance(body.input, str) else body.input
     return submit(request, session, principal, "/v1/classifications", body.model,
                   {"model": body.model, "input": inputs})
@@ -121,7 +122,7 @@ def ner(
     principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
-    check_serveable(session, principal, body.model, "ner")
+    check_serveable(principal, body.model, "ner")
     inputs = [body.input] if isinstance(body.input, str) else body.input
     return submit(request, session, principal, "/v1/ner", body.model, {"model": body.model, "input": inputs})
 
@@ -133,7 +134,7 @@ def completions(
     principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
-    check_serveable(session, principal, body.model, "generation")
+    check_serveable(principal, body.model, "generation")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     return submit(request, session, principal, "/v1/completions", body.model,
                   {"model": body.model, "prompt": prompts, **body.sampling()})
@@ -146,7 +147,7 @@ def chat_completions(
     principal: Principal = Depends(inference_scope),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
-    check_serveable(session, principal, body.model, "generation")
+    check_serveable(principal, body.model, "generation")
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     return submit(request, session, principal, "/v1/chat/completions", body.model,
                   {"model": body.model, "messages": messages, **body.sampling()})

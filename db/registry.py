@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from sqlalchemy import or_, select
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Model
+from db.session import relaxed_engine
 
 
 def visible_models(session: Session, tenant_id: str) -> list[Model]:
@@ -27,6 +30,31 @@ def get_visible_model(session: Session, tenant_id: str, model_id: str) -> Model 
             Model.deleted_at.is_(None),
         )
     )
+
+
+@dataclass(frozen=True)
+class ServingFacts:
+    """What the serving rule reads of a model."""
+
+    kind: str
+    tasks: list[str]
+
+
+_SERVING_FACTS = select(Model.kind, Model.tasks).where(
+    Model.id == bindparam("model_id"),
+    or_(Model.tenant_id.is_(None), Model.tenant_id == bindparam("tenant_id")),
+    Model.deleted_at.is_(None),
+)
+
+
+def visible_serving_facts(tenant_id: str, model_id: str) -> ServingFacts | None:
+    """`get_visible_model`'s model, only the columns serving needs: one autocommit statement, no ORM.
+
+    Every online request asks it before it is queued, outside the request's session (see `relaxed_engine`).
+    """
+    with relaxed_engine().connect() as conn:
+        row = conn.execute(_SERVING_FACTS, {"model_id": model_id, "tenant_id": tenant_id}).first()
+    return None if row is None else ServingFacts(row[0], list(row[1]))
 
 
 def upsert_base_model(

@@ -7,11 +7,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from domain.settings import get_settings
 
@@ -19,26 +20,58 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# A pooled connection idle this long is pinged before reuse. A ping on every checkout (`pool_pre_ping`)
+# would add a round trip to every statement of the hot paths, whose connections go back and forth in
+# milliseconds; a connection that died under one in use fails that statement, and SQLAlchemy then drops
+# every connection pooled before it, so a Postgres restart costs at most the statements in flight.
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> Engine:
+    """Ping a connection on checkout only when it sat in the pool for `PING_AFTER_IDLE_SECONDS` or more."""
+
+    @event.listens_for(engine, "connect")
+    def _connected(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("checked_in", 0.0) < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool's documented signal: drop this connection and check out a fresh one instead.
+            raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
+
+    return engine
+
+
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
     url = get_settings().resolved_database_url()
-    # pre_ping: a Postgres restart must not leave dead pooled connections behind.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30, pool_recycle=1800)
+    return _ping_when_idle(create_engine(url, pool_size=10, max_overflow=30, pool_recycle=1800))
 
 
 @lru_cache(maxsize=1)
 def relaxed_engine() -> Engine:
-    """Autocommit connections whose commits skip the WAL flush: for online inference rows only.
+    """Autocommit connections whose commits skip the WAL flush: for single statements on hot paths.
 
-    An inference row is written a few hundred times a second, one statement at a time; waiting for the
-    disk (about 10 ms here) and a BEGIN/COMMIT round trip each would dominate a request's cost. The
-    statement stays atomic; only a Postgres crash within a fraction of a second after it could lose it,
-    while a caller that waited already has its answer from Redis. Jobs and everything else keep durable
-    commits on `get_engine()`.
+    Every request looks up its API key, and every online inference request its model and then its row, a
+    few hundred times a second; a BEGIN/ROLLBACK round trip around each read, or waiting for the disk
+    (about 10 ms here) after each inference row's write, would dominate the request's cost. Each statement
+    stays atomic; only a Postgres crash within a fraction of a second after a write could lose it, while a
+    caller that waited already has its answer from Redis. Only inference rows are written through it: jobs
+    and everything else keep durable commits on `get_engine()`.
     """
     url = get_settings().resolved_database_url()
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30, pool_recycle=1800,
-                         isolation_level="AUTOCOMMIT", connect_args={"options": "-c synchronous_commit=off"})
+    return _ping_when_idle(create_engine(url, pool_size=10, max_overflow=30, pool_recycle=1800,
+                                         isolation_level="AUTOCOMMIT",
+                                         connect_args={"options": "-c synchronous_commit=off"}))
 
 
 @lru_cache(maxsize=1)

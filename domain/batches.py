@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db.models import Batch, Model
+from db.models import Batch
 from domain.clock import unix, utcnow
 from domain.events import emit_event
 from domain.serving import serving_refusal
@@ -106,11 +106,7 @@ def line_error(code: str, message: str, param: str | None = None, line: int | No
     return {"code": code, "message": message, "param": param, "line": line}
 
 
-def serving_problem(
-    session: Session, tenant_id: str, model_id: str, task: str
-) -> tuple[Model | None, dict[str, Any] | None]:
-    """The model if the tenant may run ``task`` on it, else an error (the online endpoints' rules)."""
-    model, code, message = serving_refusal(session, tenant_id, model_id, task)
-    if model is None:
-        return None, line_error(code, message, "body.model")
-    return model, None
+def serving_problem(tenant_id: str, model_id: str, task: str) -> dict[str, Any] | None:
+    """None if the tenant may run ``task`` on the model, else the line's error (the online endpoints' rules)."""
+    refusal = serving_refusal(tenant_id, model_id, task)
+    return None if refusal is None else line_error(*refusal, "body.model")

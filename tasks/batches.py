@@ -235,8 +235,7 @@ class LineChecker:
 
     def _model_problem(self, model_id: str) -> dict[str, Any] | None:
         if model_id not in self.models:
-            _, problem = batches.serving_problem(self.session, self.tenant_id, model_id, self.task)
-            self.models[model_id] = problem
+            self.models[model_id] = batches.serving_problem(self.tenant_id, model_id, self.task)
         return self.models[model_id]
 
 
