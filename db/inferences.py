@@ -1,7 +1,7 @@
-"""Online inference rows: created by the API, claimed and finished by the inference worker in bulk.
+"""Online inference rows: created by the API, claimed and finished by the inference worker, all in bulk.
 
-Each function is one statement on `relaxed_engine()` (autocommit, no wait for the WAL flush), and the
-worker's calls take many rows at once, so a busy worker pays a round trip per batch, not per request.
+Each function is one statement on `relaxed_engine()` (autocommit, no wait for the WAL flush) and takes
+many rows at once, so a busy API or worker pays a round trip per batch of requests, not per request.
 """
 
 from __future__ import annotations
@@ -13,14 +13,18 @@ from typing import Any
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.types import String
+from sqlalchemy.types import DateTime, String
 
 from db.session import relaxed_engine
 
 _INSERT = text(
     "INSERT INTO inferences (id, tenant_id, endpoint, model, status, request, created_at) "
-    "VALUES (:id, :tenant_id, :endpoint, :model, 'queued', :request, :created_at)"
-).bindparams(bindparam("request", type_=JSONB))
+    "SELECT v.id, v.tenant_id, v.endpoint, v.model, 'queued', CAST(v.request AS jsonb), v.created_at "
+    "FROM unnest(:ids, :tenant_ids, :endpoints, :models, :requests, :created) "
+    "  AS v(id, tenant_id, endpoint, model, request, created_at)"
+).bindparams(*(bindparam(name, type_=ARRAY(String)) for name in ("ids", "tenant_ids", "endpoints", "models",
+                                                                  "requests")),
+             bindparam("created", type_=ARRAY(DateTime(timezone=True))))
 
 # Claims each queued row once (a redelivered message finds it running) and reads its model alongside.
 _CLAIM = text(
@@ -64,11 +68,25 @@ class Claim:
                 and self.model_tenant_id in (None, self.tenant_id))
 
 
-def create(inference_id: str, tenant_id: str, endpoint: str, model: str, request: dict[str, Any],
-           created_at: datetime) -> None:
+@dataclass(frozen=True)
+class NewRequest:
+    """An online request as the API received it, before its row exists."""
+
+    id: str
+    tenant_id: str
+    endpoint: str
+    model: str
+    request: dict[str, Any]
+    created_at: datetime
+
+
+def create(requests: list[NewRequest]) -> None:
+    """Insert the requests' rows, queued, as one statement."""
     with relaxed_engine().connect() as conn:
-        conn.execute(_INSERT, {"id": inference_id, "tenant_id": tenant_id, "endpoint": endpoint, "model": model,
-                               "request": request, "created_at": created_at})
+        conn.execute(_INSERT, {"ids": [r.id for r in requests], "tenant_ids": [r.tenant_id for r in requests],
+                               "endpoints": [r.endpoint for r in requests], "models": [r.model for r in requests],
+                               "requests": [json.dumps(r.request) for r in requests],
+                               "created": [r.created_at for r in requests]})
 
 
 def claim(ids: list[str]) -> dict[str, Claim]:

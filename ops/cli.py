@@ -85,13 +85,13 @@ def cmd_worker(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: unknown queue(s) {', '.join(unknown)}; choose from gpu, inference, cpu")
     os.environ["LLMOS_WORKER_QUEUES"] = ",".join(queues)
     if queues == ["inference"]:
+        # Its models run in a model process of its own, which imports the training code itself.
         serve_only_inference()
-    if queues:
+    elif queues:
         # Import torch and transformers once, before the pool forks: each training task gets a fresh
         # process (--max-tasks-per-child=1), and validation resolves hyperparameters with the training
         # code; both would otherwise pay seconds of imports. Importing does not initialise CUDA; that
-        # happens only in the child that trains. The inference worker's threads pool never forks (and
-        # never sends worker_process_init), so this import is its preload.
+        # happens only in the child that trains.
         import training.classification
         import training.predict  # noqa: F401
     celery_app.worker_main(worker_argv(queues, "-".join(queues)))

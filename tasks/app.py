@@ -67,7 +67,13 @@ def serve_only_inference() -> None:
     No per-task INFO lines (received, succeeded) either: at hundreds of requests a second they cost more CPU
     than the requests' bookkeeping and bury the lines that matter; the API's metrics count and time every
     request, and errors still log at WARNING.
+
+    The models run in a child process of their own (`tasks.serving.EngineProcess`), out of reach of this
+    process's GIL; it starts now, so its imports are paid before the first request.
     """
+    from tasks import serving
+
+    serving.serve_from_engine_process()
     options = dict(celery_app.conf.broker_transport_options or {})
     celery_app.conf.broker_transport_options = {**options, "ack_emulation": False}
     # Celery sets up logging when the worker starts, after this call; the levels must be set after that.
@@ -82,7 +88,7 @@ def _quiet_task_logs(**_: Any) -> None:
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
     # Sent by the prefork pool only: a threads pool (the inference-only worker) shares the main process's
-    # engine and imports, which `llmos worker` preloads before the pool starts.
+    # database engine, and its models run in a model process that imports the training code itself.
     # A forked pool process must not reuse the parent's pooled database sockets.
     reset_engine()
     if "inference" in os.environ.get("LLMOS_WORKER_QUEUES", "").split(","):

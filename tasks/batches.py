@@ -33,7 +33,9 @@ from domain.clock import utcnow
 from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
 from domain.settings import get_settings
 from domain.storage import file_path
+from tasks import serving
 from tasks.app import celery_app
+from tasks.inference import respond, response_body
 
 log = logging.getLogger(__name__)
 
@@ -384,23 +386,13 @@ def _new_ids() -> tuple[str, str]:
     return f"{ids.BATCH_REQUEST}{token}", f"req_{token}"
 
 
-def _encoder_body(endpoint: str, model: Model, predictions: list[Any]) -> dict[str, Any]:
-    """The online endpoint's body (tasks.inference HANDLERS' shape) for one line's predictions."""
-    if endpoint == "/v1/classifications":
-        data = [{"index": i, **p} for i, p in enumerate(predictions)]
-    else:
-        data = [{"index": i, "entities": entities} for i, entities in enumerate(predictions)]
-    return {"object": "list", "model": model.id, "data": data}
-
-
 def _run_encoder_group(endpoint: str, model: Model, group: list[tuple[int, dict[str, Any]]]) -> list[LineResult]:
     """All lines of one model in one predictor call; a failing call is retried line by line to place the blame."""
-    from tasks.inference import CACHE
-
     task = batches.ENDPOINT_TASKS[endpoint]
     texts = [text for _, entry in group for text in entry["payload"]["input"]]
     try:
-        predictions = CACHE.get(model.id, task, Path(model.path)).predict(texts)
+        predictions = serving.runner().run(serving.ModelCall(model.id, model.path, task, "predict", texts,
+                                                             batched=False))
     except Exception as exc:
         if len(group) > 1:
             return [result for item in group for result in _run_encoder_group(endpoint, model, [item])]
@@ -414,7 +406,7 @@ def _run_encoder_group(endpoint: str, model: Model, group: list[tuple[int, dict[
     for position, entry in group:
         line_id, request_id = _new_ids()
         count = len(entry["payload"]["input"])
-        body = _encoder_body(endpoint, model, predictions[start : start + count])
+        body = response_body(endpoint, model.id, request_id, predictions[start : start + count])
         start += count
         results.append(LineResult(position, _success(entry["custom_id"], body, request_id, line_id), False))
     return results
@@ -437,11 +429,6 @@ def _load_models(tenant_id: str, entries: list[dict[str, Any]]) -> dict[str, Mod
 def run_lines(endpoint: str, tenant_id: str, entries: list[dict[str, Any]], stopped: Callable[[], bool]
               ) -> list[LineResult]:
     """Answer the chunk's lines (encoders grouped by model, one call each); stops early when asked to."""
-    from tasks.inference import HANDLERS
-    from training.devices import configure_cpu
-
-    # Thread count and denormal flushing are per thread; a threads-pool worker runs this on any of them.
-    configure_cpu(get_settings().torch_threads)
     models = _load_models(tenant_id, entries)
     results: list[LineResult] = []
     missing = [(i, e) for i, e in enumerate(entries) if models[e["payload"]["model"]] is None]
@@ -469,7 +456,7 @@ def run_lines(endpoint: str, tenant_id: str, entries: list[dict[str, Any]], stop
             assert model is not None
             line_id, request_id = _new_ids()
             try:
-                body = HANDLERS[endpoint](model.id, model.path, entry["payload"], request_id)
+                body = respond(endpoint, model.id, model.path, entry["payload"], request_id)
                 results.append(LineResult(position, _success(entry["custom_id"], body, request_id, line_id), False))
             except Exception as exc:
                 if not isinstance(exc, ValueError | LookupError):

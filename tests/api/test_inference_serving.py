@@ -158,6 +158,37 @@ def test_a_failing_request_fails_alone_in_its_batch(api: Api, stack: dict[str, P
     assert "exceed the model's context of 256 tokens" in answers[2].json()["error"]["message"]
 
 
+def _model_process(worker: Process) -> Any:
+    """The inference worker's model process (its spawned child that is not multiprocessing's tracker)."""
+    import psutil
+
+    found = [child for child in psutil.Process(worker.popen.pid).children(recursive=True)
+             if "spawn_main" in " ".join(child.cmdline()) and "resource_tracker" not in " ".join(child.cmdline())]
+    return found[0] if len(found) == 1 else None
+
+
+def test_a_killed_model_process_is_replaced_and_serves_the_next_requests(
+    api: Api, stack: dict[str, Process]
+) -> None:
+    worker = stack["worker-inference"]
+    body = {"model": "tiny-gpt2", "prompt": "the food", "max_tokens": 4, "temperature": 0}
+    before = api.http.post("/v1/completions", json=body)
+    assert before.status_code == 200, before.text
+    first = wait_until(lambda: _model_process(worker), 30, "the worker's model process")
+    assert worker.popen.poll() is None
+
+    first.kill()  # as the kernel's OOM killer or a segfault in a kernel would
+    first.wait(10)
+
+    # The worker outlives it: the next requests start a fresh model process and get the same answers.
+    after = [api.http.post("/v1/completions", json=body) for _ in range(3)]
+    assert [r.status_code for r in after] == [200] * 3, [r.text for r in after]
+    assert {r.json()["choices"][0]["text"] for r in after} == {before.json()["choices"][0]["text"]}
+    second = wait_until(lambda: _model_process(worker), 30, "a new model process")
+    assert second.pid != first.pid and worker.popen.poll() is None
+    assert f"model process {first.pid} exited" in worker.log_path.read_text(errors="replace")
+
+
 def test_prefer_wait_0_answers_202_then_the_poll_has_the_response(api: Api) -> None:
     body = {"model": "tiny-gpt2", "prompt": "hello there", "max_tokens": 4, "temperature": 0}
     accepted = api.http.post("/v1/completions", json=body, headers={"Prefer": "wait=0"})
@@ -251,7 +282,7 @@ class HeldRunner:
 
 
 def test_batcher_groups_splits_and_isolates_failures() -> None:
-    from tasks.batching import BatcherRegistry
+    from domain.batching import BatcherRegistry
 
     runner = HeldRunner()
     registry = BatcherRegistry(window_s=0.0, max_size=5)
@@ -289,7 +320,7 @@ def test_batcher_groups_splits_and_isolates_failures() -> None:
 
 
 def test_batcher_waits_for_the_window_and_closes_when_idle() -> None:
-    from tasks.batching import Batcher
+    from domain.batching import Batcher
 
     calls: list[list[int]] = []
 
@@ -311,7 +342,7 @@ def test_batcher_waits_for_the_window_and_closes_when_idle() -> None:
 
 def test_model_cache_evicts_least_recently_used_by_memory(services: dict[str, str]) -> None:
     from tasks import recipes
-    from tasks.inference import ModelCache, model_bytes
+    from tasks.serving import ModelCache, model_bytes
 
     models = Path(services["home"]) / "models"
     bert, gpt2 = models / "tiny-bert", models / "tiny-gpt2"
@@ -340,7 +371,7 @@ def test_model_cache_evicts_least_recently_used_by_memory(services: dict[str, st
 
 def test_model_cache_loads_once_under_concurrent_first_requests(services: dict[str, str]) -> None:
     from tasks import recipes
-    from tasks.inference import ModelCache
+    from tasks.serving import ModelCache
 
     models = Path(services["home"]) / "models"
     gpt2_loading = threading.Event()

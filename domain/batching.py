@@ -1,12 +1,14 @@
-"""Dynamic batching for online inference: concurrent requests for one model and endpoint share a forward pass.
+"""Dynamic batching: concurrent callers' work shares one call, a forward pass or a statement.
 
-Each (model, endpoint) has a `Batcher` with its own thread. Callers hand in their inputs and block on a
-future; the thread takes the oldest waiting request, waits until that request is `window_s` old (or the
-batch is full) for others to join, runs them as one call and hands each caller its own slice of the
-results, in its input order. While a batch runs, new requests queue, so under load batches fill up without
-waiting at all. Only requests with equal `group` share a call (generation: equal sampling parameters).
-When a shared call raises, each of its requests is re-run alone, so an error fails only the requests that
-cause it. A batcher's thread ends after `idle_s` without work; the registry replaces it on the next request.
+Inference workers batch forward passes per model and endpoint, and their row claims and writes; the API
+batches the inserts and messages of concurrent online requests. Each key has a `Batcher` with its own
+thread. Callers hand in their inputs and block on a future; the thread takes the oldest waiting request,
+waits until that request is `window_s` old (or the batch is full) for others to join, runs them as one
+call and hands each caller its own slice of the results, in its input order. While a batch runs, new
+requests queue, so under load batches fill up without waiting at all. Only requests with equal `group`
+share a call (generation: equal sampling parameters). When a shared call raises, each of its requests is
+re-run alone, so an error fails only the requests that cause it. A batcher's thread ends after `idle_s`
+without work; the registry replaces it on the next request.
 """
 
 from __future__ import annotations
@@ -140,10 +142,10 @@ class BatcherRegistry:
         self._batchers: dict[Hashable, Batcher] = {}
         self._lock = threading.Lock()
 
-    def call(
+    def submit(
         self, key: Hashable, run: BatchRunner, inputs: list[Any], group: Hashable = None, size: int | None = None
-    ) -> list[Any]:
-        """Run `inputs` in a batch with other callers of `key`; return their results, or raise its error.
+    ) -> Future[list[Any]]:
+        """Queue `inputs` for a batch with other callers of `key`; the future of their results.
 
         `run` is used when this call creates the batcher; later calls share that batcher's runner.
         """
@@ -156,4 +158,10 @@ class BatcherRegistry:
                     self._batchers[key] = batcher
             future = batcher.submit(inputs, group, size)
             if future is not None:
-                return future.result()
+                return future
+
+    def call(
+        self, key: Hashable, run: BatchRunner, inputs: list[Any], group: Hashable = None, size: int | None = None
+    ) -> list[Any]:
+        """`submit`, then wait: the results of `inputs`, or the batch's error."""
+        return self.submit(key, run, inputs, group, size).result()
