@@ -191,14 +191,15 @@ class _Link:
 
     def __init__(self, lock: threading.Lock) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a threaded process
-        requests_out, self.requests = context.Pipe(duplex=False)
-        self.replies, replies_in = context.Pipe(duplex=False)
-        self.process = context.Process(target=engine_main, args=(requests_out, replies_in), name="llmos-engine",
+        # Two one-way pipes (reader, writer): requests to the child, replies from it.
+        child_reads, self.requests = context.Pipe(duplex=False)
+        self.replies, child_writes = context.Pipe(duplex=False)
+        self.process = context.Process(target=engine_main, args=(child_reads, child_writes), name="llmos-engine",
                                        daemon=True)
         self.process.start()
         # Only the child keeps its ends: when it dies, reading its replies here ends instead of hanging.
-        requests_out.close()
-        replies_in.close()
+        child_reads.close()
+        child_writes.close()
         self.pending: dict[int, Future[list[Any]]] = {}
         self.lost = False
         self.stopping = False
@@ -252,6 +253,7 @@ class EngineProcess:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._link: _Link | None = None
+        self._stopped = False
 
     def start(self) -> None:
         """Start the child now, so the first request does not wait for its imports."""
@@ -259,14 +261,18 @@ class EngineProcess:
             self._live()
 
     def _live(self) -> _Link:
+        if self._stopped:
+            # A request arriving while the worker exits must not spawn a child that nothing would stop.
+            raise EngineLost("the worker is shutting down")
         if self._link is None or self._link.lost:
             self._link = _Link(self._lock)
         return self._link
 
     def submit(self, call: ModelCall) -> Future[list[Any]]:
         with self._lock:
+            link = self._live()
             try:
-                return self._live().send(call)
+                return link.send(call)
             except EngineLost:
                 # The child died before its replies' reader noticed; this call never reached it, so a
                 # fresh child takes it.
@@ -276,6 +282,7 @@ class EngineProcess:
         """Let the child finish what it holds and exit; kill it after `timeout` seconds."""
         with self._lock:
             link, self._link = self._link, None
+            self._stopped = True
         if link is None:
             return
         # The child ends when its request pipe closes: it ignores the signals a process group gets, so
