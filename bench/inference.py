@@ -313,8 +313,9 @@ def batch_file_section(api_url: str, key: str, model_id: str, lines: int) -> dic
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--requests", type=int, default=200,
-                        help="classification requests at concurrency 1; three times as many at --concurrency (200)")
+    # Long enough that the closed loop's ramp-up and drain (fewer than 32 clients in flight) weigh little.
+    parser.add_argument("--requests", type=int, default=600,
+                        help="classification requests at concurrency 1; three times as many at --concurrency (600)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent classification clients (32)")
     parser.add_argument("--gen-model", default="tiny-gpt2", help="tiny-gpt2 (default) or smollm2-135m-instruct")
     parser.add_argument("--gen-tokens", type=int, default=32, help="max_tokens per completion (32)")
