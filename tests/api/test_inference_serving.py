@@ -262,6 +262,47 @@ def test_a_request_delivered_twice_is_claimed_once(api: Api) -> None:
     assert api.http.get(f"/v1/inferences/{inference_id}").json()["status"] == "running"
 
 
+def test_one_message_of_several_requests_answers_each_its_own(api: Api) -> None:
+    """The API sends concurrent requests as one message of IDs: each gets its own answer, row and reply."""
+    from db import inferences
+    from db.session import transaction
+    from domain import dispatch, ids, replies
+    from domain.clock import utcnow
+    from domain.requests import CompletionRequest
+
+    with transaction() as session:
+        tenant_id = session.execute(text("SELECT tenant_id FROM inferences WHERE id = :id"),
+                                    {"id": _finished_request(api)}).scalar_one()
+    asked = [("tiny-gpt2", "the food"), ("tiny-gpt2", "the service was"), ("tiny-gpt2", "a long day at"),
+             ("no-such-model", "hello")]
+    # The rows as the API writes them for these requests.
+    bodies = [CompletionRequest(model=model, prompt=prompt, max_tokens=3, temperature=0) for model, prompt in asked]
+    new = [inferences.NewRequest(ids.new_id(ids.INFERENCE), tenant_id, "/v1/completions", body.model,
+                                 {"model": body.model, "prompt": [body.prompt], **body.sampling()}, utcnow())
+           for body in bodies]
+    inferences.create(new)
+    first = new[0].id
+    # Its first request twice, as a publish retry would: answered once.
+    assert dispatch.publish(dispatch.StagedTask(dispatch.TASK_INFER, ([r.id for r in new] + [first],)))
+
+    pushed = [replies.wait_reply(r.id, 60) for r in new]
+    assert all(reply is not None for reply in pushed), pushed
+    for request, reply in zip(new[:3], pushed[:3], strict=True):
+        assert reply is not None and reply["status"] == "succeeded", reply
+        alone = _completion(api.http, {"prompt": request.request["prompt"][0], "max_tokens": 3, "temperature": 0})
+        assert reply["response"]["id"] == f"cmpl-{request.id}"
+        assert reply["response"]["choices"][0]["text"] == alone["choices"][0]["text"]
+        polled = api.http.get(f"/v1/inferences/{request.id}").json()
+        assert polled["status"] == "succeeded" and polled["response"]["choices"] == reply["response"]["choices"]
+    missing = pushed[3]
+    assert missing is not None and missing["status"] == "failed", missing
+    assert missing["error"]["code"] == "model_not_found" and missing["error"]["status"] == 404
+    assert api.http.get(f"/v1/inferences/{new[3].id}").json()["error"]["code"] == "model_not_found"
+    # The duplicate was dropped in the same claim, so nothing more can be pushed for it.
+    client = replies.client()
+    assert client is not None and client.llen(f"llmos:reply:{first}") == 0
+
+
 # --- in-process: the batcher -----------------------------------------------------------------------------
 
 
