@@ -238,36 +238,30 @@ def test_sigkill_then_success_matches_an_uninterrupted_run(
     from training.trainer import latest_checkpoint
 
     file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
-    # 360 rows trained (a tenth held out), batch 2: 180 steps an epoch, a checkpoint at each epoch end; long
-    # enough that polling on a busy machine sees the job mid-epoch before the next checkpoint.
+    # 360 rows trained (a tenth held out), batch 2: 180 steps an epoch, a checkpoint at each epoch end.
     body = {"model": "tiny-bert", "training_file": file_id, "seed": 1234,
             "hyperparameters": {"n_epochs": 3, "batch_size": 2, "learning_rate": 1e-3}}
     steps_per_epoch = 180
     killed = api.http.post("/v1/fine_tuning/jobs", json=body).json()
+    checkpoints = job_dir(killed["id"]) / "checkpoints"
 
-    def checkpoint_passed() -> int | None:
-        # Past the first checkpoint, so the job resumes from one rather than from scratch.
-        checkpoints = api.http.get(f"/v1/fine_tuning/jobs/{killed['id']}/checkpoints").json()["data"]
-        step = (api.job(killed["id"]).get("progress") or {}).get("step", 0)
-        return step if checkpoints and step > checkpoints[0]["step_number"] else None
-
-    wait_until(checkpoint_passed, 180, "training to pass its first checkpoint")
+    # Watched on disk and frozen the moment its first checkpoint is complete, so the kill lands past it and
+    # before the next: a fast machine trains this model's epoch in well under a second, quicker than the
+    # API's progress shows it.
+    wait_until(lambda: latest_checkpoint(checkpoints), 180, "the first checkpoint", interval=0.005)
     worker = stack["worker-gpu"].popen
+    os.killpg(worker.pid, signal.SIGSTOP)
+    # Nothing writes checkpoints until the reconciler requeues the job: this is what it resumes from.
+    on_disk = latest_checkpoint(checkpoints)
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait(30)
     wait_until(lambda: not _group_alive(worker.pid), 30, "the training process to die")
-    # Nothing writes the checkpoints until the reconciler requeues the job: this is what it resumes from.
-    on_disk = latest_checkpoint(job_dir(killed["id"]) / "checkpoints")
-    last_seen_step = api.job(killed["id"])["progress"]["step"]
     # Restarted before any assertion, so a failure here leaves later tests a gpu worker.
     restart(stack, services, "worker-gpu", 100)
     assert on_disk is not None
     checkpoint_step = int(on_disk.name.rsplit("-", 1)[-1])
-    # A SIGKILL loses the steps since the last epoch-end checkpoint (none if it struck right after one). An
-    # epoch's last step reports its progress before evaluation and its checkpoint, so a kill in between loses the
-    # whole epoch: at most one epoch, never more.
     assert checkpoint_step >= steps_per_epoch and checkpoint_step % steps_per_epoch == 0, checkpoint_step
-    assert 0 <= last_seen_step - checkpoint_step <= steps_per_epoch, (last_seen_step, checkpoint_step)
+    assert checkpoint_step < steps_per_epoch * 3, "the job finished before it was killed"
 
     final = api.wait_status(killed["id"], TERMINAL, timeout=300)
     assert final["status"] == "succeeded" and final["attempts"] == 2, final
