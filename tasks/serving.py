@@ -12,10 +12,10 @@ Everything here is free of Celery, so the child imports none of it.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.util
 import pickle
 import signal
 import threading
@@ -367,8 +367,9 @@ def serve_from_engine_process() -> EngineProcess:
     global _runner
     engine = EngineProcess()
     engine.start()
-    # Before multiprocessing's own exit handler (registered earlier, so run later), which would signal the
-    # child, which ignores it, and then wait for it forever.
-    atexit.register(engine.stop)
+    # Stopped by multiprocessing's own exit handler, first thing, before it signals its children (this one
+    # ignores signals) and joins them. A plain atexit handler cannot be ordered before it: Celery's pool
+    # library registers that handler again whenever it sets up its logger, which puts it first in line.
+    multiprocessing.util.Finalize(None, engine.stop, exitpriority=10)
     _runner = engine
     return engine

@@ -7,6 +7,7 @@ models, where the test can hold a batch or a load open and check exactly what ha
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Hashable, Sequence
@@ -187,6 +188,36 @@ def test_a_killed_model_process_is_replaced_and_serves_the_next_requests(
     second = wait_until(lambda: _model_process(worker), 30, "a new model process")
     assert second.pid != first.pid and worker.popen.poll() is None
     assert f"model process {first.pid} exited" in worker.log_path.read_text(errors="replace")
+
+
+def test_a_stopped_inference_worker_exits_with_its_model_process(
+    api: Api, stack: dict[str, Process], services: dict[str, str]
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    body = {"model": "tiny-gpt2", "prompt": "the food", "max_tokens": 2, "temperature": 0}
+    assert api.http.post("/v1/completions", json=body).status_code == 200
+    worker = stack["worker-inference"]
+    model_process = wait_until(lambda: _model_process(worker), 30, "the worker's model process")
+
+    # As `llmos up` stops it: SIGTERM to its process group, a warm shutdown, then the model process stops.
+    os.killpg(worker.popen.pid, signal.SIGTERM)
+    try:
+        worker.popen.wait(15)
+        exited = True
+    except subprocess.TimeoutExpired:
+        exited = False
+    stack_trace = worker.tail(20)
+    worker.stop()  # kills what is left
+    # Replaced before any assertion, so a failure here leaves later tests an inference worker.
+    env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
+    stack["worker-inference"] = Process("worker-inference-2", [sys.executable, "-m", "ops.cli", "worker", "--queues",
+                                                               "inference"], env, Path(services["home"]) / "logs")
+    assert exited, f"the inference worker did not exit within 15 s of SIGTERM:\n{stack_trace}"
+    assert not model_process.is_running() or model_process.status() == "zombie"
+    assert api.http.post("/v1/completions", json=body).status_code == 200
 
 
 def test_prefer_wait_0_answers_202_then_the_poll_has_the_response(api: Api) -> None:
