@@ -251,7 +251,7 @@ def test_sigkill_then_success_matches_an_uninterrupted_run(
     wait_until(lambda: latest_checkpoint(checkpoints), 180, "the first checkpoint", interval=0.005)
     worker = stack["worker-gpu"].popen
     os.killpg(worker.pid, signal.SIGSTOP)
-    # Nothing writes checkpoints until the reconciler requeues the job: this is what it resumes from.
+    # Frozen, it writes no more checkpoints: this is the one the next attempt resumes from.
     on_disk = latest_checkpoint(checkpoints)
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait(30)

@@ -209,13 +209,13 @@ def test_a_stopped_inference_worker_exits_with_its_model_process(
         exited = True
     except subprocess.TimeoutExpired:
         exited = False
-    stack_trace = worker.tail(20)
+    log_tail = worker.tail(20)
     worker.stop()  # kills what is left
     # Replaced before any assertion, so a failure here leaves later tests an inference worker.
     env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
     stack["worker-inference"] = Process("worker-inference-2", [sys.executable, "-m", "ops.cli", "worker", "--queues",
                                                                "inference"], env, Path(services["home"]) / "logs")
-    assert exited, f"the inference worker did not exit within 15 s of SIGTERM:\n{stack_trace}"
+    assert exited, f"the inference worker did not exit within 15 s of SIGTERM:\n{log_tail}"
     assert not model_process.is_running() or model_process.status() == "zombie"
     assert api.http.post("/v1/completions", json=body).status_code == 200
 
