@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,8 @@ import httpx
 import pytest
 
 from ops.embedded import EmbeddedServer, start_postgres, start_redis, stop_server
-from tests.conftest import ROOT, Api, Process, free_port, wait_until
+from ops.supervisor import ChildSpec, Supervisor
+from tests.conftest import ROOT, Api, free_port, wait_until
 from tests.data import jsonl, sentiment_rows
 
 
@@ -35,12 +37,19 @@ class Outage:
                        check=True, capture_output=True, timeout=180)
         key = subprocess.run([sys.executable, "-m", "ops.cli", "keys", "create", "--tenant", "outage"], cwd=ROOT,
                              env={**os.environ, **self.env}, check=True, capture_output=True, text=True, timeout=60)
-        logs = self.dir / "logs"
-        logs.mkdir()
+        self.logs = self.dir / "logs"
         cli = [sys.executable, "-m", "ops.cli"]
-        self.procs = [Process(f"outage-{name}", [*cli, *argv], self.env, logs) for name, argv in (
-            ("api", ["api"]), ("gpu", ["worker", "--queues", "gpu"]), ("cpu", ["worker", "--queues", "cpu"]),
-            ("beat", ["beat"]))]
+        # Under the supervisor of `llmos up`, which restarts a child that exits: the Redis transport can
+        # take a worker down when the broker vanishes mid-acknowledgement (an AttributeError in its channel
+        # close), and in production the supervisor or the container's restart policy brings it back.
+        self.supervisor = Supervisor(self.logs)
+        for name, argv in (("api", ["api"]), ("gpu", ["worker", "--queues", "gpu"]),
+                           ("cpu", ["worker", "--queues", "cpu"]), ("beat", ["beat"])):
+            self.supervisor.add(ChildSpec(f"outage-{name}", [*cli, *argv], self.env, ROOT))
+        self.supervisor.start()
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="outage supervisor", daemon=True)
+        self._watcher.start()
         self.url = f"http://127.0.0.1:{self.env['LLMOS_API_PORT']}"
         self.api = Api(self.url, key.stdout.strip().splitlines()[-1])
         wait_until(self._healthy, 60, "the outage stack's API")
@@ -56,9 +65,18 @@ class Outage:
         data = self.dir / ("pg" if server.name == "postgres" else "redis")
         return start(data, port=server.port)
 
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.2):
+            self.supervisor.poll()
+
+    def log_tail(self, name: str, lines: int = 200) -> str:
+        text = (self.logs / f"outage-{name}.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
     def close(self) -> None:
-        for proc in self.procs:
-            proc.stop()
+        self._stopping.set()
+        self._watcher.join()
+        self.supervisor.stop()
         for server in (self.redis, self.pg):
             stop_server(server)
 
@@ -106,9 +124,8 @@ def test_jobs_survive_broker_and_database_outages_and_the_api_says_503_only_whil
     assert down.status_code == 503 and down.headers["retry-after"]
     assert down.json()["error"]["code"] == "database_unavailable"
     assert api.http.get("/readyz").status_code == 503
-    gpu_log = outage.procs[1]
     # Down long enough that every heartbeat looks stale (LLMOS_STALE_HEARTBEAT_SECONDS=3), as the worker saw.
-    wait_until(lambda: "heartbeat of" in gpu_log.tail(200) and time.monotonic() - outage_started > 5, 60,
+    wait_until(lambda: "heartbeat of" in outage.log_tail("gpu") and time.monotonic() - outage_started > 5, 60,
                "the training worker to notice the outage")
 
     outage.pg = outage.restart(outage.pg)
