@@ -150,6 +150,7 @@ class Process:
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
+        self.argv, self.env = argv, env
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.popen = subprocess.Popen(argv, env={**os.environ, **env}, cwd=ROOT, stdout=self._log,
@@ -166,6 +167,12 @@ class Process:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait()
         self._log.close()
+
+    def respawn(self, name: str) -> Process:
+        """A fresh process with this one's command and environment, as a supervisor restarts it; its log is
+        `name`.log. Stops this one first (only closing its log, when it already exited)."""
+        self.stop()
+        return Process(name, self.argv, self.env, self.log_path.parent)
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

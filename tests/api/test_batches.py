@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -285,9 +284,7 @@ def test_a_validation_that_keeps_crashing_fails_the_batch_after_the_attempt_cap(
         assert batch is not None and batch.validation_attempts == cap
 
 
-def test_a_killed_inference_worker_redoes_only_the_chunk_it_was_running(
-    api: Api, stack: dict[str, Process], services: dict[str, str]
-) -> None:
+def test_a_killed_inference_worker_redoes_only_the_chunk_it_was_running(api: Api, stack: dict[str, Process]) -> None:
     total = 120
     batch = _create(api, _generation_lines(total), "/v1/completions")
 
@@ -300,10 +297,7 @@ def test_a_killed_inference_worker_redoes_only_the_chunk_it_was_running(
     os.killpg(worker.pid, signal.SIGKILL)  # a crash: no warning, no cleanup
     worker.wait(30)
     before = {c.seq: (c.attempts, c.finished_at) for c in _chunks(batch["id"]) if c.status == "done"}
-    env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
-    stack["worker-inference"] = Process("worker-inference-batches",
-                                        [sys.executable, "-m", "ops.cli", "worker", "--queues", "inference"],
-                                        env, Path(services["home"]) / "logs")
+    stack["worker-inference"] = stack["worker-inference"].respawn("worker-inference-batches")
 
     final = _wait(api, batch["id"], FINAL, timeout=180)
     assert final["status"] == "completed", final

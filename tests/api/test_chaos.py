@@ -54,13 +54,9 @@ class Kill:
     pid: int  # of the worker's main process, which names the worker in its claims: gpu-<pid>@host:<child>
 
 
-def restart(stack: dict[str, Process], services: dict[str, str], name: str, generation: int) -> None:
+def restart(stack: dict[str, Process], name: str, generation: int) -> None:
     """Start a fresh `name` process as `llmos up`'s supervisor would after the old one exited."""
-    argv = [sys.executable, "-m", "ops.cli", "worker", "--queues", "gpu"] if name.startswith("worker-gpu") else \
-        [sys.executable, "-m", "ops.cli", "beat"]
-    env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
-    stack[name].stop()  # already exited: this only closes its log
-    stack[name] = Process(f"{name}-chaos-{generation}", argv, env, Path(services["home"]) / "logs")
+    stack[name] = stack[name].respawn(f"{name}-chaos-{generation}")
 
 
 def training_processes(worker: Process) -> list[psutil.Process]:
@@ -71,7 +67,7 @@ def training_processes(worker: Process) -> list[psutil.Process]:
         return []
 
 
-def strike(stack: dict[str, Process], services: dict[str, str], rng: random.Random, generation: int) -> Kill:
+def strike(stack: dict[str, Process], rng: random.Random, generation: int) -> Kill:
     """One random kill of the gpu worker or beat, then the restart; returns what was done and when."""
     target = rng.choice([*GPU_WORKERS, *GPU_WORKERS, "beat"])
     mode = rng.choice(GPU_MODES if target in GPU_WORKERS else BEAT_MODES)
@@ -95,7 +91,7 @@ def strike(stack: dict[str, Process], services: dict[str, str], rng: random.Rand
         wait_until(lambda: not _group_alive(proc.pid), 30, f"{target}'s process group to exit")
     else:
         wait_until(lambda: not _group_alive(proc.pid), 30, f"{target}'s process group to die")
-    restart(stack, services, target, generation)
+    restart(stack, target, generation)
     return Kill(at, target, mode, proc.pid)
 
 
@@ -152,14 +148,13 @@ def test_chaos_kills_lose_no_job_and_never_run_one_twice(
     stack["worker-gpu-b"] = Process("worker-gpu-b", [sys.executable, "-m", "ops.cli", "worker", "--queues", "gpu"],
                                     env, Path(services["home"]) / "logs")
     try:
-        run_chaos(api, stack, services, rng, replay)
+        run_chaos(api, stack, rng, replay)
     finally:
         # Later tests expect the stack as conftest built it: one gpu worker.
         stack.pop("worker-gpu-b").stop()
 
 
-def run_chaos(api: Api, stack: dict[str, Process], services: dict[str, str], rng: random.Random,
-              replay: str) -> None:
+def run_chaos(api: Api, stack: dict[str, Process], rng: random.Random, replay: str) -> None:
     from domain.settings import get_settings
 
     file_id = api.upload(jsonl(sentiment_rows(40))).json()["id"]
@@ -188,7 +183,7 @@ def run_chaos(api: Api, stack: dict[str, Process], services: dict[str, str], rng
         time.sleep(rng.uniform(0.0, 3.0))
         if finished() == CHAOS_JOBS:
             break
-        kills.append(strike(stack, services, rng, generation))
+        kills.append(strike(stack, rng, generation))
     schedule = ", ".join(f"{k.target}/{k.mode}@{k.at.time().isoformat(timespec='seconds')}" for k in kills)
 
     wait_until(lambda: finished() == CHAOS_JOBS, 600,
@@ -231,9 +226,7 @@ def run_chaos(api: Api, stack: dict[str, Process], services: dict[str, str], rng
           f"statuses { {s: [j['status'] for j in jobs.values()].count(s) for s in TERMINAL} }")
 
 
-def test_sigkill_then_success_matches_an_uninterrupted_run(
-    api: Api, stack: dict[str, Process], services: dict[str, str]
-) -> None:
+def test_sigkill_then_success_matches_an_uninterrupted_run(api: Api, stack: dict[str, Process]) -> None:
     from domain.storage import job_dir
     from training.trainer import latest_checkpoint
 
@@ -257,7 +250,7 @@ def test_sigkill_then_success_matches_an_uninterrupted_run(
     worker.wait(30)
     wait_until(lambda: not _group_alive(worker.pid), 30, "the training process to die")
     # Restarted before any assertion, so a failure here leaves later tests a gpu worker.
-    restart(stack, services, "worker-gpu", 100)
+    restart(stack, "worker-gpu", 100)
     assert on_disk is not None
     checkpoint_step = int(on_disk.name.rsplit("-", 1)[-1])
     assert checkpoint_step >= steps_per_epoch and checkpoint_step % steps_per_epoch == 0, checkpoint_step

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 from datetime import timedelta
-from pathlib import Path
 
 from sqlalchemy import select
 
@@ -15,9 +13,7 @@ from tests.conftest import Api, Process, wait_until
 from tests.data import jsonl, sentiment_rows
 
 
-def test_sigkill_mid_training_resumes_from_the_last_checkpoint(
-    api: Api, stack: dict[str, Process], services: dict[str, str]
-) -> None:
+def test_sigkill_mid_training_resumes_from_the_last_checkpoint(api: Api, stack: dict[str, Process]) -> None:
     file_id = api.upload(jsonl(sentiment_rows(200))).json()["id"]
     job = api.http.post("/v1/fine_tuning/jobs", json={
         "model": "tiny-bert", "training_file": file_id,
@@ -29,9 +25,7 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(
     worker = stack["worker-gpu"].popen
     os.killpg(worker.pid, signal.SIGKILL)  # no warning, no checkpoint: a crash
     worker.wait(30)
-    env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
-    stack["worker-gpu"] = Process("worker-gpu-3", [sys.executable, "-m", "ops.cli", "worker", "--queues", "gpu"],
-                                  env, Path(services["home"]) / "logs")
+    stack["worker-gpu"] = stack["worker-gpu"].respawn("worker-gpu-3")
 
     wait_until(lambda: api.job(job["id"])["attempts"] == 2 and api.job(job["id"])["status"] == "running", 120,
                "the reconciler to requeue the job and a new worker to claim it")

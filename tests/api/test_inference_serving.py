@@ -190,12 +190,9 @@ def test_a_killed_model_process_is_replaced_and_serves_the_next_requests(
     assert f"model process {first.pid} exited" in worker.log_path.read_text(errors="replace")
 
 
-def test_a_stopped_inference_worker_exits_with_its_model_process(
-    api: Api, stack: dict[str, Process], services: dict[str, str]
-) -> None:
+def test_a_stopped_inference_worker_exits_with_its_model_process(api: Api, stack: dict[str, Process]) -> None:
     import signal
     import subprocess
-    import sys
 
     body = {"model": "tiny-gpt2", "prompt": "the food", "max_tokens": 2, "temperature": 0}
     assert api.http.post("/v1/completions", json=body).status_code == 200
@@ -210,11 +207,9 @@ def test_a_stopped_inference_worker_exits_with_its_model_process(
     except subprocess.TimeoutExpired:
         exited = False
     log_tail = worker.tail(20)
-    worker.stop()  # kills what is left
-    # Replaced before any assertion, so a failure here leaves later tests an inference worker.
-    env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
-    stack["worker-inference"] = Process("worker-inference-2", [sys.executable, "-m", "ops.cli", "worker", "--queues",
-                                                               "inference"], env, Path(services["home"]) / "logs")
+    # Replaced before any assertion (what is left of the old one killed), so a failure here leaves later
+    # tests an inference worker.
+    stack["worker-inference"] = worker.respawn("worker-inference-2")
     assert exited, f"the inference worker did not exit within 15 s of SIGTERM:\n{log_tail}"
     assert not model_process.is_running() or model_process.status() == "zombie"
     assert api.http.post("/v1/completions", json=body).status_code == 200
@@ -331,7 +326,7 @@ def test_one_message_of_several_requests_answers_each_its_own(api: Api) -> None:
     assert api.http.get(f"/v1/inferences/{new[3].id}").json()["error"]["code"] == "model_not_found"
     # The duplicate was dropped in the same claim, so nothing more can be pushed for it.
     client = replies.client()
-    assert client is not None and client.llen(f"llmos:reply:{first}") == 0
+    assert client is not None and client.llen(replies._key(first)) == 0
 
 
 # --- in-process: the batcher -----------------------------------------------------------------------------

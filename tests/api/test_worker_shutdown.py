@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 from tests.conftest import Api, Process, wait_until
 from tests.data import jsonl, sentiment_rows
 
 
-def test_sigterm_checkpoints_and_the_next_worker_resumes(
-    api: Api, stack: dict[str, Process], services: dict[str, str]
-) -> None:
+def test_sigterm_checkpoints_and_the_next_worker_resumes(api: Api, stack: dict[str, Process]) -> None:
     file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
     job = api.http.post("/v1/fine_tuning/jobs", json={
         "model": "tiny-bert", "training_file": file_id,
@@ -28,9 +24,7 @@ def test_sigterm_checkpoints_and_the_next_worker_resumes(
     step = int(re.findall(r"\d+", requeued[-1])[-1])
     assert step >= 20
 
-    env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
-    stack["worker-gpu"] = Process("worker-gpu-2", [sys.executable, "-m", "ops.cli", "worker", "--queues", "gpu"],
-                                  env, Path(services["home"]) / "logs")
+    stack["worker-gpu"] = stack["worker-gpu"].respawn("worker-gpu-2")
     wait_until(lambda: api.job(job["id"])["attempts"] == 2 and api.job(job["id"])["status"] == "running", 120,
                "the new worker to claim the job")
     wait_until(lambda: f"resumed from checkpoint at step {step}" in api.messages(job["id"]), 60,
