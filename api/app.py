@@ -6,23 +6,26 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import FastAPI
 
 from api import batches, compat, errors, events, files, fine_tuning, health, inference, models, webhooks
 from api.middleware import Idempotency, RequestContext
-from domain.settings import get_settings
+from core.settings import get_settings
+from db import aio
+from domain import replies
 
 log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
 async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
-    # Each synchronous inference request holds a thread while it waits for its reply; Starlette's default
-    # of 40 would queue requests before the inference worker could batch them.
-    limiter = anyio.to_thread.current_default_thread_limiter()
-    limiter.total_tokens = max(limiter.total_tokens, get_settings().inference_concurrency + 16)
     yield
+    # Connections belong to this process's event loop; close them with it.
+    await aio.dispose()
+    client = replies.async_client()
+    if client is not None:
+        await client.aclose()
+    replies.async_client.cache_clear()
 
 
 def create_app() -> FastAPI:

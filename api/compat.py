@@ -9,18 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import Field, ValidationError
-from sqlalchemy.orm import Session
 
-from api.deps import Principal, get_session, require
-from api.errors import APIError
-from api.fine_tuning import create_job, fine_tuning
+from api import objects
+from api.deps import Principal, require
+from api.errors import APIError, JSONBody
+from api.fine_tuning import create, fine_tuning
 from api.inference import ACCEPTED, check_serveable, run_inference
 from api.schemas import CreateJob, Hyperparameters
+from core.settings import get_settings
 from domain.requests import Strict
-from domain.settings import get_settings
 
 router = APIRouter(tags=["seed-compatible"])
 inference_scope = require("inference")
@@ -59,14 +58,13 @@ class MicromodelRequest(Strict):
     learning_rate: float | None = None
 
 
-def _answer(
-    request: Request, session: Session, principal: Principal, endpoint: str, model: str, payload: dict[str, Any],
-    shape: Any,
-) -> JSONResponse:
-    response, handle = run_inference(request, session, principal, endpoint, model, payload)
+async def _answer(
+    request: Request, principal: Principal, endpoint: str, model: str, payload: dict[str, Any], shape: Any,
+) -> Response:
+    response, handle = await run_inference(request, principal, endpoint, model, payload)
     if response is None:
-        return JSONResponse(handle, status_code=202)
-    return JSONResponse(shape(response))
+        return JSONBody(handle, status_code=202)
+    return JSONBody(shape(response))
 
 
 def _sampling(max_tokens: int | None, temperature: float | None) -> dict[str, Any]:
@@ -74,74 +72,72 @@ def _sampling(max_tokens: int | None, temperature: float | None) -> dict[str, An
             "top_p": 1.0, "n": 1, "stop": None, "seed": None}
 
 
-@router.post("/generate", responses=ACCEPTED, summary="Generate text from a prompt (seed-compatible)")
-def generate(
+@router.post("/generate", responses=ACCEPTED, response_model=objects.Generated,
+             summary="Generate text from a prompt (seed-compatible)")
+async def generate(
     body: GenerateRequest, request: Request, principal: Principal = Depends(inference_scope),
-    session: Session = Depends(get_session),
-) -> JSONResponse:
+) -> Response:
     model = body.model_name or get_settings().default_generation_model
-    check_serveable(principal, model, "generation")
+    await check_serveable(principal, model, "generation")
     payload = {"model": model, "prompt": [body.prompt], **_sampling(body.max_length, body.temperature)}
-    return _answer(request, session, principal, "/v1/completions", model, payload,
+    return await _answer(request, principal, "/v1/completions", model, payload,
                    lambda r: {"text": r["choices"][0]["text"]})
 
 
-@router.post("/ask", responses=ACCEPTED, summary="Answer a question, optionally from a context (seed-compatible)")
-def ask(
+@router.post("/ask", responses=ACCEPTED, response_model=objects.Answer,
+             summary="Answer a question, optionally from a context (seed-compatible)")
+async def ask(
     body: AskRequest, request: Request, principal: Principal = Depends(inference_scope),
-    session: Session = Depends(get_session),
-) -> JSONResponse:
+) -> Response:
     model = body.model_name or get_settings().default_generation_model
-    check_serveable(principal, model, "generation")
+    await check_serveable(principal, model, "generation")
     messages = [{"role": "system", "content": "Answer the question briefly and accurately."}]
     question = f"Context: {body.context}\n\nQuestion: {body.question}" if body.context else body.question
     messages.append({"role": "user", "content": question})
     # Greedy: a question has one best answer, and repeated asks should agree.
     payload = {"model": model, "messages": messages, **_sampling(None, 0.0)}
-    return _answer(request, session, principal, "/v1/chat/completions", model, payload,
+    return await _answer(request, principal, "/v1/chat/completions", model, payload,
                    lambda r: {"answer": r["choices"][0]["message"]["content"]})
 
 
-def _classify(
-    request: Request, session: Session, principal: Principal, model: str | None, texts: list[str], shape: Any
-) -> JSONResponse:
+async def _classify(
+    request: Request, principal: Principal, model: str | None, texts: list[str], shape: Any
+) -> Response:
     chosen = model or get_settings().default_classification_model
     try:
-        check_serveable(principal, chosen, "classification")
+        await check_serveable(principal, chosen, "classification")
     except APIError as exc:
         if model is None:
             exc.message += "; set LLMOS_DEFAULT_CLASSIFICATION_MODEL to a fine-tuned classifier"
         raise
-    return _answer(request, session, principal, "/v1/classifications", chosen, {"model": chosen, "input": texts},
-                   shape)
+    return await _answer(request, principal, "/v1/classifications", chosen, {"model": chosen, "input": texts}, shape)
 
 
-@router.post("/api/llm", responses=ACCEPTED, summary="Label a text with the default classifier (seed-compatible)")
-def api_llm(
+@router.post("/api/llm", responses=ACCEPTED, response_model=objects.Prediction,
+             summary="Label a text with the default classifier (seed-compatible)")
+async def api_llm(
     body: TextRequest, request: Request, principal: Principal = Depends(inference_scope),
-    session: Session = Depends(get_session),
-) -> JSONResponse:
-    return _classify(request, session, principal, None, [body.text],
+) -> Response:
+    return await _classify(request, principal, None, [body.text],
                      lambda r: {"prediction": r["data"][0]["label"]})
 
 
-@router.post("/llm-service", responses=ACCEPTED, summary="Label texts with per-label scores (seed-compatible)")
-def llm_service(
+@router.post("/llm-service", responses=ACCEPTED, response_model=objects.Predictions,
+             summary="Label texts with per-label scores (seed-compatible)")
+async def llm_service(
     body: LlmServiceRequest, request: Request, principal: Principal = Depends(inference_scope),
-    session: Session = Depends(get_session),
-) -> JSONResponse:
+) -> Response:
     texts = [body.text] if isinstance(body.text, str) else body.text
     if not texts or len(texts) > 2048 or any(not t or len(t) > 100_000 for t in texts):
         raise APIError(400, "text: 1-2048 non-empty texts of at most 100000 characters", param="text")
-    return _classify(request, session, principal, body.model, texts,
+    return await _classify(request, principal, body.model, texts,
                      lambda r: {"predictions": [{"label": d["label"], "score": d["score"], "scores": d["scores"]}
                                                 for d in r["data"]]})
 
 
-@router.post("/micromodel", status_code=202, summary="Fine-tune a small model (seed-compatible)")
-def micromodel(
-    body: MicromodelRequest, principal: Principal = Depends(fine_tuning), session: Session = Depends(get_session),
-) -> dict[str, Any]:
+@router.post("/micromodel", status_code=202, summary="Fine-tune a small model (seed-compatible)",
+             response_model=objects.FineTuningJob)
+async def micromodel(body: MicromodelRequest, principal: Principal = Depends(fine_tuning)) -> dict[str, Any]:
     # Through CreateJob, so every rule and error of POST /v1/fine_tuning/jobs applies unchanged.
     try:
         job = CreateJob(model=body.model, training_file=body.training_file, task=body.task,
@@ -150,4 +146,4 @@ def micromodel(
         first = exc.errors()[0]
         field = {"n_epochs": "epochs"}.get(str(first["loc"][-1]), str(first["loc"][-1])) if first["loc"] else None
         raise APIError(400, f"{field}: {first['msg']}", param=field) from None
-    return create_job(job, principal, session)
+    return await create(job, principal)

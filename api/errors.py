@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+import orjson
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import ServiceError, bad_request, conflict, not_found
+
+__all__ = ["ERROR_RESPONSES", "APIError", "JSONBody", "bad_request", "conflict", "install", "not_found"]
 
 log = logging.getLogger(__name__)
 
@@ -45,46 +49,28 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class APIError(Exception):
-    """Raised anywhere in a request; rendered as ``{"error": {...}}`` with its status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
+# The service layer's error is the API's: routers and services raise the same type.
+APIError = ServiceError
 
 
-def not_found(kind: str, id_: str, param: str | None = None) -> APIError:
-    return APIError(404, f"No {kind} found with id '{id_}'", param=param, code=f"{kind}_not_found")
+class JSONBody(Response):
+    """A JSON body rendered by orjson, for bodies built by hand (errors, inference answers).
 
+    Routes with a response model are serialised by pydantic-core instead, which is faster still.
+    """
 
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
+    media_type = "application/json"
 
-
-def conflict(message: str, code: str = "invalid_state") -> APIError:
-    return APIError(409, message, code=code)
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 def error_body(status: int, message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _render(exc: APIError) -> JSONResponse:
-    return JSONResponse(
+def _render(exc: APIError) -> JSONBody:
+    return JSONBody(
         error_body(exc.status, exc.message, exc.type, exc.param, exc.code),
         status_code=exc.status,
         headers=exc.headers,
@@ -97,11 +83,11 @@ _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_f
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    async def _api_error(_: Request, exc: APIError) -> JSONBody:
         return _render(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONBody:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
         param = ".".join(loc) or None
@@ -109,27 +95,31 @@ def install(app: FastAPI) -> None:
         return _render(APIError(400, message, param=param, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONBody:
         type_ = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
         return _render(APIError(exc.status_code, str(exc.detail), type_=type_))
 
     @app.exception_handler(OperationalError)
-    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+    async def _db_down(_: Request, exc: OperationalError) -> JSONBody:
         log.warning("database unavailable: %s", exc.orig)
         return _render(APIError(503, "The database is unavailable; retry shortly.", type_="server_error",
                                 code="database_unavailable", headers={"Retry-After": "5"}))
 
     @app.exception_handler(DBAPIError)
-    async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
+    async def _db_error(_: Request, exc: DBAPIError) -> JSONBody:
         if exc.connection_invalidated:
             return _render(APIError(503, "The database connection was lost; retry shortly.",
                                     type_="server_error", code="database_unavailable",
                                     headers={"Retry-After": "5"}))
+        if _sqlstate(exc).startswith("22"):
+            # A data exception: a value Postgres cannot store, such as a NUL character in text or JSON.
+            # The client's input, not our fault, and nothing was written.
+            return _render(APIError(400, f"a value cannot be stored: {_first_line(exc.orig)}", code="invalid_value"))
         log.exception("database error")
         return _render(APIError(500, "Internal error", type_="server_error"))
 
     @app.exception_handler(ValueError)
-    async def _nul(_: Request, exc: ValueError) -> JSONResponse:
+    async def _nul(_: Request, exc: ValueError) -> JSONBody:
         # Postgres text cannot hold NUL; psycopg2 refuses such a value before sending it. Bad input, not ours.
         if "NUL (0x00)" in str(exc):
             return _render(APIError(400, "strings must not contain NUL (0x00) characters", code="invalid_value"))
@@ -137,10 +127,19 @@ def install(app: FastAPI) -> None:
         return _render(APIError(500, "Internal error", type_="server_error"))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(_: Request, exc: Exception) -> JSONBody:
         log.exception("unhandled error")
         return _render(APIError(500, "Internal error", type_="server_error"))
 
 
-def error_response(status: int, message: str, type_: str, param: str | None, code: str | None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, type_, param, code), status_code=status)
+def _sqlstate(exc: DBAPIError) -> str:
+    # asyncpg's adapted errors carry `sqlstate`, psycopg2's `pgcode`.
+    return str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
+
+
+def _first_line(error: BaseException | None) -> str:
+    return str(error).split("\n", 1)[0].split(": ", 1)[-1][:200]
+
+
+def error_response(status: int, message: str, type_: str, param: str | None, code: str | None) -> JSONBody:
+    return JSONBody(error_body(status, message, type_, param, code), status_code=status)

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import anyio
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
+from api.errors import JSONBody
+from db import aio
 from db.models import FineTuningJob
-from db.session import get_engine, session_factory
+from db.session import session_factory
 from domain import dispatch, replies
 
 router = APIRouter(tags=["operations"])
@@ -26,6 +32,7 @@ REQUESTS = Counter("llmos_http_requests_total", "HTTP requests", ["method", "rou
 LATENCY = Histogram("llmos_http_request_seconds", "HTTP request latency", ["method", "route"])
 
 
+@lru_cache(maxsize=1)
 def head_revision() -> str | None:
     config = Config(str(ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(ROOT / "db" / "migrations"))
@@ -33,16 +40,21 @@ def head_revision() -> str | None:
 
 
 @router.get("/healthz", summary="The process is up")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _broker_reachable() -> None:
+    with dispatch.producer().connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+
+
 @router.get("/readyz", summary="Database, broker and migrations are ready")
-def readyz() -> JSONResponse:
+async def readyz() -> JSONBody:
     checks: dict[str, Any] = {}
     try:
-        with get_engine().connect() as conn:
-            current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        async with aio.autocommit_engine().connect() as conn:
+            current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
         checks["database"] = "ok"
         head = head_revision()
         checks["migrations"] = "ok" if current == head else f"at {current}, head is {head}"
@@ -50,13 +62,12 @@ def readyz() -> JSONResponse:
         checks["database"] = f"unavailable: {type(exc).__name__}"
         checks["migrations"] = "unknown"
     try:
-        with dispatch.producer().connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
+        await anyio.to_thread.run_sync(_broker_reachable)
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+    return JSONBody({"status": "ready" if ready else "not_ready", "checks": checks},
                         status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
 
 
@@ -86,16 +97,32 @@ class StateCollector(Collector):
         yield depth
 
 
+_STATE = StateCollector()
 _collector_registered = False
+
+
+def _multiprocess() -> bool:
+    # Set by `llmos api` when it runs several processes: their counters then live in files there.
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 def register_collectors() -> None:
     global _collector_registered
-    if not _collector_registered:
-        REGISTRY.register(StateCollector())
+    if not _collector_registered and not _multiprocess():
+        REGISTRY.register(_STATE)
         _collector_registered = True
+
+
+def _scrape_registry() -> CollectorRegistry:
+    """Every API process's counters when there are several (whichever process answers), else this one's."""
+    if not _multiprocess():
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(_STATE)
+    return registry
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
 def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(_scrape_registry()), media_type=CONTENT_TYPE_LATEST)

@@ -13,11 +13,12 @@ import json
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request, Response
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
+from api.boundary import transaction
+from api.deps import bearer_token, principal_for
 from api.errors import error_response
-from db import idempotency, tenants
-from db.session import transaction
+from db import idempotency
 
 HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
@@ -35,12 +36,19 @@ def _request_hash(method: str, path: str, body: bytes, content_type: str) -> str
     return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + body).hexdigest()
 
 
-def _tenant_for(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+async def _tenant_for(request: Request) -> str | None:
+    token = bearer_token(request.headers)
+    principal = None if token is None else await principal_for(token)
+    return None if principal is None else principal.tenant_id
+
+
+def _claim(session: Session, *, tenant_id: str, key: str, digest: str, method: str,
+           path: str) -> tuple[str, int | None, bytes | None, str | None] | None:
+    row = idempotency.claim(session, tenant_id, key, digest, method, path)
+    if row is None:
         return None
-    found = tenants.find_active_key(token.strip())
-    return None if found is None else found.tenant_id
+    return (row.status if row.request_hash == digest else "mismatch", row.response_status,
+            row.response_body, row.response_content_type)
 
 
 async def idempotency_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -50,21 +58,13 @@ async def idempotency_middleware(request: Request, call_next: Callable[[Request]
     if not key or len(key) > MAX_KEY_LENGTH:
         return error_response(400, f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters", "invalid_request_error",
                               "Idempotency-Key", "invalid_idempotency_key")
-    tenant_id = await run_in_threadpool(_tenant_for, request)
+    tenant_id = await _tenant_for(request)
     if tenant_id is None:
         return await call_next(request)  # the route answers 401 itself
     body = await request.body()
     digest = _request_hash(request.method, request.url.path, body, request.headers.get("content-type", ""))
-
-    def claim() -> tuple[str, int | None, bytes | None, str | None] | None:
-        with transaction() as session:
-            row = idempotency.claim(session, tenant_id, key, digest, request.method, request.url.path)
-            if row is None:
-                return None
-            return (row.status if row.request_hash == digest else "mismatch", row.response_status,
-                    row.response_body, row.response_content_type)
-
-    earlier = await run_in_threadpool(claim)
+    earlier = await transaction(_claim, tenant_id=tenant_id, key=key, digest=digest, method=request.method,
+                                path=request.url.path)
     if earlier is not None:
         state, status, stored, content_type = earlier
         if state == "mismatch":
@@ -79,24 +79,15 @@ async def idempotency_middleware(request: Request, call_next: Callable[[Request]
     try:
         response = await call_next(request)
     except BaseException:
-        await run_in_threadpool(_release, tenant_id, key)
+        await transaction(idempotency.release, tenant_id=tenant_id, key=key)
         raise
     chunks = [chunk async for chunk in response.body_iterator]  # type: ignore[attr-defined]
     content = b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks)
     if response.status_code >= 500:
-        await run_in_threadpool(_release, tenant_id, key)
+        await transaction(idempotency.release, tenant_id=tenant_id, key=key)
     else:
-        await run_in_threadpool(_finish, tenant_id, key, response.status_code, content,
-                                response.headers.get("content-type"))
+        await transaction(idempotency.finish, tenant_id=tenant_id, key=key, status=response.status_code,
+                          body=content, content_type=response.headers.get("content-type"))
     return Response(content=content, status_code=response.status_code, headers=dict(response.headers),
                     background=response.background)
 
-
-def _release(tenant_id: str, key: str) -> None:
-    with transaction() as session:
-        idempotency.release(session, tenant_id, key)
-
-
-def _finish(tenant_id: str, key: str, status: int, body: bytes, content_type: str | None) -> None:
-    with transaction() as session:
-        idempotency.finish(session, tenant_id, key, status, body, content_type)

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-from collections.abc import Hashable
 from typing import Any
 
+import anyio
 import redis
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Depends, Request, Response
 
-from api.deps import Principal, get_session, require
-from api.errors import APIError, not_found
-from db import inferences
-from db.models import Inference
-from domain import dispatch, ids, replies
-from domain.batching import BatcherRegistry
-from domain.clock import unix, utcnow
+from api import objects
+from api.boundary import read
+from api.deps import Principal, require
+from api.errors import APIError, JSONBody
+from core import ids
+from core.clock import utcnow
+from core.settings import get_settings
+from db import aio, inferences
+from domain import dispatch, replies, serving
 from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
 from domain.serving import serving_refusal
-from domain.settings import get_settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["inference"])
@@ -31,15 +31,10 @@ _WAIT = re.compile(r"wait=(\d+(?:\.\d+)?)")
 
 # Documented on every route that can answer with the handle instead of the result.
 ACCEPTED: dict[int | str, dict[str, Any]] = {
-    202: {"description": "Still running after `Prefer: wait=N`: the inference object (`inf_…`), to poll at "
+    202: {"model": objects.Inference,
+          "description": "Still running after `Prefer: wait=N`: the inference object (`inf_…`), to poll at "
                          "`GET /v1/inferences/{id}` until it carries the `response`."},
 }
-
-
-def inference_object(row: Inference) -> dict[str, Any]:
-    return {"id": row.id, "object": "inference", "status": row.status, "endpoint": row.endpoint,
-            "model": row.model, "created_at": unix(row.created_at), "finished_at": unix(row.finished_at),
-            "response": row.response, "error": row.error}
 
 
 def _wait_seconds(request: Request) -> float:
@@ -47,62 +42,99 @@ def _wait_seconds(request: Request) -> float:
     return min(float(match.group(1)), 600.0) if match else get_settings().inference_wait_seconds
 
 
-def check_serveable(principal: Principal, model_id: str, task: str) -> None:
-    refusal = serving_refusal(principal.tenant_id, model_id, task)
+async def check_serveable(principal: Principal, model_id: str, task: str) -> None:
+    async with aio.autocommit_engine().connect() as conn:
+        refusal = await conn.run_sync(serving_refusal, principal.tenant_id, model_id, task)
     if refusal is not None:
         code, message = refusal
         raise APIError(400, f"model: {message}", param="model", code=code)
 
 
 BROKER_DOWN = "The broker is unavailable; retry shortly."
-# Concurrent requests' rows go in one statement and their IDs to the workers in one message: per request,
-# an insert and a Celery publish cost the API and Postgres more than all the rest of its handling, and each
-# message costs the worker a receive. No window: whatever waits is sent at once, and while one send runs
-# the next requests gather.
-SENDS = BatcherRegistry(0.0, 64, log_batches=False)
+# At most this many requests share one insert and one message.
+MAX_SEND = 64
 
 
-def _send(requests: list[inferences.NewRequest], _group: Hashable) -> list[bool]:
-    """Insert the requests' rows and send their IDs to the inference queue; False for each if it is down.
+class Sends:
+    """Concurrent online requests go out as one insert and one Celery message carrying their IDs.
+
+    Per request, an insert and a publish cost the API and Postgres more than all the rest of its handling,
+    and each message costs the worker a receive. No window: whatever waits is sent at once, and while one
+    send runs the next requests gather.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[inferences.NewRequest, asyncio.Future[bool]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def send(self, new: inferences.NewRequest) -> bool:
+        """True once the request's row is in and its message sent; False if the broker refused it."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((new, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_SEND], self._pending[MAX_SEND:]
+            try:
+                sent = await _send([new for new, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(sent)
+
+
+SENDS = Sends()
+
+
+async def _send(requests: list[inferences.NewRequest]) -> bool:
+    """Insert the requests' rows and send their IDs to the inference queue; False if the broker is down.
 
     Sent at once rather than after a commit (the rows are already in), so a broker outage is known while
     the callers still wait, and their rows say why they failed.
     """
-    inferences.create(requests)
-    if dispatch.publish(dispatch.StagedTask(dispatch.TASK_INFER, ([r.id for r in requests],))):
-        return [True] * len(requests)
+    async with aio.relaxed_engine().connect() as conn:
+        await conn.run_sync(inferences.create, requests)
+    task = dispatch.StagedTask(dispatch.TASK_INFER, ([r.id for r in requests],))
+    if await anyio.to_thread.run_sync(dispatch.publish, task):
+        return True
     error = {"status": 503, "message": BROKER_DOWN, "type": "server_error", "code": "broker_unavailable"}
-    inferences.finish([(r.id, {"status": "failed", "response": None, "error": error}) for r in requests], utcnow())
-    return [False] * len(requests)
+    async with aio.relaxed_engine().connect() as conn:
+        await conn.run_sync(inferences.finish, [(r.id, {"status": "failed", "response": None, "error": error})
+                                                for r in requests], utcnow())
+    return False
 
 
-def run_inference(
-    request: Request, session: Session, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
+async def run_inference(
+    request: Request, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Persist the request, send it to the inference queue, and wait for its answer within the caller's wait.
 
     Returns (response body, None), or (None, the inference object to poll) when the answer did not come
-    in time; a failed inference raises its APIError.
+    in time; a failed inference raises its APIError. While it waits the request holds no thread and no
+    database connection: only its coroutine and a Redis connection blocked in BLPOP.
     """
     inference_id = ids.new_id(ids.INFERENCE)
     new = inferences.NewRequest(inference_id, principal.tenant_id, endpoint, model, payload, utcnow())
-    if not SENDS.call("send", _send, [new])[0]:
+    if not await SENDS.send(new):
         raise APIError(503, BROKER_DOWN, type_="server_error", code="broker_unavailable", headers={"Retry-After": "5"})
-    # No connection is held while it waits (the key, model and row statements above each returned theirs):
-    # otherwise more concurrent callers than the pool has connections would queue for one, not an answer.
-    assert not session.in_transaction()
     try:
-        reply = replies.wait_reply(inference_id, _wait_seconds(request))
+        reply = await replies.wait_reply_async(inference_id, _wait_seconds(request))
     except redis.RedisError:
         # The request is queued; only the fast path is gone. The caller polls the row instead.
         log.warning("reply channel of %s unavailable; answering with the handle", inference_id)
         reply = None
     if reply is None:
-        row = session.get(Inference, inference_id, populate_existing=True)
-        assert row is not None  # inserted above; rows go only with their tenant
-        if row.status not in ("succeeded", "failed"):
-            return None, inference_object(row)
-        reply = {"status": row.status, "response": row.response, "error": row.error}
+        row = await read(serving.get_inference, tenant_id=principal.tenant_id, inference_id=inference_id)
+        if row["status"] not in ("succeeded", "failed"):
+            return None, row
+        reply = {"status": row["status"], "response": row["response"], "error": row["error"]}
     if reply["status"] == "failed":
         err = reply["error"] or {}
         raise APIError(int(err.get("status", 500)), err.get("message", "inference failed"),
@@ -111,72 +143,67 @@ def run_inference(
     return response, {}
 
 
-def submit(
-    request: Request, session: Session, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
-) -> JSONResponse:
+async def submit(
+    request: Request, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
+) -> Response:
     """The response of the online endpoints: the answer, or 202 with a handle past the caller's wait."""
-    response, handle = run_inference(request, session, principal, endpoint, model, payload)
+    response, handle = await run_inference(request, principal, endpoint, model, payload)
     if response is None:
-        return JSONResponse(handle, status_code=202)
-    return JSONResponse(response)
+        return JSONBody(handle, status_code=202)
+    return JSONBody(response)
 
 
-@router.post("/v1/classifications", responses=ACCEPTED, summary="Classify texts with a fine-tuned model (extension)")
-def classify(
+@router.post("/v1/classifications", responses=ACCEPTED, response_model=objects.Classifications,
+             summary="Classify texts with a fine-tuned model (extension)")
+async def classify(
     body: ClassificationRequest,
     request: Request,
     principal: Principal = Depends(inference_scope),
-    session: Session = Depends(get_session),
-) -> JSONResponse:
-    check_serveable(principal, body.model, "classification")
+) -> Response:
+    await check_serveable(principal, body.model, "classification")
     inputs = [body.input] if isinstance(body.input, str) else body.input
-    return submit(request, session, principal, "/v1/classifications", body.model,
-                  {"model": body.model, "input": inputs})
+    return await submit(request, principal, "/v1/classifications", body.model, {"model": body.model, "input": inputs})
 
 
-@router.post("/v1/ner", responses=ACCEPTED, summary="Find named entities with a fine-tuned NER model (extension)")
-def ner(
+@router.post("/v1/ner", responses=ACCEPTED, response_model=objects.NamedEntities,
+             summary="Find named entities with a fine-tuned NER model (extension)")
+async def ner(
     body: NerRequest,
     request: Request,
     principal: Principal = Depends(inference_scope),
-    session: Session = Depends(get_session),
-) -> JSONResponse:
-    check_serveable(principal, body.model, "ner")
+) -> Response:
+    await check_serveable(principal, body.model, "ner")
     inputs = [body.input] if isinstance(body.input, str) else body.input
-    return submit(request, session, principal, "/v1/ner", body.model, {"model": body.model, "input": inputs})
+    return await submit(request, principal, "/v1/ner", body.model, {"model": body.model, "input": inputs})
 
 
-@router.post("/v1/completions", responses=ACCEPTED, summary="Complete prompts (OpenAI Completions)")
-def completions(
+@router.post("/v1/completions", responses=ACCEPTED, response_model=objects.Completion,
+             summary="Complete prompts (OpenAI Completions)")
+async def completions(
     body: CompletionRequest,
     request: Request,
     principal: Principal = Depends(inference_scope),
-    session: Session = Depends(get_session),
-) -> JSONResponse:
-    check_serveable(principal, body.model, "generation")
+) -> Response:
+    await check_serveable(principal, body.model, "generation")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    return submit(request, session, principal, "/v1/completions", body.model,
-                  {"model": body.model, "prompt": prompts, **body.sampling()})
+    return await submit(request, principal, "/v1/completions", body.model,
+                        {"model": body.model, "prompt": prompts, **body.sampling()})
 
 
-@router.post("/v1/chat/completions", responses=ACCEPTED, summary="Answer a conversation (OpenAI Chat Completions)")
-def chat_completions(
+@router.post("/v1/chat/completions", responses=ACCEPTED, response_model=objects.ChatCompletion,
+             summary="Answer a conversation (OpenAI Chat Completions)")
+async def chat_completions(
     body: ChatRequest,
     request: Request,
     principal: Principal = Depends(inference_scope),
-    session: Session = Depends(get_session),
-) -> JSONResponse:
-    check_serveable(principal, body.model, "generation")
+) -> Response:
+    await check_serveable(principal, body.model, "generation")
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    return submit(request, session, principal, "/v1/chat/completions", body.model,
-                  {"model": body.model, "messages": messages, **body.sampling()})
+    return await submit(request, principal, "/v1/chat/completions", body.model,
+                        {"model": body.model, "messages": messages, **body.sampling()})
 
 
-@router.get("/v1/inferences/{inference_id}", summary="Poll an online inference request (extension)")
-def get_inference(
-    inference_id: str, principal: Principal = Depends(inference_scope), session: Session = Depends(get_session)
-) -> dict[str, Any]:
-    row = session.get(Inference, inference_id)
-    if row is None or row.tenant_id != principal.tenant_id:
-        raise not_found("inference", inference_id)
-    return inference_object(row)
+@router.get("/v1/inferences/{inference_id}", summary="Poll an online inference request (extension)",
+            response_model=objects.Inference)
+async def get_inference(inference_id: str, principal: Principal = Depends(inference_scope)) -> dict[str, Any]:
+    return await read(serving.get_inference, tenant_id=principal.tenant_id, inference_id=inference_id)

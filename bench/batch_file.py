@@ -77,7 +77,7 @@ def _download_model(http: httpx.Client, model_id: str, into: Path) -> Path:
 
 def _ceiling(model_dir: Path, texts: list[str]) -> float:
     """Seconds the model itself needs for ``texts`` at batch 32, warm, with a worker's thread count."""
-    from domain.settings import get_settings
+    from core.settings import get_settings
     from training.devices import configure_cpu
     from training.predict import ClassificationPredictor
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"--- last lines of {child.name} ({child.log_path}) ---\n{child.tail()}", file=sys.stderr)
             raise
     print()
-    from domain.settings import get_settings
+    from core.settings import get_settings
 
     print(f"Batch of {result['lines']} SST-2 classification lines on {result['model']} "
           f"(chunks of {get_settings().batch_chunk_lines} lines)")

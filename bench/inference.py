@@ -171,7 +171,7 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 
 def classification(http: httpx.Client, model_id: str, args: argparse.Namespace,
                    pids: dict[str, int], worker_log: Path) -> dict[str, Any]:
-    from domain.settings import get_settings
+    from core.settings import get_settings
     from training.devices import configure_cpu
     from training.predict import ClassificationPredictor
 
@@ -228,7 +228,7 @@ def classification(http: httpx.Client, model_id: str, args: argparse.Namespace,
 
 
 def generation(http: httpx.Client, args: argparse.Namespace) -> dict[str, Any]:
-    from domain.settings import get_settings
+    from core.settings import get_settings
     from tests.data import SUBJECTS
     from training.devices import configure_cpu
     from training.predict import GenerationPredictor
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     with contextlib.ExitStack() as exits:
         try:
             stack = bring_up(exits, work, failure_logs)
-            from domain.settings import get_settings
+            from core.settings import get_settings
             from ops.bootstrap import create_key
 
             settings = get_settings()

@@ -125,7 +125,7 @@ def heartbeat_at(job_id: str) -> float:
 
 
 def measure_once(bench: Bench, file_id: str, kind: str, rng: random.Random) -> Recovery:
-    from domain.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     created = bench.http.post("/v1/fine_tuning/jobs", json={
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     with contextlib.ExitStack() as exits:
         try:
             stack = bring_up(exits, work, failure_logs)
-            from domain.settings import get_settings
+            from core.settings import get_settings
             from ops.bootstrap import create_key
 
             settings = get_settings()

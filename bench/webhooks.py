@@ -250,7 +250,7 @@ def bring_up(exits: contextlib.ExitStack, work: Path, failure_logs: list[Child])
     }
     # The bench's own imports (emit_event, the Celery producer) read the same settings as the children.
     os.environ.update(env)
-    from domain.settings import get_settings
+    from core.settings import get_settings
 
     get_settings.cache_clear()
     from db.session import get_engine

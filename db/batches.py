@@ -7,9 +7,9 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from core.clock import utcnow
 from db.models import Batch, BatchChunk
 from db.pagination import Page, newest_first
-from domain.clock import utcnow
 
 
 def get_batch(session: Session, tenant_id: str, batch_id: str, *, lock: bool = False) -> Batch | None:

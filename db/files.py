@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import File
+from db.models import Batch, File, FineTuningJob
 from db.pagination import Page, newest_first
 
 
@@ -23,3 +23,21 @@ def list_files(
     if purpose:
         stmt = stmt.where(File.purpose == purpose)
     return newest_first(session, stmt, File.created_at, File.id, File.id, after, limit)
+
+
+def unfinished_job_using(session: Session, tenant_id: str, file_id: str, terminal: frozenset[str]) -> str | None:
+    """A job of the tenant, not yet in a ``terminal`` status, that trains or validates on the file."""
+    return session.scalar(
+        select(FineTuningJob.id).where(
+            FineTuningJob.tenant_id == tenant_id, FineTuningJob.status.not_in(terminal),
+            (FineTuningJob.training_file == file_id) | (FineTuningJob.validation_file == file_id),
+        ).limit(1)
+    )
+
+
+def active_batch_reading(session: Session, tenant_id: str, file_id: str, active: frozenset[str]) -> str | None:
+    """A batch of the tenant, in an ``active`` status, whose input is the file."""
+    return session.scalar(
+        select(Batch.id).where(Batch.tenant_id == tenant_id, Batch.input_file_id == file_id,
+                               Batch.status.in_(active)).limit(1)
+    )

@@ -8,8 +8,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from core.clock import utcnow
 from db.models import IdempotencyKey
-from domain.clock import utcnow
 
 TTL = timedelta(hours=24)
 

@@ -1,7 +1,8 @@
 """Online inference rows: created by the API, claimed and finished by the inference worker, all in bulk.
 
-Each function is one statement on `relaxed_engine()` (autocommit, no wait for the WAL flush) and takes
-many rows at once, so a busy API or worker pays a round trip per batch of requests, not per request.
+Each function is one statement on the connection it is given (the worker's `relaxed_engine()`: autocommit,
+no wait for the WAL flush; the API's autocommit asyncio engine) and takes many rows at once, so a busy API or
+worker pays a round trip per batch of requests, not per request.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import Session
 from sqlalchemy.types import DateTime, String
 
-from db.session import relaxed_engine
+from db.models import Inference
 
 _INSERT = text(
     "INSERT INTO inferences (id, tenant_id, endpoint, model, status, request, created_at) "
@@ -80,23 +82,26 @@ class NewRequest:
     created_at: datetime
 
 
-def create(requests: list[NewRequest]) -> None:
+def create(conn: Connection, requests: list[NewRequest]) -> None:
     """Insert the requests' rows, queued, as one statement."""
-    with relaxed_engine().connect() as conn:
-        conn.execute(_INSERT, {"ids": [r.id for r in requests], "tenant_ids": [r.tenant_id for r in requests],
-                               "endpoints": [r.endpoint for r in requests], "models": [r.model for r in requests],
-                               "requests": [json.dumps(r.request) for r in requests],
-                               "created": [r.created_at for r in requests]})
+    conn.execute(_INSERT, {"ids": [r.id for r in requests], "tenant_ids": [r.tenant_id for r in requests],
+                           "endpoints": [r.endpoint for r in requests], "models": [r.model for r in requests],
+                           "requests": [json.dumps(r.request) for r in requests],
+                           "created": [r.created_at for r in requests]})
 
 
-def claim(ids: list[str]) -> dict[str, Claim]:
+def get(session: Session, tenant_id: str, inference_id: str) -> Inference | None:
+    row = session.get(Inference, inference_id, populate_existing=True)
+    return row if row is not None and row.tenant_id == tenant_id else None
+
+
+def claim(conn: Connection, ids: list[str]) -> dict[str, Claim]:
     """Mark the queued rows among `ids` running; the claimed ones by ID (others were taken or are gone)."""
-    with relaxed_engine().connect() as conn:
-        rows = conn.execute(_CLAIM, {"ids": ids}).all()
+    rows = conn.execute(_CLAIM, {"ids": ids}).all()
     return {row[0]: Claim(*row) for row in rows}
 
 
-def finish(outcomes: list[tuple[str, dict[str, Any]]], finished_at: datetime) -> None:
+def finish(conn: Connection, outcomes: list[tuple[str, dict[str, Any]]], finished_at: datetime) -> None:
     """Write each (ID, reply) outcome: its status, response and error, as one statement."""
     if not outcomes:
         return
@@ -106,11 +111,9 @@ def finish(outcomes: list[tuple[str, dict[str, Any]]], finished_at: datetime) ->
         columns["statuses"].append(reply["status"])
         columns["responses"].append(None if reply["response"] is None else json.dumps(reply["response"]))
         columns["errors"].append(None if reply["error"] is None else json.dumps(reply["error"]))
-    with relaxed_engine().connect() as conn:
-        conn.execute(_FINISH, {**columns, "finished_at": finished_at})
+    conn.execute(_FINISH, {**columns, "finished_at": finished_at})
 
 
-def abandon(before: datetime, now: datetime, error: dict[str, Any]) -> int:
+def abandon(conn: Connection, before: datetime, now: datetime, error: dict[str, Any]) -> int:
     """Fail the requests created before `before` that are still unanswered; how many there were."""
-    with relaxed_engine().connect() as conn:
-        return conn.execute(_ABANDON, {"before": before, "now": now, "error": error}).rowcount
+    return conn.execute(_ABANDON, {"before": before, "now": now, "error": error}).rowcount

@@ -7,9 +7,9 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from core.clock import utcnow
 from db.models import Checkpoint, FineTuningJob, JobClaim, JobEvent
 from db.pagination import Page, newest_first
-from domain.clock import utcnow
 
 
 def get_job(session: Session, tenant_id: str, job_id: str, *, lock: bool = False) -> FineTuningJob | None:
@@ -56,6 +56,10 @@ def events_since(session: Session, job_id: str, after_seq: int, limit: int = 500
     return list(session.scalars(
         select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq).order_by(JobEvent.seq).limit(limit)
     ))
+
+
+def status_of(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(FineTuningJob.status).where(FineTuningJob.id == job_id))
 
 
 def list_checkpoints(

@@ -21,7 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from domain.clock import utcnow
+from core.clock import utcnow
 
 JSON = dict[str, Any]
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, or_, select
+from sqlalchemy import Connection, bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Model
-from db.session import relaxed_engine
 
 
 def visible_models(session: Session, tenant_id: str) -> list[Model]:
@@ -47,13 +46,12 @@ _SERVING_FACTS = select(Model.kind, Model.tasks).where(
 )
 
 
-def visible_serving_facts(tenant_id: str, model_id: str) -> ServingFacts | None:
-    """`get_visible_model`'s model, only the columns serving needs: one autocommit statement, no ORM.
+def visible_serving_facts(conn: Connection, tenant_id: str, model_id: str) -> ServingFacts | None:
+    """`get_visible_model`'s model, only the columns serving needs: one statement, no ORM.
 
-    Every online request asks it before it is queued, outside the request's session (see `relaxed_engine`).
+    Every online request asks it before it is queued, on an autocommit connection of its own.
     """
-    with relaxed_engine().connect() as conn:
-        row = conn.execute(_SERVING_FACTS, {"model_id": model_id, "tenant_id": tenant_id}).first()
+    row = conn.execute(_SERVING_FACTS, {"model_id": model_id, "tenant_id": tenant_id}).first()
     return None if row is None else ServingFacts(row[0], list(row[1]))
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from domain.settings import get_settings
+from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,7 +27,7 @@ T = TypeVar("T")
 PING_AFTER_IDLE_SECONDS = 1.0
 
 
-def _ping_when_idle(engine: Engine) -> Engine:
+def ping_when_idle(engine: Engine) -> Engine:
     """Ping a connection on checkout only when it sat in the pool for `PING_AFTER_IDLE_SECONDS` or more."""
 
     @event.listens_for(engine, "connect")
@@ -54,7 +54,7 @@ def _ping_when_idle(engine: Engine) -> Engine:
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
     url = get_settings().resolved_database_url()
-    return _ping_when_idle(create_engine(url, pool_size=10, max_overflow=30, pool_recycle=1800))
+    return ping_when_idle(create_engine(url, pool_size=10, max_overflow=30, pool_recycle=1800))
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +69,7 @@ def relaxed_engine() -> Engine:
     and everything else keep durable commits on `get_engine()`.
     """
     url = get_settings().resolved_database_url()
-    return _ping_when_idle(create_engine(url, pool_size=10, max_overflow=30, pool_recycle=1800,
+    return ping_when_idle(create_engine(url, pool_size=10, max_overflow=30, pool_recycle=1800,
                                          isolation_level="AUTOCOMMIT",
                                          connect_args={"options": "-c synchronous_commit=off"}))
 

@@ -6,13 +6,12 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 
+from core import ids
+from core.clock import utcnow
 from db.models import ApiKey, Tenant
-from db.session import relaxed_engine
-from domain import ids
-from domain.clock import utcnow
 
 KEY_PREFIX = "sk-llmos-"
 
@@ -50,8 +49,8 @@ class ActiveKey:
     tenant_name: str
 
 
-# Every request runs this: plain columns, compiled once, no ORM identity map or entity loading, and one
-# autocommit statement outside the request's session, so no BEGIN/ROLLBACK round trip wraps it either.
+# Every request whose key is not cached runs this: plain columns, compiled once, no ORM identity map or
+# entity loading, on an autocommit connection, so no BEGIN/ROLLBACK round trip wraps it either.
 _ACTIVE_KEY = (
     select(ApiKey.id, ApiKey.scopes, Tenant.id, Tenant.name)
     .join(Tenant, Tenant.id == ApiKey.tenant_id)
@@ -59,10 +58,9 @@ _ACTIVE_KEY = (
 )
 
 
-def find_active_key(plaintext: str) -> ActiveKey | None:
-    """The unrevoked key with this plaintext, and its tenant."""
-    with relaxed_engine().connect() as conn:
-        row = conn.execute(_ACTIVE_KEY, {"key_hash": hash_key(plaintext)}).first()
+def find_active_key(conn: Connection, key_hash: str) -> ActiveKey | None:
+    """The unrevoked key with this hash (`hash_key` of its plaintext), and its tenant."""
+    row = conn.execute(_ACTIVE_KEY, {"key_hash": key_hash}).first()
     return None if row is None else ActiveKey(*row)
 
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
+from core import ids
+from core.clock import unix, utcnow
+from core.errors import ServiceError, conflict, not_found
+from db import batches as batches_repo
+from db import files as files_repo
 from db.models import Batch
-from domain.clock import unix, utcnow
+from domain import dispatch
 from domain.events import emit_event
+from domain.listing import page
 from domain.serving import serving_refusal
 
 VALIDATING = "validating"
@@ -106,7 +114,65 @@ def line_error(code: str, message: str, param: str | None = None, line: int | No
     return {"code": code, "message": message, "param": param, "line": line}
 
 
-def serving_problem(tenant_id: str, model_id: str, task: str) -> dict[str, Any] | None:
+def serving_problem(conn: Connection, tenant_id: str, model_id: str, task: str) -> dict[str, Any] | None:
     """None if the tenant may run ``task`` on the model, else the line's error (the online endpoints' rules)."""
-    refusal = serving_refusal(tenant_id, model_id, task)
+    refusal = serving_refusal(conn, tenant_id, model_id, task)
     return None if refusal is None else line_error(*refusal, "body.model")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The service. A `webhook_url` passed in must already have passed `domain.webhooks.resolve_safe`.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _batch(session: Session, tenant_id: str, batch_id: str, *, lock: bool = False) -> Batch:
+    batch = batches_repo.get_batch(session, tenant_id, batch_id, lock=lock)
+    if batch is None:
+        raise not_found("batch", batch_id)
+    return batch
+
+
+def create_batch(session: Session, *, tenant_id: str, input_file_id: str, endpoint: str, completion_window: str,
+                 metadata: dict[str, str] | None, webhook_url: str | None) -> dict[str, Any]:
+    """A new batch, validating its input file; the validation task is sent once the caller commits."""
+    source = files_repo.get_file(session, tenant_id, input_file_id)
+    if source is None:
+        raise ServiceError(400, f"input_file_id: no file with id '{input_file_id}'", param="input_file_id",
+                           code="file_not_found")
+    if source.purpose != "batch":
+        raise ServiceError(400, f"input_file_id: file '{input_file_id}' has purpose '{source.purpose}', not "
+                           "'batch'", param="input_file_id", code="invalid_file_purpose")
+    now = utcnow()
+    batch = Batch(
+        id=ids.new_id(ids.BATCH), tenant_id=tenant_id, endpoint=endpoint, input_file_id=input_file_id,
+        completion_window=completion_window, status=VALIDATING, batch_metadata=metadata, webhook_url=webhook_url,
+        total=0, completed=0, failed=0, chunk_count=0, task_id=ids.random_token(32), heartbeat_at=now,
+        created_at=now, updated_at=now, expires_at=now + timedelta(seconds=COMPLETION_WINDOWS[completion_window]),
+    )
+    session.add(batch)
+    session.flush()
+    dispatch.enqueue_after_commit(session, TASK_VALIDATE, batch.id, task_id=batch.task_id, queue=dispatch.QUEUE_CPU)
+    return batch_object(batch)
+
+
+def list_batches(session: Session, *, tenant_id: str, after: str | None, limit: int) -> dict[str, Any]:
+    return page(batches_repo.list_batches(session, tenant_id, after, limit), batch_object, after)
+
+
+def get_batch(session: Session, *, tenant_id: str, batch_id: str) -> dict[str, Any]:
+    return batch_object(_batch(session, tenant_id, batch_id))
+
+
+def cancel_batch(session: Session, *, tenant_id: str, batch_id: str) -> dict[str, Any]:
+    """Stop a batch; lines already answered are kept."""
+    batch = _batch(session, tenant_id, batch_id, lock=True)
+    if batch.status in TERMINAL:
+        raise conflict(f"batch {batch.id} has already {batch.status}; it cannot be cancelled")
+    if batch.status == FINALIZING:
+        raise conflict(f"batch {batch.id} is finalizing; every line has been answered")
+    if batch.status != CANCELLING:
+        batch.stop_reason = "cancelled"
+        transition(session, batch, CANCELLING)
+        # Finalises at once when no chunk is running; a running chunk stops at its next group and settles.
+        dispatch.enqueue_after_commit(session, TASK_SETTLE, batch.id, queue=dispatch.QUEUE_CPU)
+    return batch_object(batch)

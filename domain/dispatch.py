@@ -17,7 +17,7 @@ from celery import Celery
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from domain.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,17 @@ def publish(task: StagedTask) -> bool:
         log.warning("could not publish %s %s; the reconciler will re-send it", task.name, task.args,
                     exc_info=True)
         return False
+
+
+def take_staged(session: Session) -> list[StagedTask]:
+    """Remove and return the tasks staged on ``session``: an async caller commits, then publishes them itself."""
+    staged: list[StagedTask] = session.info.pop(_PENDING_KEY, [])
+    return staged
+
+
+def publish_all(tasks: list[StagedTask]) -> None:
+    for task in tasks:
+        publish(task)
 
 
 @event.listens_for(Session, "after_commit")

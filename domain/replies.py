@@ -11,8 +11,9 @@ from functools import lru_cache
 from typing import Any
 
 import redis
+import redis.asyncio
 
-from domain.settings import get_settings
+from core.settings import get_settings
 
 REPLY_TTL_SECONDS = 300
 
@@ -49,6 +50,27 @@ def wait_reply(request_id: str, timeout: float) -> dict[str, Any] | None:
         return None
     # BLPOP takes whole or fractional seconds; 0 would mean forever.
     item = conn.blpop([_key(request_id)], timeout=max(timeout, 0.01))
+    if item is None:
+        return None
+    result: dict[str, Any] = json.loads(item[1])
+    return result
+
+
+@lru_cache(maxsize=1)
+def async_client() -> redis.asyncio.Redis | None:
+    """The API's client: a waiting caller suspends on its BLPOP and holds a Redis connection, not a thread."""
+    url = get_settings().resolved_broker_url()
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=None, health_check_interval=30)
+
+
+async def wait_reply_async(request_id: str, timeout: float) -> dict[str, Any] | None:
+    """`wait_reply` for a coroutine."""
+    conn = async_client()
+    if conn is None or timeout <= 0:
+        return None
+    item = await conn.blpop([_key(request_id)], timeout=max(timeout, 0.01))
     if item is None:
         return None
     result: dict[str, Any] = json.loads(item[1])

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from domain.settings import get_settings
+from core.settings import get_settings
 
 
 class TooLarge(Exception):

@@ -15,10 +15,14 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core import ids
+from core.clock import unix, utcnow
+from core.errors import not_found
+from core.settings import get_settings
+from db import webhooks as webhooks_repo
 from db.models import OutboxEvent, TenantWebhookSecret, WebhookDelivery, WebhookEndpoint
 from domain import dispatch
-from domain.clock import utcnow
-from domain.settings import get_settings
+from domain.listing import page
 
 TASK_FLUSH = "llmos.webhooks.flush"
 TASK_DISPATCH_DUE = "llmos.webhooks.dispatch_due"
@@ -141,8 +145,6 @@ def retry_schedule() -> list[float]:
 
 
 def endpoint_object(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:
-    from domain.clock import unix
-
     body: dict[str, Any] = {
         "id": endpoint.id, "object": "webhook_endpoint", "url": endpoint.url, "events": endpoint.events,
         "description": endpoint.description, "status": endpoint.status, "created_at": unix(endpoint.created_at),
@@ -151,3 +153,69 @@ def endpoint_object(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> 
     if with_secret:
         body["secret"] = endpoint.secret
     return body
+
+
+# --------------------------------------------------------------------------------------------------------
+# The endpoints service. URLs passed in must already have passed `resolve_safe` (it blocks on DNS).
+# --------------------------------------------------------------------------------------------------------
+
+
+def _endpoint(session: Session, tenant_id: str, endpoint_id: str) -> WebhookEndpoint:
+    row = webhooks_repo.get_endpoint(session, tenant_id, endpoint_id)
+    if row is None:
+        raise not_found("webhook_endpoint", endpoint_id)
+    return row
+
+
+def create_endpoint(session: Session, *, tenant_id: str, url: str, events: list[str],
+                    description: str | None) -> dict[str, Any]:
+    row = WebhookEndpoint(id=ids.new_id(ids.WEBHOOK_ENDPOINT), tenant_id=tenant_id, url=url, events=events,
+                          description=description, status="enabled", secret=new_secret())
+    session.add(row)
+    session.flush()
+    return endpoint_object(row, with_secret=True)
+
+
+def list_endpoints(session: Session, *, tenant_id: str, after: str | None, limit: int) -> dict[str, Any]:
+    return page(webhooks_repo.list_endpoints(session, tenant_id, after, limit), endpoint_object, after)
+
+
+def default_secret(session: Session, *, tenant_id: str) -> dict[str, str]:
+    return {"secret": tenant_secret(session, tenant_id)}
+
+
+def get_endpoint(session: Session, *, tenant_id: str, endpoint_id: str) -> dict[str, Any]:
+    return endpoint_object(_endpoint(session, tenant_id, endpoint_id))
+
+
+def update_endpoint(session: Session, *, tenant_id: str, endpoint_id: str, url: str | None = None,
+                    events: list[str] | None = None, description: str | None = None,
+                    status: str | None = None) -> dict[str, Any]:
+    row = _endpoint(session, tenant_id, endpoint_id)
+    if url is not None:
+        row.url = url
+    if events is not None:
+        row.events = events
+    if description is not None:
+        row.description = description
+    if status is not None:
+        row.status = status
+    row.updated_at = utcnow()
+    session.flush()
+    return endpoint_object(row)
+
+
+def delete_endpoint(session: Session, *, tenant_id: str, endpoint_id: str) -> dict[str, Any]:
+    row = _endpoint(session, tenant_id, endpoint_id)
+    row.deleted_at = row.updated_at = utcnow()
+    return {"id": endpoint_id, "object": "webhook_endpoint", "deleted": True}
+
+
+def rotate_secret(session: Session, *, tenant_id: str, endpoint_id: str) -> dict[str, Any]:
+    row = _endpoint(session, tenant_id, endpoint_id)
+    row.previous_secret = row.secret
+    row.previous_secret_expires_at = utcnow() + ROTATION_OVERLAP
+    row.secret = new_secret()
+    row.updated_at = utcnow()
+    session.flush()
+    return endpoint_object(row, with_secret=True)

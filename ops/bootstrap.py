@@ -10,10 +10,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
+from core.settings import get_settings
 from db import registry, tenants
 from db.models import ApiKey
 from db.session import get_engine, transaction
-from domain.settings import get_settings
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent

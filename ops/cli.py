@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from domain.settings import get_settings
+from core.settings import get_settings
 
 log = logging.getLogger("llmos")
 SCOPES = ("files", "fine_tuning", "batches", "inference", "webhooks", "admin")
@@ -53,12 +53,32 @@ def cmd_migrate(_: argparse.Namespace) -> None:
     print(f"database at head; base models: {', '.join(names)}")
 
 
-def cmd_api(_: argparse.Namespace) -> None:
+def api_workers(requested: int | None) -> int:
+    """API processes: as asked, else the setting, else one per CPU core this process may use."""
+    chosen = requested or get_settings().api_workers
+    return chosen if chosen > 0 else len(os.sched_getaffinity(0))
+
+
+def cmd_api(args: argparse.Namespace) -> None:
     import uvicorn
 
     settings = get_settings()
-    uvicorn.run("api.app:create_app", factory=True, host=settings.api_host, port=settings.api_port,
-                log_level="warning", timeout_graceful_shutdown=10)
+    workers = api_workers(args.workers)
+    metrics_dir: Path | None = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each process counts its own requests; /metrics, answered by any one of them, must sum them all.
+        metrics_dir = settings.run_dir / f"api-metrics-{os.getpid()}"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    try:
+        # uvloop and httptools: the event loop and HTTP parser in C, a large share of a simple request's CPU.
+        uvicorn.run("api.app:create_app", factory=True, host=settings.api_host, port=settings.api_port,
+                    workers=workers, loop="uvloop", http="httptools", log_level="warning",
+                    timeout_graceful_shutdown=10)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def worker_argv(queues: list[str], name: str) -> list[str]:
@@ -187,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmos", description="LLM OS: fine-tune and serve language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run everything on this machine (embedded Postgres/Redis when no URLs set)")
-    sub.add_parser("api", help="run the HTTP API")
+    api = sub.add_parser("api", help="run the HTTP API")
+    api.add_argument("--workers", type=int, default=None,
+                     help="API processes behind the port (default LLMOS_API_WORKERS, else one per CPU core)")
     worker = sub.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", default="gpu,inference,cpu", help="comma-separated: gpu, inference, cpu")
     sub.add_parser("beat", help="run the scheduler (reconciler)")

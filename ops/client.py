@@ -11,7 +11,7 @@ from typing import Any, NoReturn, TextIO
 
 import httpx
 
-from domain.settings import get_settings
+from core.settings import get_settings
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 

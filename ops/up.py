@@ -14,7 +14,7 @@ from types import FrameType
 
 import httpx
 
-from domain.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from ops.embedded import EmbeddedServer
 from ops.supervisor import ChildSpec, Supervisor
 

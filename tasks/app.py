@@ -10,9 +10,9 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_after_setup, worker_process_init, worker_shutting_down
 
+from core.settings import get_settings
 from db.session import reset_engine
 from domain import dispatch
-from domain.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,14 @@ from typing import Any
 from celery import Task
 from pydantic import BaseModel, ValidationError
 
+from core import ids
+from core.clock import utcnow
+from core.settings import get_settings
 from db import batches as batches_repo
 from db.models import BatchChunk, File, Model
-from db.session import transaction
-from domain import batches, dispatch, ids
-from domain.clock import utcnow
+from db.session import relaxed_engine, transaction
+from domain import batches, dispatch
 from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
-from domain.settings import get_settings
 from domain.storage import file_path
 from tasks import serving
 from tasks.app import celery_app
@@ -237,7 +238,8 @@ class LineChecker:
 
     def _model_problem(self, model_id: str) -> dict[str, Any] | None:
         if model_id not in self.models:
-            self.models[model_id] = batches.serving_problem(self.tenant_id, model_id, self.task)
+            with relaxed_engine().connect() as conn:
+                self.models[model_id] = batches.serving_problem(conn, self.tenant_id, model_id, self.task)
         return self.models[model_id]
 
 

@@ -15,11 +15,12 @@ from typing import Any
 
 import redis
 
+from core.clock import utcnow
+from core.settings import get_settings
 from db import inferences
+from db.session import relaxed_engine
 from domain import dispatch, replies
 from domain.batching import BatcherRegistry
-from domain.clock import utcnow
-from domain.settings import get_settings
 from tasks import serving
 from tasks.app import celery_app
 
@@ -83,14 +84,16 @@ def respond(endpoint: str, model_id: str, model_path: str, request: dict[str, An
 
 
 def _claim_rows(ids: list[str], _group: Hashable) -> list[inferences.Claim | None]:
-    claimed = inferences.claim(list(dict.fromkeys(ids)))
+    with relaxed_engine().connect() as conn:
+        claimed = inferences.claim(conn, list(dict.fromkeys(ids)))
     # A message delivered twice at once: only its first copy runs.
     return [claimed.pop(inference_id, None) for inference_id in ids]
 
 
 def _finish_rows(outcomes: list[tuple[str, dict[str, Any]]], _group: Hashable) -> list[None]:
     """Write the outcomes to their rows (the truth, for polls), then push each to its waiting caller."""
-    inferences.finish(outcomes, utcnow())
+    with relaxed_engine().connect() as conn:
+        inferences.finish(conn, outcomes, utcnow())
     try:
         replies.push_replies(outcomes)
     except redis.RedisError:

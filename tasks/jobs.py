@@ -16,13 +16,14 @@ from typing import Any
 
 from celery import Task
 
+from core import ids
+from core.clock import utcnow
+from core.settings import get_settings
 from db import jobs as jobs_repo
 from db.models import File, FineTuningJob, Model
 from db.session import transaction, unreachable, when_reachable
-from domain import dispatch, ids, jobs
-from domain.clock import utcnow
+from domain import dispatch, jobs
 from domain.events import emit_event
-from domain.settings import get_settings
 from domain.storage import job_dir
 from tasks import recipes
 from tasks.app import celery_app

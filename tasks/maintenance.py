@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from core import ids
+from core.clock import utcnow
+from core.settings import get_settings
 from db import idempotency, inferences
 from db import jobs as jobs_repo
-from db.session import transaction
-from domain import batches, dispatch, ids, jobs
-from domain.clock import utcnow
-from domain.settings import get_settings
+from db.session import relaxed_engine, transaction
+from domain import batches, dispatch, jobs
 from tasks.app import celery_app
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,10 @@ def reconcile() -> dict[str, int]:
         counts["idempotency_keys_purged"] = idempotency.purge_expired(session)
     # Online requests whose worker stopped: their messages are not redelivered, so answer the pollers.
     abandoned = now - timedelta(seconds=settings.inference_abandon_seconds)
-    counts["inferences_lost"] = inferences.abandon(abandoned, now, {
-        "status": 500, "type": "server_error", "code": "inference_lost",
-        "message": f"no worker answered within {settings.inference_abandon_seconds:.0f}s; send the request again"})
+    with relaxed_engine().connect() as conn:
+        counts["inferences_lost"] = inferences.abandon(conn, abandoned, now, {
+            "status": 500, "type": "server_error", "code": "inference_lost",
+            "message": f"no worker answered within {settings.inference_abandon_seconds:.0f}s; send the request again"})
     if any(counts.values()):
         log.info("reconcile: %s", counts)
     return counts

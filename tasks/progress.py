@@ -9,11 +9,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from core import ids
+from core.clock import utcnow
 from db import jobs as jobs_repo
 from db.models import Checkpoint
 from db.session import transaction, unreachable, when_reachable
-from domain import ids, jobs
-from domain.clock import utcnow
+from domain import jobs
 from domain.events import emit_event
 from training.callbacks import StepState, StopReason
 

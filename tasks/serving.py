@@ -29,8 +29,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.settings import Settings, get_settings
 from domain.batching import BatcherRegistry
-from domain.settings import Settings, get_settings
 from tasks import recipes
 
 log = logging.getLogger(__name__)

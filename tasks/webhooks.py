@@ -19,12 +19,12 @@ import httpx
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from core.clock import utcnow
+from core.settings import get_settings
 from db.models import DeliveryAttempt, OutboxEvent, WebhookDelivery, WebhookEndpoint
 from db.session import session_factory, transaction
 from domain import dispatch, webhooks
-from domain.clock import utcnow
 from domain.events import emit_event, event_object
-from domain.settings import get_settings
 from tasks.app import celery_app
 
 log = logging.getLogger(__name__)

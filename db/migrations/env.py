@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+from core.settings import get_settings
 from db.models import Base
-from domain.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

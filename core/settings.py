@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     flower_password: str | None = Field(
         None, description="Flower basic-auth password; generated and kept in HOME when unset (development)."
     )
+    api_workers: int = Field(
+        0, description="API processes behind the port (`llmos api --workers N`); 0 means one per CPU core."
+    )
+    auth_cache_seconds: float = Field(
+        5.0, description="How long an API process trusts a key lookup: a revoked key stops working within this."
+    )
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Upload size cap (413 above it).")
     torch_threads: int = Field(
         1, description="torch threads per worker process on CPU (two processes sharing cores ran ~4x slower at 2)."

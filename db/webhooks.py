@@ -1,0 +1,45 @@
+"""Webhook endpoints, outbox events and their deliveries."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import DeliveryAttempt, OutboxEvent, WebhookDelivery, WebhookEndpoint
+from db.pagination import Page, newest_first
+
+
+def get_endpoint(session: Session, tenant_id: str, endpoint_id: str) -> WebhookEndpoint | None:
+    return session.scalar(select(WebhookEndpoint).where(
+        WebhookEndpoint.id == endpoint_id, WebhookEndpoint.tenant_id == tenant_id,
+        WebhookEndpoint.deleted_at.is_(None)))
+
+
+def list_endpoints(session: Session, tenant_id: str, after: str | None, limit: int) -> Page[WebhookEndpoint] | None:
+    stmt = select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.deleted_at.is_(None))
+    return newest_first(session, stmt, WebhookEndpoint.created_at, WebhookEndpoint.id, WebhookEndpoint.id,
+                        after, limit)
+
+
+def get_event(session: Session, tenant_id: str, event_id: str) -> OutboxEvent | None:
+    return session.scalar(select(OutboxEvent).where(OutboxEvent.id == event_id, OutboxEvent.tenant_id == tenant_id))
+
+
+def list_events(session: Session, tenant_id: str, type_: str | None, after: str | None,
+                limit: int) -> Page[OutboxEvent] | None:
+    stmt = select(OutboxEvent).where(OutboxEvent.tenant_id == tenant_id)
+    if type_:
+        stmt = stmt.where(OutboxEvent.type == type_)
+    return newest_first(session, stmt, OutboxEvent.seq, OutboxEvent.seq, OutboxEvent.id, after, limit)
+
+
+def delivery_attempts(session: Session, event_id: str) -> list[DeliveryAttempt]:
+    return list(session.scalars(select(DeliveryAttempt).where(DeliveryAttempt.event_id == event_id)
+                                .order_by(DeliveryAttempt.id.desc())))
+
+
+def destinations(session: Session, event_id: str) -> list[tuple[str | None, str, str]]:
+    """(endpoint ID, destination, URL) of every destination the event was meant for."""
+    rows = session.execute(select(WebhookDelivery.endpoint_id, WebhookDelivery.destination, WebhookDelivery.url)
+                           .where(WebhookDelivery.event_id == event_id).distinct()).all()
+    return [(r[0], r[1], r[2]) for r in rows]

@@ -1,0 +1,53 @@
+"""The models service: base models from the registry and each tenant's fine-tuned ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from core.clock import unix, utcnow
+from core.errors import ServiceError, not_found
+from db import registry
+from db.models import Model
+
+
+def model_object(row: Model) -> dict[str, Any]:
+    return {
+        "id": row.id, "object": "model", "created": unix(row.created_at), "owned_by": row.owned_by,
+        "kind": row.kind, "tasks": row.tasks, "architecture": row.architecture,
+        "base_model": row.base_model, "fine_tuning_job": row.job_id, "description": row.description,
+    }
+
+
+def _own_model(session: Session, tenant_id: str, model_id: str, action: str) -> Model:
+    row = registry.get_visible_model(session, tenant_id, model_id)
+    if row is None:
+        raise not_found("model", model_id)
+    if row.tenant_id is None:
+        raise ServiceError(403, f"'{model_id}' is a base model; only fine-tuned models can be {action}",
+                           type_="permission_error", code="base_model")
+    return row
+
+
+def list_models(session: Session, *, tenant_id: str) -> dict[str, Any]:
+    rows = registry.visible_models(session, tenant_id)
+    return {"object": "list", "data": [model_object(r) for r in rows], "has_more": False}
+
+
+def get_model(session: Session, *, tenant_id: str, model_id: str) -> dict[str, Any]:
+    row = registry.get_visible_model(session, tenant_id, model_id)
+    if row is None:
+        raise not_found("model", model_id)
+    return model_object(row)
+
+
+def files_of(session: Session, *, tenant_id: str, model_id: str) -> str:
+    """The directory of a fine-tuned model's `save_pretrained` output, to download."""
+    return _own_model(session, tenant_id, model_id, "downloaded").path
+
+
+def delete_model(session: Session, *, tenant_id: str, model_id: str) -> dict[str, Any]:
+    row = _own_model(session, tenant_id, model_id, "deleted")
+    row.deleted_at = utcnow()
+    return {"id": model_id, "object": "model", "deleted": True}
