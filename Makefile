@@ -31,7 +31,8 @@ test-all: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy api db domain ops tasks training bench tests
+	$(VENV)/bin/mypy api core db domain ops tasks training bench tests
+	$(VENV)/bin/lint-imports
 
 bench-lifecycle: install
 	$(PY) bench/lifecycle.py

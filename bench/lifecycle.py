@@ -79,15 +79,15 @@ def create_bare_app() -> Any:
 
     app = FastAPI()
 
-    # Plain `def` handlers, as the project's are: both then run in the same threadpool, so the ratio
-    # measures what our handlers do (auth, database, broker), not a sync-versus-async dispatch difference.
+    # `async def` handlers, as the project's are, so the ratio measures what our handlers do (auth,
+    # database, broker), not a sync-versus-async dispatch difference.
     @app.post("/v1/fine_tuning/jobs")
-    def create(body: BareJob) -> dict[str, Any]:
+    async def create(body: BareJob) -> dict[str, Any]:
         return {"id": f"ftjob-{secrets.token_hex(12)}", "object": "fine_tuning.job", "model": body.model,
                 "training_file": body.training_file, "status": "validating_files"}
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
-    def retrieve(job_id: str) -> dict[str, Any]:
+    async def retrieve(job_id: str) -> dict[str, Any]:
         return {"id": job_id, "object": "fine_tuning.job", "model": "tiny-bert", "status": "queued"}
 
     return app
@@ -96,8 +96,12 @@ def create_bare_app() -> Any:
 def serve_bare(port: int) -> None:
     import uvicorn
 
-    # The settings of `llmos api` (ops/cli.py cmd_api): one process, log_level warning, same shutdown.
-    uvicorn.run(create_bare_app(), host="127.0.0.1", port=port, log_level="warning",
+    from ops.cli import api_workers
+
+    # Served exactly as `llmos api` serves ours (ops/cli.py cmd_api): as many processes, the same loop and
+    # HTTP parser, log level and shutdown.
+    uvicorn.run("bench.lifecycle:create_bare_app", factory=True, host="127.0.0.1", port=port,
+                workers=api_workers(None), loop="uvloop", http="httptools", log_level="warning",
                 timeout_graceful_shutdown=10)
 
 
@@ -285,7 +289,7 @@ def bring_up(exits: contextlib.ExitStack, work: Path, failure_logs: list[Child])
     }
     # The bench's own imports (bootstrap, the Celery producer) read the same settings as the children.
     os.environ.update(env)
-    from domain.settings import get_settings
+    from core.settings import get_settings
 
     get_settings.cache_clear()
     from db.session import get_engine

@@ -117,8 +117,11 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         # Batch tests span several chunks with a few dozen lines (workers read it; the default is 500).
         "LLMOS_BATCH_CHUNK_LINES": "20",
     }
+    # The suite's own imports (bootstrap, the Celery producer, repositories) read the same settings as the
+    # processes it starts; the environment is given back as it was when the session ends.
+    saved_environ = dict(os.environ)
     os.environ.update(env)
-    from domain.settings import get_settings
+    from core.settings import get_settings
 
     get_settings.cache_clear()
     from ops.bootstrap import migrate, register_base_models
@@ -131,6 +134,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 
     get_engine().dispose()
     _drop_database(database_url)
+    os.environ.clear()
+    os.environ.update(saved_environ)
+    get_settings.cache_clear()
     from ops.embedded import stop_server
 
     for server in reversed(servers):
@@ -238,7 +244,7 @@ def clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
         except OperationalError:
             if attempt == 9:
                 raise
-    from domain.settings import get_settings
+    from core.settings import get_settings
     from ops.bootstrap import register_base_models
 
     register_base_models(get_settings().models_dir)

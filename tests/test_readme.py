@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from domain.settings import Settings
+from core.settings import Settings
 from tests.conftest import ROOT, free_port, wait_until
 
 README = (ROOT / "README.md").read_text()

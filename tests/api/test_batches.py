@@ -242,9 +242,9 @@ def test_cancel_mid_run_keeps_the_answered_lines(api: Api, api_url: str) -> None
 
 
 def test_an_overdue_batch_expires_with_its_partial_output(api: Api) -> None:
+    from core.clock import utcnow
     from db.models import Batch
     from db.session import transaction
-    from domain.clock import utcnow
 
     total = 200
     batch = _create(api, _generation_lines(total), "/v1/completions")
@@ -259,9 +259,9 @@ def test_an_overdue_batch_expires_with_its_partial_output(api: Api) -> None:
 
 
 def test_a_validation_that_keeps_crashing_fails_the_batch_after_the_attempt_cap(api: Api, tmp_path: Path) -> None:
+    from core.settings import get_settings
     from db.models import Batch, File
     from db.session import transaction
-    from domain.settings import get_settings
 
     file_id = api.upload(jsonl([_line("a", "/v1/completions", {"model": "tiny-gpt2", "prompt": "hi"})]),
                          purpose="batch", name="batch.jsonl").json()["id"]

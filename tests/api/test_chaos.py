@@ -155,7 +155,7 @@ def test_chaos_kills_lose_no_job_and_never_run_one_twice(
 
 
 def run_chaos(api: Api, stack: dict[str, Process], rng: random.Random, replay: str) -> None:
-    from domain.settings import get_settings
+    from core.settings import get_settings
 
     file_id = api.upload(jsonl(sentiment_rows(40))).json()["id"]
     job_ids = []
@@ -296,7 +296,7 @@ def training_process_of(worker: Process) -> psutil.Process:
 def test_pauses_do_not_use_up_the_attempts_a_crash_may_take(
     api: Api, stack: dict[str, Process], services: dict[str, str]
 ) -> None:
-    from domain.settings import get_settings
+    from core.settings import get_settings
 
     cap = get_settings().max_attempts
     file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]

@@ -51,10 +51,10 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(api: Api, stack: 
 
 
 def test_a_job_that_keeps_losing_its_worker_fails_at_the_attempt_cap(api: Api, services: dict[str, str]) -> None:
+    from core.clock import utcnow
+    from core.settings import get_settings
     from db.models import FineTuningJob, JobClaim
     from db.session import transaction
-    from domain.clock import utcnow
-    from domain.settings import get_settings
     from tasks.maintenance import reconcile
 
     file_id = api.upload('{"text": "", "label": "a"}\n').json()["id"]

@@ -71,7 +71,7 @@ def test_field_errors_on_job_create(api: Api) -> None:
 def test_size_cap_is_413_and_keeps_nothing(api: Api, services: dict[str, str]) -> None:
     from pathlib import Path
 
-    from domain.settings import get_settings
+    from core.settings import get_settings
 
     def stored() -> set[Path]:
         return {p for p in Path(services["home"], "files").rglob("*") if p.is_file()}

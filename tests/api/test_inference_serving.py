@@ -246,8 +246,8 @@ def _finished_request(api: Api) -> str:
 
 
 def _set_row(inference_id: str, status: str, age: timedelta) -> None:
+    from core.clock import utcnow
     from db.session import transaction
-    from domain.clock import utcnow
 
     with transaction() as session:
         session.execute(text("UPDATE inferences SET status = :status, created_at = :created, response = NULL, "
@@ -256,7 +256,7 @@ def _set_row(inference_id: str, status: str, age: timedelta) -> None:
 
 
 def test_the_reconciler_fails_requests_no_worker_answered(api: Api) -> None:
-    from domain.settings import get_settings
+    from core.settings import get_settings
     from tasks.maintenance import reconcile
 
     # Two requests as a crashed worker leaves them (their messages are not redelivered): one older than
@@ -266,9 +266,10 @@ def test_the_reconciler_fails_requests_no_worker_answered(api: Api) -> None:
     _set_row(lost, "running", limit + timedelta(minutes=1))
     _set_row(recent, "queued", limit - timedelta(minutes=1))
 
-    counts = reconcile()  # the beat task's function, called directly for a deterministic pass
+    # The beat task's function, called directly so the test need not wait for beat; beat's own pass may get
+    # there first, so the outcome is judged on the rows, which both passes write the same way.
+    reconcile()
 
-    assert counts["inferences_lost"] == 1
     polled = api.http.get(f"/v1/inferences/{lost}").json()
     assert polled["status"] == "failed" and polled["error"]["code"] == "inference_lost"
     assert polled["finished_at"] is not None and polled["response"] is None
@@ -290,10 +291,11 @@ def test_a_request_delivered_twice_is_claimed_once(api: Api) -> None:
 
 def test_one_message_of_several_requests_answers_each_its_own(api: Api) -> None:
     """The API sends concurrent requests as one message of IDs: each gets its own answer, row and reply."""
+    from core import ids
+    from core.clock import utcnow
     from db import inferences
-    from db.session import transaction
-    from domain import dispatch, ids, replies
-    from domain.clock import utcnow
+    from db.session import relaxed_engine, transaction
+    from domain import dispatch, replies
     from domain.requests import CompletionRequest
 
     with transaction() as session:
@@ -306,7 +308,8 @@ def test_one_message_of_several_requests_answers_each_its_own(api: Api) -> None:
     new = [inferences.NewRequest(ids.new_id(ids.INFERENCE), tenant_id, "/v1/completions", body.model,
                                  {"model": body.model, "prompt": [body.prompt], **body.sampling()}, utcnow())
            for body in bodies]
-    inferences.create(new)
+    with relaxed_engine().connect() as conn:
+        inferences.create(conn, new)
     first = new[0].id
     # Its first request twice, as a publish retry would: answered once.
     assert dispatch.publish(dispatch.StagedTask(dispatch.TASK_INFER, ([r.id for r in new] + [first],)))

@@ -17,7 +17,7 @@ def gpu_worker_idle() -> bool:
     """The gpu queue is empty and no gpu worker holds an active or reserved task."""
     import redis
 
-    from domain.settings import get_settings
+    from core.settings import get_settings
     from tasks.app import celery_app
 
     if redis.Redis.from_url(get_settings().resolved_broker_url()).llen("gpu"):

@@ -199,9 +199,16 @@ def test_taken_port_is_a_clear_error(workdir: Path) -> None:
             start_postgres(workdir / "postgres", port=port)
 
 
-def test_free_port_is_bindable() -> None:
+def test_free_port_is_bindable_and_never_a_listening_one() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        ports = [free_port() for _ in range(20)]
+        assert taken not in ports
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", free_port()))
+        sock.bind(("127.0.0.1", ports[-1]))
+        assert sock.getsockname()[1] == ports[-1]
 
 
 RUNNER = """
