@@ -25,6 +25,8 @@ def create_celery() -> Celery:
         # Long training tasks: one at a time per process, acknowledged on receipt (early ack), so the
         # broker never redelivers a job that is legitimately running for hours; Postgres tracks it instead.
         worker_prefetch_multiplier=1,
+        # Prefork workers (gpu, cpu) replace a pool process that ended within 0.2 s, not 5 s (tasks/pool.py).
+        worker_pool="tasks.pool:PromptRefillPool",
         task_acks_late=False,
         task_time_limit=settings.task_time_limit,
         task_soft_time_limit=max(settings.task_time_limit - 300, 60),
