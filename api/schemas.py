@@ -11,59 +11,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from domain.requests import Strict
+from training.hyperparameters import Hyperparameters
+
+__all__ = ["CreateBatch", "CreateJob", "Hyperparameters"]
 
 TASKS = ("classification", "ner", "generation")
-Auto = Literal["auto"]
 _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-
-
-class Hyperparameters(Strict):
-    n_epochs: int | Auto | None = Field(None, description="Passes over the training data (1-100).")
-    batch_size: int | Auto | None = Field(None, description="Examples per step (1-1024).")
-    learning_rate_multiplier: float | Auto | None = Field(None, description="Scales the task's base rate.")
-    learning_rate: float | None = Field(None, description="Absolute learning rate; wins over the multiplier.")
-    max_seq_length: int | None = Field(None, description="Tokens per example after truncation (8-8192).")
-    warmup_ratio: float | None = Field(None, description="Share of steps with a rising learning rate.")
-    lora: bool | dict[str, Any] | None = Field(None, description="LoRA adapter instead of full fine-tuning.")
-    max_runtime_seconds: int | None = Field(
-        None, ge=1, le=30 * 24 * 3600,
-        description="Training time after which the job checkpoints and fails (extension; default from settings).",
-    )
-
-    @field_validator("n_epochs")
-    @classmethod
-    def _epochs(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, int) and not 1 <= v <= 100:
-            raise ValueError("must be between 1 and 100")
-        return v
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, int) and not 1 <= v <= 1024:
-            raise ValueError("must be between 1 and 1024")
-        return v
-
-    @field_validator("learning_rate_multiplier", "learning_rate")
-    @classmethod
-    def _positive(cls, v: float | str | None) -> float | str | None:
-        if isinstance(v, float | int) and not 0 < v <= 100:
-            raise ValueError("must be greater than 0 and at most 100")
-        return v
-
-    @field_validator("max_seq_length")
-    @classmethod
-    def _seq(cls, v: int | None) -> int | None:
-        if v is not None and not 8 <= v <= 8192:
-            raise ValueError("must be between 8 and 8192")
-        return v
-
-    @field_validator("warmup_ratio")
-    @classmethod
-    def _warmup(cls, v: float | None) -> float | None:
-        if v is not None and not 0 <= v < 1:
-            raise ValueError("must be at least 0 and below 1")
-        return v
 
 
 class Supervised(Strict):
@@ -118,7 +71,7 @@ class CreateJob(Strict):
         chosen = self.hyperparameters
         if chosen is None and self.method and self.method.supervised:
             chosen = self.method.supervised.hyperparameters
-        return chosen.model_dump(exclude_none=True) if chosen else {}
+        return chosen.requested() if chosen else {}
 
 
 class CreateBatch(Strict):

@@ -27,6 +27,7 @@ from training.callbacks import TrainingCallbacks
 from training.data import DataError, validate_classification
 from training.devices import autocast_dtype, pick_device
 from training.fsutil import atomic_write_text, replace_dir, temp_dir_beside
+from training.hyperparameters import LIMITS
 from training.lora import apply_lora, resolve_lora
 from training.trainer import Collator, TrainArgs, TrainOutcome, run_training
 
@@ -74,7 +75,7 @@ def _is_auto(value: Any) -> bool:
     return value is None or value == "auto"
 
 
-def _int_field(hp: dict[str, Any], name: str, low: int, high: int) -> int | None:
+def _int_field(hp: dict[str, Any], name: str) -> int | None:
     value = hp.get(name)
     if _is_auto(value):
         return None
@@ -82,34 +83,30 @@ def _int_field(hp: dict[str, Any], name: str, low: int, high: int) -> int | None
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f'{name} must be an integer or "auto", got {value!r}')
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    LIMITS[name].check(name, value)
     return value
 
 
-def _float_field(hp: dict[str, Any], name: str, low: float, high: float, low_inclusive: bool = True) -> float | None:
+def _float_field(hp: dict[str, Any], name: str) -> float | None:
     value = hp.get(name)
     if _is_auto(value):
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f'{name} must be a number or "auto", got {value!r}')
-    above_low = value >= low if low_inclusive else value > low
-    if not (above_low and value <= high):
-        bound = "at least" if low_inclusive else "greater than"
-        raise ValueError(f"{name} must be {bound} {low} and at most {high}, got {value}")
+    LIMITS[name].check(name, value)
     return float(value)
 
 
 def resolve_hyperparameters(hp: dict[str, Any], n_train_rows: int) -> dict[str, Any]:
     """Turn "auto"/absent values into concrete ones; raise ValueError naming an invalid field."""
     n_rows = max(1, n_train_rows)
-    n_epochs = _int_field(hp, "n_epochs", 1, 100)
-    batch_size = _int_field(hp, "batch_size", 1, 1024)
-    learning_rate = _float_field(hp, "learning_rate", 0.0, 1.0, low_inclusive=False)
-    multiplier = _float_field(hp, "learning_rate_multiplier", 0.0, 100.0, low_inclusive=False)
-    max_seq_length = _int_field(hp, "max_seq_length", 8, 8192)
-    warmup_ratio = _float_field(hp, "warmup_ratio", 0.0, 0.5)
-    weight_decay = _float_field(hp, "weight_decay", 0.0, 1.0)
+    n_epochs = _int_field(hp, "n_epochs")
+    batch_size = _int_field(hp, "batch_size")
+    learning_rate = _float_field(hp, "learning_rate")
+    multiplier = _float_field(hp, "learning_rate_multiplier")
+    max_seq_length = _int_field(hp, "max_seq_length")
+    warmup_ratio = _float_field(hp, "warmup_ratio")
+    weight_decay = _float_field(hp, "weight_decay")
     if batch_size is None:
         # About 25 rows per batch element, as a power of two in [4, 32], never above the row count.
         batch_size = min(n_rows, 32, max(4, 2 ** round(math.log2(max(n_rows / 25, 1)))))

@@ -55,6 +55,11 @@ def test_field_errors_on_job_create(api: Api) -> None:
         ({"model": "tiny-bert", "training_file": "file-missing"}, "training_file"),
         ({"model": "tiny-bert", "training_file": file_id, "hyperparameters": {"n_epochs": 0}},
          "hyperparameters.n_epochs"),
+        # Training's own limits, refused at creation instead of failing the job later (one definition).
+        ({"model": "tiny-bert", "training_file": file_id, "hyperparameters": {"warmup_ratio": 0.7}},
+         "hyperparameters.warmup_ratio"),
+        ({"model": "tiny-bert", "training_file": file_id, "hyperparameters": {"learning_rate": 5}},
+         "hyperparameters.learning_rate"),
         ({"model": "tiny-bert", "training_file": file_id, "task": "generation"}, "task"),
         ({"model": "tiny-bert", "training_file": file_id, "bogus": 1}, "bogus"),
         ({"model": "tiny-bert", "training_file": file_id, "suffix": "has spaces"}, "suffix"),

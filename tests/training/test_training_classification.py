@@ -227,3 +227,20 @@ def test_invalid_rows_are_refused(tiny_bert: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match="at least 2 distinct labels"):
         train_classification(spec, Recorder())
+
+
+def test_the_api_model_and_training_share_their_limits() -> None:
+    from pydantic import ValidationError
+
+    from training.hyperparameters import LIMITS, Hyperparameters
+
+    for name, limit in LIMITS.items():
+        if name == "max_runtime_seconds":
+            continue  # the service's budget, not a training setting
+        beyond = limit.high * 2
+        with pytest.raises(ValidationError, match=name):
+            Hyperparameters.model_validate({name: beyond})
+        with pytest.raises(ValueError, match=name):
+            resolve_hyperparameters({name: beyond}, 100)
+        assert Hyperparameters.model_validate({name: limit.high}).requested() == {name: limit.high}
+        resolve_hyperparameters({name: limit.high}, 100)
