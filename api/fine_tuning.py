@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api import objects
-from api.boundary import read, transaction
+from api.boundary import read, read_rows, transaction
 from api.deps import Principal, require
 from api.pages import After, Limit
 from api.schemas import CreateJob
@@ -58,7 +58,7 @@ async def list_jobs(
 
 @router.get("/{job_id}", summary="Retrieve a fine-tuning job", response_model=objects.FineTuningJob)
 async def get_job(job_id: str, principal: Principal = Depends(fine_tuning)) -> dict[str, Any]:
-    return await read(jobs.get_job, tenant_id=principal.tenant_id, job_id=job_id)
+    return await read_rows(jobs.get_job, tenant_id=principal.tenant_id, job_id=job_id)
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a fine-tuning job", response_model=objects.FineTuningJob)

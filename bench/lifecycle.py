@@ -77,7 +77,8 @@ class BareJob(BaseModel):
 def create_bare_app() -> Any:
     from fastapi import FastAPI
 
-    app = FastAPI()
+    # Configured as our app is (api/app.py): no native OpenTelemetry hooks.
+    app = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})
 
     # `async def` handlers, as the project's are, so the ratio measures what our handlers do (auth,
     # database, broker), not a sync-versus-async dispatch difference.
@@ -98,6 +99,8 @@ def serve_bare(port: int) -> None:
 
     from ops.cli import api_workers
 
+    # The worker processes import this module by name: the repository root must be on their path.
+    sys.path.insert(0, str(ROOT))
     # Served exactly as `llmos api` serves ours (ops/cli.py cmd_api): as many processes, the same loop and
     # HTTP parser, log level and shutdown.
     uvicorn.run("bench.lifecycle:create_bare_app", factory=True, host="127.0.0.1", port=port,
@@ -333,6 +336,21 @@ class JobTiming:
     accuracy: float | None
 
 
+def pool_processes(worker: Child) -> set[int]:
+    """PIDs of a Celery worker's pool processes."""
+    import psutil
+
+    return {child.pid for child in psutil.Process(worker.popen.pid).children()}
+
+
+def wait_idle(worker: Child, busy: set[int]) -> set[int]:
+    """Wait until the training worker has a pool process that has run nothing yet (the ones in `busy` ran
+    a job and exit after it, `--max-tasks-per-child=1`): the "idle worker" a submission should find."""
+    fresh: set[int] = wait_until(lambda: (pool_processes(worker) - busy) or None, WORKERS_TIMEOUT,
+                                 "the training worker to start a fresh pool process")
+    return fresh
+
+
 def run_job(http: httpx.Client, file_id: str) -> JobTiming:
     response = http.post("/v1/fine_tuning/jobs", json={
         "model": "tiny-bert", "training_file": file_id, "hyperparameters": HYPERPARAMETERS})
@@ -490,6 +508,86 @@ def measure(base: str, headers: dict[str, str], method: str, paths: Callable[[in
 
 
 # --------------------------------------------------------------------------------------------------------
+# Phase 3: requests that wait, and what they cost everyone else
+# --------------------------------------------------------------------------------------------------------
+
+WAITERS = 150
+WAIT_SECONDS = 100
+PROBES = 300
+
+
+async def _probe(base: str, headers: dict[str, str], paths: list[str], count: int) -> dict[str, Load]:
+    """``count`` sequential GETs of each path on one kept-alive connection: the latency a lone poller sees."""
+    url = httpx.URL(base)
+    assert url.port is not None
+    out = {}
+    for path in paths:
+        connection = Connection(url.host, url.port, headers)
+        latencies = []
+        started = time.perf_counter()
+        try:
+            for _ in range(count):
+                begun = time.perf_counter()
+                status, content = await connection.request("GET", path, None)
+                latencies.append(time.perf_counter() - begun)
+                if status != 200:
+                    raise RuntimeError(f"GET {path} answered {status}: {content[:300]!r}")
+        finally:
+            await connection.close()
+        out[path] = Load(latencies, time.perf_counter() - started, [])
+    return out
+
+
+async def _while_waiting(base: str, headers: dict[str, str], paths: list[str], waiters: int) -> tuple[
+        dict[str, Load], dict[str, Load]]:
+    """Probe latencies idle, then again while ``waiters`` inference calls wait for an answer that cannot come
+    (no inference worker runs), each on its own connection with ``Prefer: wait``."""
+    idle = await _probe(base, headers, paths, PROBES)
+    url = httpx.URL(base)
+    assert url.port is not None
+    body = json.dumps({"model": "tiny-gpt2", "prompt": "hello", "max_tokens": 4}).encode()
+    waiting_headers = {**headers, "Prefer": f"wait={WAIT_SECONDS}"}
+    connections = [Connection(url.host, url.port, waiting_headers) for _ in range(waiters)]
+    calls = [asyncio.create_task(c.request("POST", "/v1/completions", body)) for c in connections]
+    try:
+        # The waiters are in once the API has inserted their rows; then they only wait.
+        await asyncio.sleep(0)
+        deadline = time.perf_counter() + 30
+        while sum(not c.done() for c in calls) < waiters and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        done_early = [c for c in calls if c.done()]
+        if done_early:
+            raise RuntimeError(f"{len(done_early)} waiting calls ended early: {done_early[0].result()!r}")
+        loaded = await _probe(base, headers, paths, PROBES)
+        if any(c.done() for c in calls):
+            raise RuntimeError("a waiting call ended while the probes ran")
+        return idle, loaded
+    finally:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        for connection in connections:
+            await connection.close()
+
+
+def while_waiting(base: str, headers: dict[str, str], paths: list[str], waiters: int) -> tuple[
+        dict[str, Load], dict[str, Load]]:
+    with asyncio.Runner() as runner:
+        return runner.run(_while_waiting(base, headers, paths, waiters))
+
+
+def api_rss_mb(api: Child) -> list[float]:
+    """Resident memory of each process serving the API (uvicorn's workers, or the one process), MB."""
+    import psutil
+
+    root = psutil.Process(api.popen.pid)
+    # uvicorn's workers are spawned processes; multiprocessing's resource tracker is not one of them.
+    workers = [p for p in root.children(recursive=True)
+               if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+    return [round(p.memory_info().rss / 2**20, 1) for p in (workers or [root])]
+
+
+# --------------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------------
 
@@ -604,12 +702,17 @@ def run(args: argparse.Namespace, work: Path) -> None:
             print(f"services: {stack.mode}; stack up in {time.perf_counter() - started:.1f}s")
             from ops.bootstrap import create_key
 
-            headers = {"Authorization": f"Bearer {create_key('bench', ['files', 'fine_tuning'])[1]}"}
+            headers = {"Authorization": f"Bearer {create_key('bench', ['files', 'fine_tuning', 'inference'])[1]}"}
+            rss_at_rest = api_rss_mb(stack.children["api"])
 
             # Phase 1: jobs one after another, so each has the workers to itself.
             with httpx.Client(base_url=stack.api_url, headers=headers, timeout=60) as http:
                 file_id = upload_training_file(http)
-                timings = [run_job(http, file_id) for _ in range(args.jobs)]
+                timings = []
+                busy: set[int] = set()
+                for _ in range(args.jobs):
+                    busy |= wait_idle(stack.children["worker-gpu"], busy)
+                    timings.append(run_job(http, file_id))
 
             # Phase 2: the API alone. Workers stopped so the backlog of created jobs takes no CPU.
             stack.stop(*[f"worker-{queue}" for queue in QUEUES])
@@ -636,6 +739,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
             bare_get = measure(bare_url, headers, "GET", get_path, None, n, c)
             ours_get = measure(stack.api_url, headers, "GET", get_path, None, n, c)
+
+            # Phase 3: callers waiting on inference (none answers: the workers are stopped) beside pollers.
+            probe_paths = [get_path(0), "/healthz"]
+            idle, loaded = while_waiting(stack.api_url, headers, probe_paths, WAITERS)
         except Exception:  # a failure, not an interrupt: show what the processes said before they go
             for child in failure_logs:
                 print(f"--- last lines of {child.name} ({child.log_path}) ---\n{child.tail()}", file=sys.stderr)
@@ -647,7 +754,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     facts["cpu_idle_after"] = cpu_idle_share()
 
     print()
-    print(f"Lifecycle: {args.jobs} tiny-bert classification jobs in sequence ({TRAIN_ROWS} rows, "
+    print(f"Lifecycle: {args.jobs} tiny-bert classification jobs in sequence, each to an idle worker "
+          f"({TRAIN_ROWS} rows, "
           f"{json.dumps(HYPERPARAMETERS)}), polled every {POLL_INTERVAL * 1000:.0f} ms")
     print(table([
         ["", "median s", "max s", "each job s"],
@@ -669,6 +777,17 @@ def run(args: argparse.Namespace, work: Path) -> None:
         load_row("GET /v1/fine_tuning/jobs/{id}", ours_get, bare_get),
         load_row("  bare FastAPI GET", bare_get, None),
     ]))
+    print()
+    print(f"p99 of a lone poller while {WAITERS} inference calls wait with `Prefer: wait={WAIT_SECONDS}` "
+          f"({PROBES} sequential GETs each)")
+    print(table([
+        ["endpoint", "idle p99 ms", "waiting p99 ms", "ratio"],
+        *[[("GET /v1/fine_tuning/jobs/{id}" if path != "/healthz" else path),
+           f"{idle[path].percentile(99) * 1000:.2f}", f"{loaded[path].percentile(99) * 1000:.2f}",
+           f"{loaded[path].percentile(99) / idle[path].percentile(99):.1f}x"] for path in probe_paths],
+    ]))
+    print(f"API RSS at rest: {', '.join(f'{mb:.0f} MB' for mb in rss_at_rest)} "
+          f"({len(rss_at_rest)} process{'es' if len(rss_at_rest) > 1 else ''})")
     print(f"CPU idle after stop: {percent(facts['cpu_idle_after'])} (either well below 100%: another "
           "workload shared the machine, so rerun)")
     print(json.dumps({
@@ -694,6 +813,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
             "post_jobs": load_json(ours_post, bare_post), "bare_post": load_json(bare_post, None),
             "get_job": load_json(ours_get, bare_get), "bare_get": load_json(bare_get, None),
         },
+        "waiting": {
+            "waiters": WAITERS,
+            "probes": {("get_job" if path != "/healthz" else "healthz"): {
+                "idle_p99_ms": round(idle[path].percentile(99) * 1000, 3),
+                "waiting_p99_ms": round(loaded[path].percentile(99) * 1000, 3)} for path in probe_paths},
+        },
+        "api_rss_mb": rss_at_rest,
     }))
 
 

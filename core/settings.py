@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         None, description="Flower basic-auth password; generated and kept in HOME when unset (development)."
     )
     api_workers: int = Field(
-        0, description="API processes behind the port (`llmos api --workers N`); 0 means one per CPU core."
+        0, description="API processes behind the port (`llmos api --workers N`); 0 means one per CPU core, at most 4."
     )
     auth_cache_seconds: float = Field(
         5.0, description="How long an API process trusts a key lookup: a revoked key stops working within this."

@@ -18,10 +18,15 @@ from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 from core.settings import get_settings
 from db.session import ping_when_idle
 
-# Beyond these the request waits for a connection: a process serves thousands of requests a second with a
-# few dozen statements in flight, and Postgres' default max_connections (100) is shared with every worker.
+# Connections per API process, all kept open: a request beyond them waits (on the event loop) for one
+# to come back. No overflow: a connection opened past the pool and closed on return costs Postgres a new
+# backend process each time (a profile at concurrency 32 showed a tenth of the API's time connecting),
+# and Postgres' default max_connections (100) is shared by every API and worker process.
 POOL_SIZE = 10
-MAX_OVERFLOW = 20
+MAX_OVERFLOW = 0
+RELAXED_POOL_SIZE = 4
+# The most Postgres connections one API process holds.
+CONNECTIONS = POOL_SIZE + RELAXED_POOL_SIZE
 
 
 def _async_url() -> str:
@@ -30,8 +35,8 @@ def _async_url() -> str:
 
 
 def _create(**options: Any) -> AsyncEngine:
-    engine = create_async_engine(_async_url(), pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_recycle=1800,
-                                 **options)
+    options = {"pool_size": POOL_SIZE, "max_overflow": MAX_OVERFLOW, **options}
+    engine = create_async_engine(_async_url(), pool_recycle=1800, **options)
     ping_when_idle(engine.sync_engine)
     return engine
 
@@ -44,14 +49,19 @@ def engine() -> AsyncEngine:
 
 @lru_cache(maxsize=1)
 def autocommit_engine() -> AsyncEngine:
-    """Autocommit connections for reads: a simple GET is one round trip, with no BEGIN or ROLLBACK around it."""
-    return _create(isolation_level="AUTOCOMMIT")
+    """Autocommit connections for reads: a simple GET is one round trip, with no BEGIN or ROLLBACK around it.
+
+    The same pool as `engine()`: with asyncpg the isolation level is the driver's choice of sending BEGIN,
+    so switching it costs no round trip.
+    """
+    return engine().execution_options(isolation_level="AUTOCOMMIT")
 
 
 @lru_cache(maxsize=1)
 def relaxed_engine() -> AsyncEngine:
     """`db.session.relaxed_engine`'s twin: autocommit, and commits that skip the WAL flush (inference rows only)."""
-    return _create(isolation_level="AUTOCOMMIT", connect_args={"server_settings": {"synchronous_commit": "off"}})
+    return _create(isolation_level="AUTOCOMMIT", connect_args={"server_settings": {"synchronous_commit": "off"}},
+                   pool_size=RELAXED_POOL_SIZE)
 
 
 @lru_cache(maxsize=1)
@@ -66,9 +76,10 @@ def read_sessions() -> async_sessionmaker[AsyncSession]:
 
 async def dispose() -> None:
     """Close pooled connections (at shutdown, or before a forked process would share their sockets)."""
-    for cached in (engine, autocommit_engine, relaxed_engine):
+    for cached in (engine, relaxed_engine):
         if cached.cache_info().currsize:
             await cached().dispose()
         cached.cache_clear()
+    autocommit_engine.cache_clear()
     sessions.cache_clear()
     read_sessions.cache_clear()

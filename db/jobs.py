@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from core.clock import utcnow
@@ -17,6 +18,21 @@ def get_job(session: Session, tenant_id: str, job_id: str, *, lock: bool = False
     if lock:
         stmt = stmt.with_for_update()
     return session.scalar(stmt)
+
+
+# The columns of the public job object, as plain columns: a poll is read without ORM entity loading (the
+# API's most frequent request; each row attribute is named as the model's, so `job_object` reads either).
+PUBLIC_COLUMNS = tuple(getattr(FineTuningJob, name).label(name) for name in (
+    "id", "tenant_id", "model", "status", "task", "training_file", "validation_file", "hyperparameters",
+    "fine_tuned_model", "finished_at", "estimated_finish", "error", "result_files", "trained_tokens", "seed",
+    "job_metadata", "suffix", "progress", "metrics", "attempts", "webhook_url", "priority", "created_at"))
+_PUBLIC_JOB = select(*PUBLIC_COLUMNS).where(FineTuningJob.id == bindparam("job_id"),
+                                            FineTuningJob.tenant_id == bindparam("tenant_id"))
+
+
+def public_job(conn: Connection, tenant_id: str, job_id: str) -> Row[Any] | None:
+    """The tenant's job, only the columns of its public object: one statement, no ORM."""
+    return conn.execute(_PUBLIC_JOB, {"job_id": job_id, "tenant_id": tenant_id}).first()
 
 
 def get_job_by_id(session: Session, job_id: str, *, lock: bool = False) -> FineTuningJob | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from sqlalchemy import Connection, Row
 from sqlalchemy.orm import Session
 
 from core import ids
@@ -62,7 +63,7 @@ class InvalidTransition(Exception):
         self.target = target
 
 
-def job_object(job: FineTuningJob) -> dict[str, Any]:
+def job_object(job: FineTuningJob | Row[Any]) -> dict[str, Any]:
     """The public ``fine_tuning.job`` shape: every field present, unset ones null."""
     return {
         "id": job.id,
@@ -213,8 +214,12 @@ def create_job(
     return job_object(job)
 
 
-def get_job(session: Session, *, tenant_id: str, job_id: str) -> dict[str, Any]:
-    return job_object(_job(session, tenant_id, job_id))
+def get_job(conn: Connection, *, tenant_id: str, job_id: str) -> dict[str, Any]:
+    """A poll of one job: run on a connection, not a session (see `db.jobs.public_job`)."""
+    row = jobs_repo.public_job(conn, tenant_id, job_id)
+    if row is None:
+        raise not_found("fine_tuning_job", job_id)
+    return job_object(row)
 
 
 def list_jobs(session: Session, *, tenant_id: str, status: str | None, metadata: dict[str, str],
