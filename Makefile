@@ -31,7 +31,7 @@ test-all: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy api core db domain ops tasks training bench tests
+	$(VENV)/bin/mypy api core db domain infra ops tasks training bench tests
 	$(VENV)/bin/lint-imports
 
 bench-lifecycle: install

@@ -12,7 +12,7 @@ from api import batches, compat, errors, events, files, fine_tuning, health, inf
 from api.middleware import Idempotency, RequestContext
 from core.settings import get_settings
 from db import aio
-from domain import replies
+from infra import replies
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from db import aio
 from domain import dispatch
+from infra import broker
 
 T = TypeVar("T")
 
@@ -51,7 +52,7 @@ class Publisher:
         while True:
             tasks, loop, done = self._queue.get()
             try:
-                dispatch.publish_all(tasks)  # logs and swallows a broker failure: the reconciler re-sends
+                broker.publish_all(tasks)  # logs and swallows a broker failure: the reconciler re-sends
             finally:
                 loop.call_soon_threadsafe(_resolve, done)
 

@@ -23,7 +23,8 @@ from api.errors import JSONBody
 from db import aio
 from db.models import FineTuningJob
 from db.session import session_factory
-from domain import dispatch, replies
+from domain import dispatch
+from infra import broker, replies
 
 router = APIRouter(tags=["operations"])
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ async def healthz() -> dict[str, str]:
 
 
 def _broker_reachable() -> None:
-    with dispatch.producer().connection_for_write() as conn:
+    with broker.producer().connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
 
 

@@ -19,9 +19,10 @@ from core import ids
 from core.clock import utcnow
 from core.settings import get_settings
 from db import aio, inferences
-from domain import dispatch, replies, serving
+from domain import dispatch, serving
 from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
 from domain.serving import serving_refusal
+from infra import broker, replies
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["inference"])
@@ -102,7 +103,7 @@ async def _send(requests: list[inferences.NewRequest]) -> bool:
     async with aio.relaxed_engine().connect() as conn:
         await conn.run_sync(inferences.create, requests)
     task = dispatch.StagedTask(dispatch.TASK_INFER, ([r.id for r in requests],))
-    if await anyio.to_thread.run_sync(dispatch.publish, task):
+    if await anyio.to_thread.run_sync(broker.publish, task):
         return True
     error = {"status": 503, "message": BROKER_DOWN, "type": "server_error", "code": "broker_unavailable"}
     async with aio.relaxed_engine().connect() as conn:

@@ -224,7 +224,7 @@ def purge_queues(broker_url: str) -> None:
 
 def workers_ready() -> bool:
     """Every queue has a worker answering a broadcast ping (so job 1 does not time worker start-up)."""
-    from domain.dispatch import producer
+    from infra.broker import producer
 
     replies = producer().control.ping(timeout=1.0) or []
     names = {name for reply in replies for name in reply}

@@ -211,7 +211,7 @@ class Stack:
 
 
 def cpu_worker_ready() -> bool:
-    from domain.dispatch import producer
+    from infra.broker import producer
 
     replies = producer().control.ping(timeout=1.0) or []
     return any(name.startswith("cpu-") for reply in replies for name in reply)
@@ -275,7 +275,8 @@ def queue_idle(broker_url: str) -> bool:
     """Nothing waiting on the cpu queue and no flush task running."""
     import redis
 
-    from domain.dispatch import QUEUE_CPU, producer
+    from domain.dispatch import QUEUE_CPU
+    from infra.broker import producer
 
     conn = redis.Redis.from_url(broker_url)
     try:
@@ -337,11 +338,12 @@ class Commit:
 
 @contextlib.contextmanager
 def timed_publish() -> Iterator[list[float]]:
-    """Time each `dispatch.publish` (the after-commit hook's broker send) made in this process."""
+    """Time each `broker.publish` (the after-commit hook's broker send) made in this process."""
     from domain import dispatch
+    from infra import broker
 
     durations: list[float] = []
-    original = dispatch.publish
+    original = broker.publish
 
     def publish(task: dispatch.StagedTask) -> bool:
         started = time.perf_counter()
@@ -350,7 +352,7 @@ def timed_publish() -> Iterator[list[float]]:
         finally:
             durations.append(time.perf_counter() - started)
 
-    with mock.patch.object(dispatch, "publish", publish):
+    with mock.patch.object(broker, "publish", publish):
         yield durations
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Row
@@ -14,7 +15,7 @@ from core.errors import ServiceError, conflict, not_found
 from db import files as files_repo
 from db import jobs as jobs_repo
 from db import registry
-from db.models import Checkpoint, FineTuningJob, JobEvent
+from db.models import Checkpoint, File, FineTuningJob, JobEvent, Model
 from domain import dispatch
 from domain.events import emit_event
 from domain.listing import page
@@ -301,3 +302,99 @@ def list_checkpoints(session: Session, *, tenant_id: str, job_id: str, after: st
                      limit: int) -> dict[str, Any]:
     job = _job(session, tenant_id, job_id)
     return page(jobs_repo.list_checkpoints(session, job.id, after, limit), checkpoint_object, after)
+
+
+# --------------------------------------------------------------------------------------------------------
+# How a training attempt ends: called by the training task, which has already written the artifacts.
+# Each acts only while ``attempt`` still holds the job (a newer attempt or a cancel may have moved on).
+# --------------------------------------------------------------------------------------------------------
+
+
+def _claimed(session: Session, job_id: str, attempt: int) -> FineTuningJob | None:
+    job = jobs_repo.get_job_by_id(session, job_id, lock=True)
+    return job if job is not None and holds_claim(job, attempt) else None
+
+
+def fail_over_runtime(session: Session, job: FineTuningJob, attempt: int, limit: float, step: int | None) -> None:
+    """Fail a job whose attempts used up `max_runtime_seconds`."""
+    where = f" at step {step}" if step is not None else ""
+    message = (f"the job exceeded its maximum runtime of {limit:.0f} s{where}; raise "
+               "hyperparameters.max_runtime_seconds to train longer")
+    transition(session, job, FAILED, f"Job stopped: {message}", level="error",
+               error=failure("max_runtime_exceeded", message, "hyperparameters.max_runtime_seconds"))
+    jobs_repo.release_claim(session, job.id, attempt, "time_limit")
+
+
+def end_runaway_attempt(session: Session, *, job_id: str, attempt: int, limit: float) -> None:
+    """The hard limit: a step that did not return within the grace fails the job."""
+    job = _claimed(session, job_id, attempt)
+    if job is not None:
+        fail_over_runtime(session, job, attempt, limit, (job.progress or {}).get("step"))
+
+
+def fail_attempt(session: Session, *, job_id: str, attempt: int, message: str) -> None:
+    """Training raised: the job fails with `training_error`."""
+    job = _claimed(session, job_id, attempt)
+    if job is None:
+        return
+    transition(session, job, FAILED, f"Training failed: {message}", level="error",
+               error=failure("training_error", message))
+    jobs_repo.release_claim(session, job_id, attempt, "failed")
+
+
+def stop_attempt(session: Session, *, job_id: str, attempt: int, reason: str | None, step: int) -> bool:
+    """Training stopped before the end at ``step``: cancelled, paused, out of time, or handed back to the queue
+    (the worker shutting down). True when the job was cancelled, so the caller may delete its checkpoints."""
+    job = _claimed(session, job_id, attempt)
+    if job is None:
+        return False
+    if reason == "cancel":
+        transition(session, job, CANCELLED, f"Job cancelled at step {step}")
+    elif reason == "time_limit":
+        fail_over_runtime(session, job, attempt, float((job.hyperparameters or {}).get("max_runtime_seconds", 0)),
+                          step)
+        return False
+    elif reason == "pause":
+        job.pause_requested = False
+        transition(session, job, PAUSED, f"Job paused at step {step}")
+    else:
+        # Worker shutdown: hand the job back so another worker continues from the checkpoint.
+        job.task_id = ids.random_token(32)
+        transition(session, job, QUEUED, f"Worker shutting down; requeued at step {step}")
+        dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
+    jobs_repo.release_claim(session, job_id, attempt, reason or "stopped")
+    return reason == "cancel"
+
+
+def record_success(session: Session, *, job_id: str, attempt: int, model_name: str, base: Model,
+                   model_dir: str, metrics: dict[str, Any], trained_tokens: int, step: int,
+                   results_path: Path) -> None:
+    """Training completed: the results file and the fine-tuned model are recorded, and the job succeeds."""
+    job = _claimed(session, job_id, attempt)
+    if job is None:
+        return
+    results_file = File(
+        id=ids.new_id(ids.FILE), tenant_id=job.tenant_id, filename="step_metrics.csv",
+        purpose="fine-tune-results", bytes=results_path.stat().st_size, sha256="", path=str(results_path),
+    )
+    session.add(results_file)
+    model = Model(
+        id=model_name, tenant_id=job.tenant_id, owned_by=job.tenant_id, kind="fine-tuned",
+        tasks=[job.task or "classification"], architecture=base.architecture, path=model_dir,
+        base_model=base.id if base.kind == "base" else base.base_model, job_id=job.id,
+        description=f"{job.task} fine-tune of {base.id}",
+    )
+    session.add(model)
+    job.fine_tuned_model = model_name
+    job.metrics = metrics
+    job.trained_tokens = trained_tokens
+    job.result_files = [results_file.id]
+    if job.progress:
+        job.progress = {**job.progress, "step": step, "percent": 100.0}
+    job.cancel_requested = False
+    session.flush()
+    emit_event(session, job.tenant_id, "model.created",
+               {"id": model_name, "object": "model", "owned_by": job.tenant_id, "fine_tuning_job": job.id,
+                "created": unix(utcnow())})
+    transition(session, job, SUCCEEDED, f"Job succeeded: {model_name}")
+    jobs_repo.release_claim(session, job_id, attempt, "succeeded")

@@ -13,6 +13,7 @@ from celery.signals import celeryd_after_setup, worker_process_init, worker_shut
 from core.settings import get_settings
 from db.session import reset_engine
 from domain import dispatch
+from infra import broker
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 def create_celery() -> Celery:
     settings = get_settings()
     app = Celery("llmos")
-    app.conf.update(dispatch.celery_config(settings))
+    app.conf.update(broker.celery_config(settings))
     app.conf.update(
         # Long training tasks: one at a time per process, acknowledged on receipt (early ack), so the
         # broker never redelivers a job that is legitimately running for hours; Postgres tracks it instead.

@@ -19,8 +19,9 @@ from core.clock import utcnow
 from core.settings import get_settings
 from db import inferences
 from db.session import relaxed_engine
-from domain import dispatch, replies
+from domain import dispatch
 from domain.batching import BatcherRegistry
+from infra import replies
 from tasks import serving
 from tasks.app import celery_app
 

@@ -17,7 +17,6 @@ from typing import Any
 from celery import Task
 
 from core import ids
-from core.clock import utcnow
 from core.settings import get_settings
 from db import jobs as jobs_repo
 from db.models import File, FineTuningJob, Model
@@ -132,7 +131,7 @@ def train_job(self: Task, job_id: str) -> None:
         runtime_left = runtime_limit - jobs_repo.runtime_used(session, job.id)
         if runtime_left <= 0:
             # Earlier attempts (ended by crashes) used the whole budget: no point in starting again.
-            _fail_over_runtime(session, job, attempt, runtime_limit, (job.progress or {}).get("step"))
+            jobs.fail_over_runtime(session, job, attempt, runtime_limit, (job.progress or {}).get("step"))
             return
         jobs.add_job_event(session, job, f"Training started on {worker} (attempt {attempt})")
         emit_event(session, job.tenant_id, jobs.EVENT_TYPES[jobs.RUNNING], jobs.job_object(job))
@@ -197,21 +196,10 @@ def _run_training(job_id: str, base_path: Path, train_path: Path | None, valid_p
     return steps.train(spec, reporter, resume_from=resume_from)
 
 
-def _fail_over_runtime(session: Any, job: FineTuningJob, attempt: int, limit: float, step: int | None) -> None:
-    where = f" at step {step}" if step is not None else ""
-    message = (f"the job exceeded its maximum runtime of {limit:.0f} s{where}; raise "
-               "hyperparameters.max_runtime_seconds to train longer")
-    jobs.transition(session, job, jobs.FAILED, f"Job stopped: {message}", level="error",
-                    error=jobs.failure("max_runtime_exceeded", message, "hyperparameters.max_runtime_seconds"))
-    jobs_repo.release_claim(session, job.id, attempt, "time_limit")
-
-
 def _end_runaway_attempt(job_id: str, attempt: int, limit: float) -> None:
     """Hard limit: the step did not return within the grace, so fail the job and end this process."""
     with transaction() as session:
-        job = jobs_repo.get_job_by_id(session, job_id, lock=True)
-        if job is not None and jobs.holds_claim(job, attempt):
-            _fail_over_runtime(session, job, attempt, limit, (job.progress or {}).get("step"))
+        jobs.end_runaway_attempt(session, job_id=job_id, attempt=attempt, limit=limit)
     log.error("train %s: still running past its hard runtime limit; ending the process", job_id)
     # The pool replaces this process (one task per child); the stuck step cannot be interrupted otherwise.
     os.kill(os.getpid(), signal.SIGKILL)
@@ -219,69 +207,25 @@ def _end_runaway_attempt(job_id: str, attempt: int, limit: float) -> None:
 
 def _finish_failed(job_id: str, attempt: int, message: str) -> None:
     with transaction() as session:
-        job = jobs_repo.get_job_by_id(session, job_id, lock=True)
-        if job is None or not jobs.holds_claim(job, attempt):
-            return
-        jobs.transition(session, job, jobs.FAILED, f"Training failed: {message}", level="error",
-                        error=jobs.failure("training_error", message))
-        jobs_repo.release_claim(session, job_id, attempt, "failed")
+        jobs.fail_attempt(session, job_id=job_id, attempt=attempt, message=message)
 
 
 def _record_outcome(job_id: str, attempt: int, model_name: str, base: Model, result: Any) -> None:
+    """Write what training produced beside the job, then record the outcome through the jobs service."""
     from training.classification import write_results_csv
 
     outcome = result.outcome
+    if not outcome.completed:
+        with transaction() as session:
+            cancelled = jobs.stop_attempt(session, job_id=job_id, attempt=attempt, reason=outcome.stop_reason,
+                                          step=outcome.global_step)
+        if cancelled:
+            shutil.rmtree(job_dir(job_id) / "checkpoints", ignore_errors=True)
+        return
+    results_path = job_dir(job_id) / "results.csv"
+    write_results_csv(outcome.history, getattr(result, "report", {}), results_path)
     with transaction() as session:
-        job = jobs_repo.get_job_by_id(session, job_id, lock=True)
-        if job is None or not jobs.holds_claim(job, attempt):
-            return
-        if not outcome.completed:
-            reason = outcome.stop_reason
-            if reason == "cancel":
-                jobs.transition(session, job, jobs.CANCELLED, f"Job cancelled at step {outcome.global_step}")
-                shutil.rmtree(job_dir(job_id) / "checkpoints", ignore_errors=True)
-            elif reason == "time_limit":
-                limit = float((job.hyperparameters or {}).get("max_runtime_seconds", 0))
-                _fail_over_runtime(session, job, attempt, limit, outcome.global_step)
-                return
-            elif reason == "pause":
-                job.pause_requested = False
-                jobs.transition(session, job, jobs.PAUSED, f"Job paused at step {outcome.global_step}")
-            else:
-                # Worker shutdown: hand the job back so another worker continues from the checkpoint.
-                job.task_id = ids.random_token(32)
-                jobs.transition(session, job, jobs.QUEUED,
-                                f"Worker shutting down; requeued at step {outcome.global_step}")
-                dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
-            jobs_repo.release_claim(session, job_id, attempt, reason or "stopped")
-            return
-        from db.models import File as FileRow
-
-        results_path = job_dir(job_id) / "results.csv"
-        write_results_csv(outcome.history, getattr(result, "report", {}), results_path)
-        results_file = FileRow(
-            id=ids.new_id(ids.FILE), tenant_id=job.tenant_id, filename="step_metrics.csv",
-            purpose="fine-tune-results", bytes=results_path.stat().st_size, sha256="",
-            path=str(results_path),
-        )
-        session.add(results_file)
-        model = Model(
-            id=model_name, tenant_id=job.tenant_id, owned_by=job.tenant_id, kind="fine-tuned",
-            tasks=[job.task or "classification"], architecture=base.architecture,
-            path=str(result.model_dir), base_model=base.id if base.kind == "base" else base.base_model,
-            job_id=job.id, description=f"{job.task} fine-tune of {base.id}",
-        )
-        session.add(model)
-        job.fine_tuned_model = model_name
-        job.metrics = result.metrics
-        job.trained_tokens = outcome.trained_tokens
-        job.result_files = [results_file.id]
-        if job.progress:
-            job.progress = {**job.progress, "step": outcome.global_step, "percent": 100.0}
-        job.cancel_requested = False
-        session.flush()
-        emit_event(session, job.tenant_id, "model.created",
-                   {"id": model_name, "object": "model", "owned_by": job.tenant_id, "fine_tuning_job": job.id,
-                    "created": int(utcnow().timestamp())})
-        jobs.transition(session, job, jobs.SUCCEEDED, f"Job succeeded: {model_name}")
-        jobs_repo.release_claim(session, job_id, attempt, "succeeded")
+        jobs.record_success(session, job_id=job_id, attempt=attempt, model_name=model_name, base=base,
+                            model_dir=str(result.model_dir), metrics=result.metrics,
+                            trained_tokens=outcome.trained_tokens, step=outcome.global_step,
+                            results_path=results_path)

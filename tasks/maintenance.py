@@ -12,6 +12,7 @@ from db import idempotency, inferences
 from db import jobs as jobs_repo
 from db.session import relaxed_engine, transaction
 from domain import batches, dispatch, jobs
+from infra import broker
 from tasks.app import celery_app
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def reconcile() -> dict[str, int]:
             job.updated_at = now
             dispatch.enqueue_after_commit(session, dispatch.TASK_VALIDATE, job.id)
             counts["resent"] += 1
-        waiting = dispatch.waiting_task_ids(dispatch.QUEUE_GPU)
+        waiting = broker.waiting_task_ids(dispatch.QUEUE_GPU)
         for job in jobs_repo.forgotten_jobs(session, jobs.QUEUED, forgotten):
             if waiting is not None and job.task_id in waiting:
                 continue  # still in line behind other jobs, not lost
@@ -96,8 +97,8 @@ def reconcile_batches() -> dict[str, int]:
             send_settle(session, batch.id)
             counts["expired"] += 1
         stale = now - timedelta(seconds=settings.stale_heartbeat_seconds)
-        waiting_inference = dispatch.waiting_task_ids(dispatch.QUEUE_INFERENCE)
-        waiting_cpu = dispatch.waiting_task_ids(dispatch.QUEUE_CPU)
+        waiting_inference = broker.waiting_task_ids(dispatch.QUEUE_INFERENCE)
+        waiting_cpu = broker.waiting_task_ids(dispatch.QUEUE_CPU)
         for batch in batches_repo.stale_batches(session, tuple(batches.ACTIVE), stale):
             if batch.stop_reason is not None or batch.status in (batches.FINALIZING, batches.CANCELLING):
                 batch.heartbeat_at = now

@@ -25,6 +25,7 @@ from db.models import DeliveryAttempt, OutboxEvent, WebhookDelivery, WebhookEndp
 from db.session import session_factory, transaction
 from domain import dispatch, webhooks
 from domain.events import emit_event, event_object
+from infra import broker
 from tasks.app import celery_app
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def flush(destination: str) -> int:
             session.commit()
         # A delivery committed while we were letting go found the lock taken: pick it up now.
         if _due_batch(session, destination, limit=1):
-            dispatch.publish(dispatch.StagedTask(webhooks.TASK_FLUSH, (destination,), None, dispatch.QUEUE_CPU))
+            broker.publish(dispatch.StagedTask(webhooks.TASK_FLUSH, (destination,), None, dispatch.QUEUE_CPU))
         session.commit()
     return tried
 
@@ -194,7 +195,7 @@ def dispatch_due() -> int:
             ).distinct()
         ).all()
     for destination in destinations:
-        dispatch.publish(dispatch.StagedTask(webhooks.TASK_FLUSH, (destination,), None, dispatch.QUEUE_CPU))
+        broker.publish(dispatch.StagedTask(webhooks.TASK_FLUSH, (destination,), None, dispatch.QUEUE_CPU))
     return len(destinations)
 
 

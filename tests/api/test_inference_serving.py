@@ -295,8 +295,9 @@ def test_one_message_of_several_requests_answers_each_its_own(api: Api) -> None:
     from core.clock import utcnow
     from db import inferences
     from db.session import relaxed_engine, transaction
-    from domain import dispatch, replies
+    from domain import dispatch
     from domain.requests import CompletionRequest
+    from infra import broker, replies
 
     with transaction() as session:
         tenant_id = session.execute(text("SELECT tenant_id FROM inferences WHERE id = :id"),
@@ -312,7 +313,7 @@ def test_one_message_of_several_requests_answers_each_its_own(api: Api) -> None:
         inferences.create(conn, new)
     first = new[0].id
     # Its first request twice, as a publish retry would: answered once.
-    assert dispatch.publish(dispatch.StagedTask(dispatch.TASK_INFER, ([r.id for r in new] + [first],)))
+    assert broker.publish(dispatch.StagedTask(dispatch.TASK_INFER, ([r.id for r in new] + [first],)))
 
     pushed = [replies.wait_reply(r.id, 60) for r in new]
     assert all(reply is not None for reply in pushed), pushed

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from domain import dispatch
+from infra import broker
 from tests.conftest import Api, wait_until
 from tests.data import jsonl, sentiment_rows
 
@@ -164,7 +165,7 @@ def test_duplicate_task_delivery_trains_once(api: Api) -> None:
     assert queued["status"] != "failed"
     # Deliver the training task twice more, as a broker redelivery or a reconciler race would.
     for _ in range(2):
-        assert dispatch.publish(dispatch.StagedTask(dispatch.TASK_TRAIN, (job["id"],), None, "gpu"))
+        assert broker.publish(dispatch.StagedTask(dispatch.TASK_TRAIN, (job["id"],), None, "gpu"))
     done = api.wait_status(job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded"
 
