@@ -242,6 +242,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
+    from ops.stack import argv
     from ops.supervisor import ChildSpec, Supervisor
 
     for name, variable in CADENCE.items():
@@ -270,9 +271,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
             # The gpu worker and beat under the supervisor of `llmos up`, which restarts what exits.
             stack.stop("worker-gpu")
             supervisor = Supervisor(stack.log_dir)
-            cli = [sys.executable, "-m", "ops.cli"]
-            supervisor.add(ChildSpec("worker-gpu", [*cli, "worker", "--queues", "gpu"], stack.env))
-            supervisor.add(ChildSpec("beat", [*cli, "beat"], stack.env))
+            supervisor.add(ChildSpec("worker-gpu", argv("worker-gpu"), stack.env))
+            supervisor.add(ChildSpec("beat", argv("beat"), stack.env))
             supervisor.start()
             exits.callback(supervisor.stop)
             headers = {"Authorization": f"Bearer {create_key('bench', ['files', 'fine_tuning'])[1]}"}

@@ -222,17 +222,11 @@ def bring_up(exits: contextlib.ExitStack, work: Path, failure_logs: list[Child])
     database_server = os.environ.get("LLMOS_DATABASE_URL")
     broker_url = os.environ.get("LLMOS_BROKER_URL")
     kinds = ["external" if database_server else "embedded", "external" if broker_url else "embedded"]
-    if not database_server or not broker_url:
-        from ops.embedded import start_postgres, start_redis, stop_server
+    from ops.stack import start_servers
 
-        if not database_server:
-            pg = start_postgres(work / "pg", log_path=work / "logs" / "postgres.log")
-            exits.callback(stop_server, pg)
-            database_server = pg.url
-        if not broker_url:
-            rd = start_redis(work / "redis", log_path=work / "logs" / "redis.log")
-            exits.callback(stop_server, rd)
-            broker_url = rd.url
+    servers = start_servers(work, database_server, broker_url, log_dir=work / "logs")
+    exits.callback(servers.stop)
+    database_server, broker_url = servers.database_url, servers.broker_url
     database_url = create_database(database_server)
     mode = f"database {redact(database_url)} ({kinds[0]}), broker {redact(broker_url)} ({kinds[1]})"
     exits.callback(drop_database, database_url)
@@ -261,10 +255,11 @@ def bring_up(exits: contextlib.ExitStack, work: Path, failure_logs: list[Child])
 
     stack = Stack(env, work / "logs", mode, broker_url, {})
     exits.callback(stack.stop_all)
-    cli = [sys.executable, "-m", "ops.cli"]
-    api = stack.start("api", [*cli, "api"])
-    stack.start("worker-cpu", [*cli, "worker", "--queues", "cpu"])
-    stack.start("beat", [*cli, "beat"])
+    from ops.stack import argv
+
+    api = stack.start("api", argv("api"))
+    stack.start("worker-cpu", argv("worker-cpu"))
+    stack.start("beat", argv("beat"))
     failure_logs.extend(stack.children.values())
     wait_http(f"{stack.api_url}/healthz", api)
     wait_until(cpu_worker_ready, WORKERS_TIMEOUT, "a worker on the cpu queue", 0.5)

@@ -15,41 +15,11 @@ from types import FrameType
 import httpx
 
 from core.settings import Settings, get_settings
-from ops.embedded import EmbeddedServer
+from ops import stack
 from ops.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger("llmos.up")
 ADMIN_TENANT = "default"
-
-
-def _llmos(*args: str) -> list[str]:
-    # The same interpreter and code as this process, whatever PATH says.
-    return [sys.executable, "-m", "ops.cli", *args]
-
-
-def _start_embedded(settings: Settings) -> tuple[dict[str, str], list[EmbeddedServer]]:
-    """Start embedded Postgres and/or Redis for the URLs that are not set; record them in HOME."""
-    from ops.embedded import start_postgres, start_redis, stop_server
-
-    urls: dict[str, str] = {}
-    servers: list[EmbeddedServer] = []
-    data = settings.home / "data"
-    logs = settings.home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    if not settings.database_url:
-        pg = start_postgres(data / "postgres", log_path=logs / "postgres.log")
-        servers.append(pg)
-        urls["database_url"] = pg.url
-    if not settings.broker_url:
-        try:
-            rd = start_redis(data / "redis", log_path=logs / "redis.log")
-        except BaseException:
-            for server in servers:
-                stop_server(server)
-            raise
-        servers.append(rd)
-        urls["broker_url"] = rd.url
-    return urls, servers
 
 
 def _write_state(settings: Settings, state: dict[str, str]) -> None:
@@ -61,44 +31,35 @@ def _write_state(settings: Settings, state: dict[str, str]) -> None:
 
 def run_up() -> None:
     """Start servers, migrate, seed, run every process until SIGINT/SIGTERM, then stop them all."""
-    from ops.embedded import stop_server
-
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     # Until the supervisor takes over signals, SIGTERM unwinds like Ctrl-C so nothing is left running.
     signal.signal(signal.SIGTERM, _interrupt)
-    urls, servers = _start_embedded(settings)
+    (settings.home / "logs").mkdir(parents=True, exist_ok=True)
+    servers = stack.start_servers(settings.home / "data", settings.database_url, settings.broker_url,
+                                  log_dir=settings.home / "logs")
 
     def stop_servers() -> None:
-        for server in reversed(servers):
-            stop_server(server)
+        servers.stop()
         settings.embedded_state_file.unlink(missing_ok=True)
 
     try:
-        database_url = settings.database_url or urls["database_url"]
-        broker_url = settings.broker_url or urls["broker_url"]
-        if urls:
+        database_url, broker_url = servers.database_url, servers.broker_url
+        if servers.embedded:
             _write_state(settings, {"database_url": database_url, "broker_url": broker_url,
                                     "pid": str(os.getpid())})
         env = {**os.environ, "LLMOS_HOME": str(settings.home), "LLMOS_DATABASE_URL": database_url,
                "LLMOS_BROKER_URL": broker_url}
         # Migration and model building run in a child: this process stays light and free of torch.
-        subprocess.run(_llmos("migrate"), env=env, check=True)
+        subprocess.run(stack.llmos("migrate"), env=env, check=True)
         admin_key = _first_admin_key(env)
     except BaseException:
         stop_servers()
         raise
 
     supervisor = Supervisor(settings.home / "logs")
-    for name, argv in (
-        ("api", _llmos("api")),
-        ("worker-gpu", _llmos("worker", "--queues", "gpu")),
-        ("worker-inference", _llmos("worker", "--queues", "inference")),
-        ("worker-cpu", _llmos("worker", "--queues", "cpu")),
-        ("beat", _llmos("beat")),
-        ("flower", _llmos("flower")),
-    ):
-        supervisor.add(ChildSpec(name=name, argv=argv, env=env, cwd=Path.cwd()))
+    for role in stack.ALL:
+        supervisor.add(ChildSpec(name=role, argv=stack.argv(role), env=env, cwd=Path.cwd()))
     try:
         supervisor.start()
         _wait_for_api(supervisor, f"http://{settings.api_host}:{settings.api_port}/readyz")
@@ -151,7 +112,7 @@ def _first_admin_key(env: dict[str, str]) -> str | None:
     )
     if probe.returncode != 0:
         return None
-    out = subprocess.run(_llmos("keys", "create", "--tenant", ADMIN_TENANT, "--scope", "admin", "--json"),
+    out = subprocess.run(stack.llmos("keys", "create", "--tenant", ADMIN_TENANT, "--scope", "admin", "--json"),
                          env=env, check=True, capture_output=True, text=True)
     key: str = json.loads(out.stdout.strip().splitlines()[-1])["key"]
     return key

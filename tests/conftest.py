@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -77,23 +76,14 @@ def _drop_database(db_url: str) -> None:
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Database and broker URLs for this run, with the schema migrated and base models registered."""
-    home = tmp_path_factory.mktemp("llmos-home")
-    servers: list[Any] = []
-    database_server = os.environ.get("LLMOS_DATABASE_URL")
-    broker_url = os.environ.get("LLMOS_BROKER_URL")
-    if not database_server or not broker_url:
-        from ops.embedded import start_postgres, start_redis
+    from ops.stack import start_servers
 
-        # Not under pytest's tmp dir: it is 0700, and embedded Postgres runs as its own user when root.
-        server_dir = Path(tempfile.mkdtemp(prefix="llmos-test-servers-"))
-        if not database_server:
-            pg = start_postgres(server_dir / "pg")
-            servers.append(pg)
-            database_server = pg.url
-        if not broker_url:
-            rd = start_redis(server_dir / "redis")
-            servers.append(rd)
-            broker_url = rd.url
+    home = tmp_path_factory.mktemp("llmos-home")
+    # Embedded servers (as `llmos up` starts them) for whichever URL is not set. Not under pytest's tmp
+    # dir: it is 0700, and embedded Postgres runs as its own user when root.
+    servers = start_servers(Path(tempfile.mkdtemp(prefix="llmos-test-servers-")),
+                            os.environ.get("LLMOS_DATABASE_URL"), os.environ.get("LLMOS_BROKER_URL"))
+    database_server, broker_url = servers.database_url, servers.broker_url
     database_url = _fresh_database(database_server)
     env = {
         "LLMOS_HOME": str(home),
@@ -137,10 +127,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     os.environ.clear()
     os.environ.update(saved_environ)
     get_settings.cache_clear()
-    from ops.embedded import stop_server
-
-    for server in reversed(servers):
-        stop_server(server)
+    servers.stop()
 
 
 def _purge_queues(broker_url: str) -> None:
@@ -186,19 +173,13 @@ class Process:
 
 @pytest.fixture(scope="session")
 def stack(services: dict[str, str]) -> Iterator[dict[str, Process]]:
-    """The API and the three worker kinds as real processes, as `llmos up` runs them."""
+    """The API, the three worker kinds and beat as real processes, with the commands `llmos up` runs."""
+    from ops import stack as deployment
+
     log_dir = Path(services["home"]) / "logs"
     log_dir.mkdir(exist_ok=True)
     env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
-    cli = [sys.executable, "-m", "ops.cli"]
-    procs = {
-        "api": Process("api", [*cli, "api"], env, log_dir),
-        "worker-gpu": Process("worker-gpu", [*cli, "worker", "--queues", "gpu"], env, log_dir),
-        "worker-inference": Process("worker-inference", [*cli, "worker", "--queues", "inference"], env,
-                                    log_dir),
-        "worker-cpu": Process("worker-cpu", [*cli, "worker", "--queues", "cpu"], env, log_dir),
-        "beat": Process("beat", [*cli, "beat"], env, log_dir),
-    }
+    procs = {role: Process(role, deployment.argv(role), env, log_dir) for role in deployment.SERVICE}
     base = f"http://127.0.0.1:{services['LLMOS_API_PORT']}"
 
     def api_up() -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from ops.embedded import EmbeddedServer, start_postgres, start_redis, stop_server
+from ops.stack import argv, llmos, start_servers
 from ops.supervisor import ChildSpec, Supervisor
 from tests.conftest import ROOT, Api, free_port, wait_until
 from tests.data import jsonl, sentiment_rows
@@ -25,27 +25,25 @@ class Outage:
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="llmos-outage-"))
-        self.pg = start_postgres(self.dir / "pg")
-        self.redis = start_redis(self.dir / "redis")
+        # Its servers and processes as `llmos up` starts them (ops/stack.py).
+        self.pg, self.redis = start_servers(self.dir, None, None).embedded
         self.env = {
             "LLMOS_HOME": str(self.dir / "home"), "LLMOS_DATABASE_URL": self.pg.url,
             "LLMOS_BROKER_URL": self.redis.url, "LLMOS_API_PORT": str(free_port()),
             "LLMOS_HEARTBEAT_SECONDS": "0.3", "LLMOS_RECONCILE_SECONDS": "1", "LLMOS_REQUEUE_AFTER_SECONDS": "2",
             "LLMOS_STALE_HEARTBEAT_SECONDS": "3",
         }
-        subprocess.run([sys.executable, "-m", "ops.cli", "migrate"], cwd=ROOT, env={**os.environ, **self.env},
+        subprocess.run(llmos("migrate"), cwd=ROOT, env={**os.environ, **self.env},
                        check=True, capture_output=True, timeout=180)
-        key = subprocess.run([sys.executable, "-m", "ops.cli", "keys", "create", "--tenant", "outage"], cwd=ROOT,
+        key = subprocess.run(llmos("keys", "create", "--tenant", "outage"), cwd=ROOT,
                              env={**os.environ, **self.env}, check=True, capture_output=True, text=True, timeout=60)
         self.logs = self.dir / "logs"
-        cli = [sys.executable, "-m", "ops.cli"]
         # Under the supervisor of `llmos up`, which restarts a child that exits: the Redis transport can
         # take a worker down when the broker vanishes mid-acknowledgement (an AttributeError in its channel
         # close), and in production the supervisor or the container's restart policy brings it back.
         self.supervisor = Supervisor(self.logs)
-        for name, argv in (("api", ["api"]), ("gpu", ["worker", "--queues", "gpu"]),
-                           ("cpu", ["worker", "--queues", "cpu"]), ("beat", ["beat"])):
-            self.supervisor.add(ChildSpec(f"outage-{name}", [*cli, *argv], self.env, ROOT))
+        for role in ("api", "worker-gpu", "worker-cpu", "beat"):
+            self.supervisor.add(ChildSpec(f"outage-{role}", argv(role), self.env, ROOT))
         self.supervisor.start()
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="outage supervisor", daemon=True)
@@ -62,8 +60,7 @@ class Outage:
 
     def restart(self, server: EmbeddedServer) -> EmbeddedServer:
         start = start_postgres if server.name == "postgres" else start_redis
-        data = self.dir / ("pg" if server.name == "postgres" else "redis")
-        return start(data, port=server.port)
+        return start(self.dir / server.name, port=server.port)
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):
@@ -125,7 +122,7 @@ def test_jobs_survive_broker_and_database_outages_and_the_api_says_503_only_whil
     assert down.json()["error"]["code"] == "database_unavailable"
     assert api.http.get("/readyz").status_code == 503
     # Down long enough that every heartbeat looks stale (LLMOS_STALE_HEARTBEAT_SECONDS=3), as the worker saw.
-    wait_until(lambda: "heartbeat of" in outage.log_tail("gpu") and time.monotonic() - outage_started > 5, 60,
+    wait_until(lambda: "heartbeat of" in outage.log_tail("worker-gpu") and time.monotonic() - outage_started > 5, 60,
                "the training worker to notice the outage")
 
     outage.pg = outage.restart(outage.pg)

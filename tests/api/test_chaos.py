@@ -18,7 +18,6 @@ import os
 import random
 import re
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ import pytest
 from safetensors.torch import load_file
 from sqlalchemy import select
 
+from ops.stack import argv
 from tests.conftest import Api, Process, gone, wait_until
 from tests.data import jsonl, sentiment_rows
 
@@ -145,8 +145,7 @@ def test_chaos_kills_lose_no_job_and_never_run_one_twice(
     rng = random.Random(CHAOS_SEED)
     replay = f"(replay: LLMOS_CHAOS_SEED={CHAOS_SEED})"
     env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
-    stack["worker-gpu-b"] = Process("worker-gpu-b", [sys.executable, "-m", "ops.cli", "worker", "--queues", "gpu"],
-                                    env, Path(services["home"]) / "logs")
+    stack["worker-gpu-b"] = Process("worker-gpu-b", argv("worker-gpu"), env, Path(services["home"]) / "logs")
     try:
         run_chaos(api, stack, rng, replay)
     finally:
@@ -332,8 +331,7 @@ def test_a_frozen_worker_thawed_after_its_job_moved_on_writes_nothing(
 ) -> None:
     env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
     # A second gpu worker to take the job over while the first is frozen (a paused VM, a long swap storm).
-    stack["worker-gpu-b"] = Process("worker-gpu-b-frozen", [sys.executable, "-m", "ops.cli", "worker", "--queues",
-                                                           "gpu"], env, Path(services["home"]) / "logs")
+    stack["worker-gpu-b"] = Process("worker-gpu-b-frozen", argv("worker-gpu"), env, Path(services["home"]) / "logs")
     frozen: Process | None = None
     try:
         file_id = api.upload(jsonl(sentiment_rows(200))).json()["id"]

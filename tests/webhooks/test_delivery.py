@@ -12,6 +12,7 @@ import standardwebhooks
 from openai import OpenAI
 
 from domain import webhooks
+from ops.stack import argv
 from tests.conftest import Api, Process, wait_until
 from tests.data import jsonl, sentiment_rows
 from tests.receiver import Received, receiver
@@ -153,9 +154,8 @@ def test_retries_survive_a_restart_of_worker_and_beat(
         stack["worker-cpu"].stop()
         env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
         logs = Path(services["home"]) / "logs"
-        cli = [sys.executable, "-m", "ops.cli"]
-        stack["worker-cpu"] = Process("worker-cpu-2", [*cli, "worker", "--queues", "cpu"], env, logs)
-        stack["beat"] = Process("beat-2", [*cli, "beat"], env, logs)
+        stack["worker-cpu"] = Process("worker-cpu-2", argv("worker-cpu"), env, logs)
+        stack["beat"] = Process("beat-2", argv("beat"), env, logs)
         wait_until(lambda: len(rx.received) >= 2, 60, "the retry after the restart")
         assert rx.received[0].headers["webhook-id"] == rx.received[1].headers["webhook-id"]
 
