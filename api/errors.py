@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -117,6 +118,21 @@ def install(app: FastAPI) -> None:
             return _render(APIError(400, f"a value cannot be stored: {_first_line(exc.orig)}", code="invalid_value"))
         log.exception("database error")
         return _render(APIError(500, "Internal error", type_="server_error"))
+
+    @app.exception_handler(ConnectionError)
+    async def _unreachable(_: Request, exc: ConnectionError) -> JSONBody:
+        # asyncpg raises the socket's own error when a new connection is refused or reset (Postgres down or
+        # restarting); SQLAlchemy passes it through unwrapped. Nothing else the API does opens sockets this way.
+        log.warning("database unreachable: %s", exc)
+        return _render(APIError(503, "The database is unavailable; retry shortly.", type_="server_error",
+                                code="database_unavailable", headers={"Retry-After": "5"}))
+
+    @app.exception_handler(asyncpg.exceptions.PostgresConnectionError)
+    async def _pg_connection(_: Request, exc: asyncpg.exceptions.PostgresConnectionError) -> JSONBody:
+        # Postgres answered but refused a new connection ("the database system is starting up / shutting down").
+        log.warning("database not accepting connections: %s", exc)
+        return _render(APIError(503, "The database is unavailable; retry shortly.", type_="server_error",
+                                code="database_unavailable", headers={"Retry-After": "5"}))
 
     @app.exception_handler(ValueError)
     async def _nul(_: Request, exc: ValueError) -> JSONBody:

@@ -113,6 +113,8 @@ async def _event_stream(job_id: str) -> AsyncIterator[bytes]:
             last_seq = seq
             yield b"id: %s\nevent: %s\ndata: %s\n\n" % (event["id"].encode(), event["type"].encode(),
                                                       orjson.dumps(event))
+        if len(rows) >= jobs.STREAM_PAGE:
+            continue  # more are waiting: read them before judging the status
         if status is None or status in jobs.TERMINAL:
             yield b"event: done\ndata: %s\n\n" % orjson.dumps({"status": status})
             return

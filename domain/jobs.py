@@ -291,11 +291,20 @@ def list_events(session: Session, *, tenant_id: str, job_id: str, after: str | N
     return page(jobs_repo.list_events(session, job.id, after, limit), event_object, after)
 
 
+# Events a live stream reads at once; a full page means more may be waiting.
+STREAM_PAGE = 500
+
+
 def events_since(session: Session, *, job_id: str,
                  after_seq: int) -> tuple[list[tuple[int, dict[str, Any]]], str | None]:
-    """A live stream's next step: the job's events after ``after_seq`` (seq, object), and its status now."""
-    rows = jobs_repo.events_since(session, job_id, after_seq)
-    return [(row.seq, event_object(row)) for row in rows], jobs_repo.status_of(session, job_id)
+    """A live stream's next step: the job's events after ``after_seq`` (seq, object), and its status.
+
+    The status is read first: a status change commits with its events, so once a terminal status is seen,
+    the events read after it include every event the job will ever have.
+    """
+    status = jobs_repo.status_of(session, job_id)
+    rows = jobs_repo.events_since(session, job_id, after_seq, STREAM_PAGE)
+    return [(row.seq, event_object(row)) for row in rows], status
 
 
 def list_checkpoints(session: Session, *, tenant_id: str, job_id: str, after: str | None,

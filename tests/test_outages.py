@@ -117,9 +117,13 @@ def test_jobs_survive_broker_and_database_outages_and_the_api_says_503_only_whil
     assert before["status"] == "running"
     stop_server(outage.pg)
     outage_started = time.monotonic()
-    down = api.http.get("/v1/fine_tuning/jobs")
-    assert down.status_code == 503 and down.headers["retry-after"]
-    assert down.json()["error"]["code"] == "database_unavailable"
+    # Every API process, whether its pooled connections just died or it must open new ones (refused), and
+    # a key it has not cached yet: 503 each time, never a 500.
+    stranger = Api(outage.url, "sk-llmos-not-cached-anywhere")
+    for client in (api, api, api, api, stranger, stranger):
+        down = client.http.get("/v1/fine_tuning/jobs")
+        assert down.status_code == 503 and down.headers["retry-after"], down.text
+        assert down.json()["error"]["code"] == "database_unavailable"
     assert api.http.get("/readyz").status_code == 503
     # Down long enough that every heartbeat looks stale (LLMOS_STALE_HEARTBEAT_SECONDS=3), as the worker saw.
     wait_until(lambda: "heartbeat of" in outage.log_tail("worker-gpu") and time.monotonic() - outage_started > 5, 60,
