@@ -67,7 +67,8 @@ async def get_file(file_id: str, principal: Principal = Depends(files_scope)) ->
     return await read(files.get_file, tenant_id=principal.tenant_id, file_id=file_id)
 
 
-@router.get("/{file_id}/content", summary="Download a file's content", response_class=FileResponse)
+@router.get("/{file_id}/content", summary="Download a file's content", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
 async def file_content(file_id: str, principal: Principal = Depends(files_scope)) -> FileResponse:
     path, filename = await read(files.content_of, tenant_id=principal.tenant_id, file_id=file_id)
     return FileResponse(path, filename=filename, media_type="application/octet-stream")

@@ -17,12 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select, text
 
+from api import objects
 from api.errors import JSONBody
 from db import aio
-from db.models import FineTuningJob
-from db.session import session_factory
+from db import jobs as jobs_repo
+from db.session import current_revision, session_factory
 from domain import dispatch
 from infra import broker, replies
 
@@ -50,12 +50,14 @@ def _broker_reachable() -> None:
         conn.ensure_connection(max_retries=1, timeout=2)
 
 
-@router.get("/readyz", summary="Database, broker and migrations are ready")
+@router.get("/readyz", summary="Database, broker and migrations are ready",
+            responses={200: {"model": objects.Readiness}, 503: {"model": objects.Readiness,
+                                                                 "description": "A part is not ready; see checks"}})
 async def readyz() -> JSONBody:
     checks: dict[str, Any] = {}
     try:
         async with aio.autocommit_engine().connect() as conn:
-            current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+            current = await conn.run_sync(current_revision)
         checks["database"] = "ok"
         head = head_revision()
         checks["migrations"] = "ok" if current == head else f"at {current}, head is {head}"
@@ -79,10 +81,8 @@ class StateCollector(Collector):
         jobs = GaugeMetricFamily("llmos_jobs", "Fine-tuning jobs by status", labels=["status"])
         try:
             with session_factory()() as session:
-                rows = session.execute(
-                    select(FineTuningJob.status, func.count()).group_by(FineTuningJob.status)
-                ).all()
-            for status, count in rows:
+                counts = jobs_repo.count_by_status(session)
+            for status, count in counts.items():
                 jobs.add_metric([status], count)
         except Exception:
             pass  # A scrape during an outage reports what it can; readyz tells the rest.

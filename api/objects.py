@@ -299,3 +299,8 @@ class Prediction(Shape):
 
 class Predictions(Shape):
     predictions: list[JSONObject]
+
+
+class Readiness(Shape):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]

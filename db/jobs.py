@@ -141,6 +141,12 @@ def heartbeat(session: Session, job_id: str, attempt: int) -> tuple[bool, bool, 
     return None if row is None else (bool(row[0]), bool(row[1]), str(row[2]))
 
 
+def count_by_status(session: Session) -> dict[str, int]:
+    """How many jobs are in each status (for the metrics gauge)."""
+    rows = session.execute(select(FineTuningJob.status, func.count()).group_by(FineTuningJob.status)).all()
+    return {str(status): int(count) for status, count in rows}
+
+
 def database_started_at(session: Session) -> datetime:
     """When the Postgres server last started."""
     started = session.scalar(select(func.pg_postmaster_start_time()))
