@@ -10,6 +10,11 @@ from sqlalchemy.orm import Session
 from db.models import Model
 
 
+def all_models(session: Session) -> list[Model]:
+    """Every live model, base and fine-tuned, by ID."""
+    return list(session.scalars(select(Model).where(Model.deleted_at.is_(None)).order_by(Model.id)))
+
+
 def visible_models(session: Session, tenant_id: str) -> list[Model]:
     """Base models and the tenant's own fine-tuned ones, newest first."""
     return list(

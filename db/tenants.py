@@ -64,6 +64,10 @@ def find_active_key(conn: Connection, key_hash: str) -> ActiveKey | None:
     return None if row is None else ActiveKey(*row)
 
 
+def has_keys(session: Session, tenant_id: str) -> bool:
+    return session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tenant_id).limit(1)) is not None
+
+
 def list_keys(session: Session) -> list[tuple[ApiKey, Tenant]]:
     rows = session.execute(
         select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(ApiKey.created_at)

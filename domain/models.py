@@ -30,6 +30,17 @@ def _own_model(session: Session, tenant_id: str, model_id: str, action: str) -> 
     return row
 
 
+def all_models(session: Session) -> list[dict[str, Any]]:
+    """Every live model of every tenant, for operators (`llmos models list`), with where its files are."""
+    return [{**model_object(row), "path": row.path} for row in registry.all_models(session)]
+
+
+def register_base_model(session: Session, *, name: str, path: str, tasks: list[str], architecture: str,
+                        description: str) -> None:
+    """Add (or update) a base model every tenant may use."""
+    registry.upsert_base_model(session, name, path, tasks, architecture, description)
+
+
 def list_models(session: Session, *, tenant_id: str) -> dict[str, Any]:
     rows = registry.visible_models(session, tenant_id)
     return {"object": "list", "data": [model_object(r) for r in rows], "has_more": False}

@@ -11,9 +11,8 @@ from alembic.config import Config
 from sqlalchemy import text
 
 from core.settings import get_settings
-from db import registry, tenants
-from db.models import ApiKey
 from db.session import get_engine, transaction
+from domain import keys, models
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,20 +57,18 @@ def register_base_models(models_dir: Path) -> list[str]:
     infos = ensure_base_models(models_dir, convert_gguf_models=get_settings().convert_gguf_models)
     with transaction() as session:
         for info in infos:
-            registry.upsert_base_model(session, info.name, str(info.path), list(info.tasks), info.architecture,
-                                       info.description)
+            models.register_base_model(session, name=info.name, path=str(info.path), tasks=list(info.tasks),
+                                       architecture=info.architecture, description=info.description)
     return [info.name for info in infos]
 
 
 def create_key(tenant_name: str, scopes: list[str]) -> tuple[str, str, list[str]]:
     """Create a key for a tenant (created on first use); returns (key id, plaintext, scopes)."""
     with transaction() as session:
-        tenant = tenants.get_or_create_tenant(session, tenant_name)
-        row, plaintext = tenants.create_key(session, tenant, scopes)
-        return row.id, plaintext, list(row.scopes)
+        created = keys.create_key(session, tenant=tenant_name, scopes=scopes)
+    return created["id"], created["key"], created["scopes"]
 
 
 def tenant_has_keys(tenant_name: str) -> bool:
     with transaction() as session:
-        tenant = tenants.get_or_create_tenant(session, tenant_name)
-        return session.query(ApiKey).filter_by(tenant_id=tenant.id).first() is not None
+        return keys.tenant_has_keys(session, tenant=tenant_name)

@@ -146,8 +146,8 @@ def cmd_flower(_: argparse.Namespace) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
-    from db import tenants
     from db.session import transaction
+    from domain import keys
     from ops.bootstrap import create_key
 
     if args.keys_command == "create":
@@ -160,13 +160,13 @@ def cmd_keys(args: argparse.Namespace) -> None:
             print(plaintext)
     elif args.keys_command == "list":
         with transaction() as session:
-            rows = tenants.list_keys(session)
-            for key, tenant in rows:
-                state = "revoked" if key.revoked_at else "active"
-                print(f"{key.id}  {tenant.name:<20} {key.prefix}…  {state:<8} {','.join(key.scopes)}")
+            listed = keys.list_keys(session)
+        for key in listed:
+            state = "revoked" if key["revoked"] else "active"
+            print(f"{key['id']}  {key['tenant']:<20} {key['prefix']}…  {state:<8} {','.join(key['scopes'])}")
     elif args.keys_command == "revoke":
         with transaction() as session:
-            if not tenants.revoke_key(session, args.key_id):
+            if not keys.revoke_key(session, key_id=args.key_id):
                 raise SystemExit(f"error: no active key {args.key_id}")
         print(f"revoked {args.key_id}")
 
@@ -180,15 +180,14 @@ def _detect_model(path: Path) -> tuple[str, list[str]]:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from db import registry
     from db.session import transaction
+    from domain import models
 
     if args.models_command == "list":
         with transaction() as session:
-            from db.models import Model
-
-            for row in session.query(Model).filter(Model.deleted_at.is_(None)).order_by(Model.id):
-                print(f"{row.id:<40} {row.kind:<11} {','.join(row.tasks):<20} {row.path}")
+            listed = models.all_models(session)
+        for model in listed:
+            print(f"{model['id']:<40} {model['kind']:<11} {','.join(model['tasks']):<20} {model['path']}")
     elif args.models_command == "bootstrap":
         from ops.bootstrap import register_base_models
 
@@ -203,8 +202,8 @@ def cmd_models(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: a model named {args.name} already exists at {dest}")
         shutil.copytree(source, dest)
         with transaction() as session:
-            registry.upsert_base_model(session, args.name, str(dest), tasks, architecture,
-                                       f"imported from {source}")
+            models.register_base_model(session, name=args.name, path=str(dest), tasks=tasks,
+                                       architecture=architecture, description=f"imported from {source}")
         print(f"imported {args.name} ({architecture}; {', '.join(tasks)})")
 
 
