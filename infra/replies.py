@@ -16,6 +16,8 @@ import redis.asyncio
 from core.settings import get_settings
 
 REPLY_TTL_SECONDS = 300
+# Callers one API process lets wait for their answers at once; Redis serves 10,000 clients by default.
+MAX_WAITING_CALLERS = 4096
 
 
 def _key(request_id: str) -> str:
@@ -62,7 +64,10 @@ def async_client() -> redis.asyncio.Redis | None:
     url = get_settings().resolved_broker_url()
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
-    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=None, health_check_interval=30)
+    # Each waiting caller holds one connection in BLPOP: the pool must hold as many as callers may wait at
+    # once (redis-py's default of 100 answered the 101st waiter with an error, and it got the handle at once).
+    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=None, health_check_interval=30,
+                                        max_connections=MAX_WAITING_CALLERS)
 
 
 async def wait_reply_async(request_id: str, timeout: float) -> dict[str, Any] | None:

@@ -234,6 +234,44 @@ def test_prefer_wait_0_answers_202_then_the_poll_has_the_response(api: Api) -> N
     assert polled["response"]["object"] == "text_completion"
 
 
+def test_many_callers_wait_their_whole_wait_and_then_get_their_answers(api: Api, stack: dict[str, Process]) -> None:
+    """More callers than a connection pool's default wait together: each waits its own `Prefer: wait`, holding
+    no thread, and none is cut short (redis' pool of 100 once answered the 101st with the handle at once)."""
+    import asyncio
+    import signal
+    import time
+
+    callers, wait_s = 150, 3.0
+    headers = {"Authorization": api.http.headers["authorization"], "Prefer": f"wait={wait_s:g}"}
+    body = {"model": "tiny-gpt2", "prompt": "hello", "max_tokens": 2, "temperature": 0}
+
+    async def call(client: httpx.AsyncClient) -> tuple[int, float, dict[str, Any]]:
+        started = time.monotonic()
+        response = await client.post("/v1/completions", json=body, headers=headers)
+        return response.status_code, time.monotonic() - started, response.json()
+
+    async def all_calls() -> list[tuple[int, float, dict[str, Any]]]:
+        limits = httpx.Limits(max_connections=callers + 10)
+        async with httpx.AsyncClient(base_url=str(api.http.base_url), timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(call(client) for _ in range(callers)))
+
+    worker = stack["worker-inference"].popen.pid
+    # The inference worker frozen: no answer can come, so every caller waits its whole wait.
+    os.killpg(worker, signal.SIGSTOP)
+    try:
+        results = asyncio.run(all_calls())
+    finally:
+        os.killpg(worker, signal.SIGCONT)
+    assert [status for status, _, _ in results] == [202] * callers
+    assert min(waited for _, waited, _ in results) >= wait_s * 0.9
+    # Once the worker runs again, every request is answered.
+    def answered(inference_id: str) -> bool:
+        return bool(api.http.get(f"/v1/inferences/{inference_id}").json()["status"] == "succeeded")
+
+    for _, _, handle in results:
+        wait_until(partial(answered, handle["id"]), 60, f"inference {handle['id']} to be answered")
+
+
 def _finished_request(api: Api) -> str:
     """An online request, answered: its ID."""
     body = {"model": "tiny-gpt2", "prompt": "hello", "max_tokens": 2, "temperature": 0}
