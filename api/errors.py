@@ -98,7 +98,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONBody:
         type_ = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
-        return _render(APIError(exc.status_code, str(exc.detail), type_=type_))
+        code = "request_too_large" if exc.status_code == 413 else None
+        return _render(APIError(exc.status_code, str(exc.detail), type_=type_, code=code))
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONBody:

@@ -11,10 +11,13 @@ import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors, health
+from api.deps import bearer_token, principal_for
 from api.idempotency import HEADER, idempotency_middleware
 
 # JSON bodies beyond this are refused before parsing; uploads get the file cap plus form overhead.
@@ -22,8 +25,22 @@ MAX_JSON_BODY = 8 * 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
 
 
+# Routes anyone may call; every other request must carry a valid key, checked before its body is read.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
+                          "/openapi.json"})
+
+
+def _has_body(headers: Headers) -> bool:
+    return headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
+
+
 class RequestContext:
-    """Gives every response an `X-Request-ID`, refuses oversized bodies (413), and counts and times requests."""
+    """Gives every response an `X-Request-ID`, refuses unauthenticated bodies (401) and oversized ones (413)
+    before they are read or parsed, and counts and times requests.
+
+    The body cap is counted on the bytes actually received, so a chunked body without `Content-Length` meets
+    it too; a declared length over the cap is refused without reading a byte.
+    """
 
     def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
         self.app = app
@@ -40,25 +57,80 @@ class RequestContext:
         cap = self.max_upload_bytes + MULTIPART_OVERHEAD if is_upload else MAX_JSON_BODY
         started = time.perf_counter()
         status = 500  # unless a response starts: an exception escaping the app is a 500 to the client
+        response_started = False
+        received = 0
 
         async def send_with_context(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
             await send(message)
 
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > cap:
+                    raise _too_large(cap)
+            return message
+
         try:
             if length and length.isdigit() and int(length) > cap:
-                response = errors.error_response(413, f"request body exceeds the {cap} byte limit",
-                                                 "invalid_request_error", None, "request_too_large")
-                await response(scope, receive, send_with_context)
+                refusal: Response | None = _error(_too_large(cap))
+            elif scope["path"] not in PUBLIC_PATHS and _has_body(headers):
+                refusal = await _refuse_without_key(headers)
             else:
-                await self.app(scope, receive, send_with_context)
+                refusal = None
+            if refusal is not None:
+                await refusal(scope, receive, send_with_context)
+            else:
+                await self.app(scope, counted_receive, send_with_context)
+        except BodyTooLarge as exc:
+            # Raised while reading the body outside a route (the idempotency layer buffers keyed requests).
+            if response_started:
+                raise
+            await _error(exc)(scope, receive, send_with_context)
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
             health.REQUESTS.labels(scope["method"], path, str(status)).inc()
             health.LATENCY.labels(scope["method"], path).observe(time.perf_counter() - started)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` at the cap; an HTTPException, so FastAPI's body parsing lets it through as is."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(413, f"request body exceeds the {cap} byte limit")
+
+
+def _too_large(cap: int) -> BodyTooLarge:
+    return BodyTooLarge(cap)
+
+
+def _error(exc: BodyTooLarge) -> Response:
+    return errors.error_response(413, str(exc.detail), "invalid_request_error", None, "request_too_large")
+
+
+async def _refuse_without_key(headers: Headers) -> Response | None:
+    """401 for a request with a body and no valid key, so nothing of it is read; None lets it through.
+
+    Where the key cannot be checked now (the database is down), the request goes on to its route, which
+    answers for itself (503).
+    """
+    token = bearer_token(headers)
+    try:
+        valid = token is not None and await principal_for(token) is not None
+    except Exception:
+        return None
+    if valid:
+        return None
+    message = ("Missing API key: send 'Authorization: Bearer <key>'." if token is None
+               else "Invalid or revoked API key.")
+    return errors.error_response(401, message, "authentication_error", None,
+                                 "missing_api_key" if token is None else "invalid_api_key")
 
 
 class Idempotency:

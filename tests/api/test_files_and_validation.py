@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 from tests.conftest import Api
 from tests.data import jsonl, sentiment_rows
@@ -102,3 +103,53 @@ def test_nul_characters_are_bad_input_not_a_crash(api: Api) -> None:
     response = api.http.post("/v1/fine_tuning/jobs", json={"model": "tiny-bert", "training_file": file_id,
                                                            "metadata": {"k": "v\x00"}})
     assert response.status_code == 400 and "NUL" in response.json()["error"]["message"]
+
+
+def _chunked(data: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
+    """A body httpx sends chunked, without Content-Length, as a client that streams would."""
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+def test_chunked_bodies_meet_the_caps_on_the_bytes_received(api: Api, services: dict[str, str]) -> None:
+    from pathlib import Path
+
+    from core.settings import get_settings
+
+    def stored() -> set[Path]:
+        return {p for p in Path(services["home"], "files").rglob("*") if p.is_file()}
+
+    before = stored()
+    cap = get_settings().max_upload_bytes
+    boundary = "llmosboundary"
+    upload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+              f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n"
+              "Content-Type: application/octet-stream\r\n\r\n").encode()
+    upload += b'{"text": "x", "label": "y"}\n' * (2 * cap // 28) + f"\r\n--{boundary}--\r\n".encode()
+    response = api.http.post("/v1/files", content=_chunked(upload),
+                             headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert api.http.get("/v1/files").json()["data"] == [] and stored() == before
+
+    # A JSON body past 8 MiB, chunked: refused while it arrives, never parsed.
+    huge = b'{"model": "tiny-bert", "training_file": "' + b"x" * (9 * 1024 * 1024) + b'"}'
+    response = api.http.post("/v1/fine_tuning/jobs", content=_chunked(huge),
+                             headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_body_without_a_valid_key_is_refused_before_it_is_read(anon: Api, api_url: str) -> None:
+    from core.settings import get_settings
+
+    # Larger than the cap and chunked: a server that read it before checking the key would answer 413.
+    body = b"a" * (2 * get_settings().max_upload_bytes)
+    for client in (anon, Api(api_url, "sk-llmos-not-a-real-key")):
+        response = client.http.post("/v1/files", content=_chunked(body),
+                                    headers={"content-type": "multipart/form-data; boundary=x"})
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]["type"] == "authentication_error"
+    # Public routes and bodiless requests are untouched by the check.
+    assert anon.http.get("/healthz").status_code == 200
+    assert anon.http.get("/v1/files").status_code == 401
