@@ -30,6 +30,9 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oau
                           "/openapi.json"})
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def _has_body(headers: Headers) -> bool:
     return headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
 
@@ -94,9 +97,11 @@ class RequestContext:
                 raise
             await _error(exc)(scope, receive, send_with_context)
         finally:
+            # Labels never carry raw client input: an unknown method would be a new series per request.
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
             path = getattr(scope.get("route"), "path", "unmatched")
-            health.REQUESTS.labels(scope["method"], path, str(status)).inc()
-            health.LATENCY.labels(scope["method"], path).observe(time.perf_counter() - started)
+            health.REQUESTS.labels(method, path, str(status)).inc()
+            health.LATENCY.labels(method, path).observe(time.perf_counter() - started)
 
 
 class BodyTooLarge(HTTPException):

@@ -40,3 +40,12 @@ def test_openapi_documents_the_routes(anon: Api) -> None:
                  "/v1/classifications", "/readyz"):
         assert path in paths
     assert anon.http.get("/docs").status_code == 200
+
+
+def test_metrics_labels_carry_no_raw_client_input(anon: Api) -> None:
+    # Methods the HTTP parser accepts but no route serves (it refuses made-up ones itself).
+    for method in ("PROPFIND", "PURGE"):
+        anon.http.request(method, "/healthz")
+    metrics = anon.http.get("/metrics").text
+    assert "PROPFIND" not in metrics and "PURGE" not in metrics
+    assert 'method="OTHER"' in metrics
