@@ -14,9 +14,9 @@ from pydantic import Field, ValidationError
 
 from api import objects
 from api.deps import Principal, require
-from api.errors import APIError, JSONBody
+from api.errors import APIError
 from api.fine_tuning import create, fine_tuning
-from api.inference import ACCEPTED, check_serveable, run_inference
+from api.inference import ACCEPTED, check_serveable, submit
 from api.schemas import CreateJob, Hyperparameters
 from core.settings import get_settings
 from domain.requests import Strict
@@ -58,15 +58,6 @@ class MicromodelRequest(Strict):
     learning_rate: float | None = None
 
 
-async def _answer(
-    request: Request, principal: Principal, endpoint: str, model: str, payload: dict[str, Any], shape: Any,
-) -> Response:
-    response, handle = await run_inference(request, principal, endpoint, model, payload)
-    if response is None:
-        return JSONBody(handle, status_code=202)
-    return JSONBody(shape(response))
-
-
 def _sampling(max_tokens: int | None, temperature: float | None) -> dict[str, Any]:
     return {"max_tokens": max_tokens or 64, "temperature": 1.0 if temperature is None else temperature,
             "top_p": 1.0, "n": 1, "stop": None, "seed": None}
@@ -80,7 +71,7 @@ async def generate(
     model = body.model_name or get_settings().default_generation_model
     await check_serveable(principal, model, "generation")
     payload = {"model": model, "prompt": [body.prompt], **_sampling(body.max_length, body.temperature)}
-    return await _answer(request, principal, "/v1/completions", model, payload,
+    return await submit(request, principal, "/v1/completions", model, payload,
                    lambda r: {"text": r["choices"][0]["text"]})
 
 
@@ -96,7 +87,7 @@ async def ask(
     messages.append({"role": "user", "content": question})
     # Greedy: a question has one best answer, and repeated asks should agree.
     payload = {"model": model, "messages": messages, **_sampling(None, 0.0)}
-    return await _answer(request, principal, "/v1/chat/completions", model, payload,
+    return await submit(request, principal, "/v1/chat/completions", model, payload,
                    lambda r: {"answer": r["choices"][0]["message"]["content"]})
 
 
@@ -110,7 +101,7 @@ async def _classify(
         if model is None:
             exc.message += "; set LLMOS_DEFAULT_CLASSIFICATION_MODEL to a fine-tuned classifier"
         raise
-    return await _answer(request, principal, "/v1/classifications", chosen, {"model": chosen, "input": texts}, shape)
+    return await submit(request, principal, "/v1/classifications", chosen, {"model": chosen, "input": texts}, shape)
 
 
 @router.post("/api/llm", responses=ACCEPTED, response_model=objects.Prediction,

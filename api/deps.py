@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from fastapi import Depends, Request
 
+from api.boundary import read_rows
 from api.errors import APIError
 from core.settings import get_settings
-from db import aio, tenants
+from db import tenants
 
 SCOPES = ("files", "fine_tuning", "batches", "inference", "webhooks", "admin")
 # Unknown keys are remembered too (a client retrying a bad key must not cost a query each time); past this
@@ -47,8 +48,7 @@ async def principal_for(token: str) -> Principal | None:
     cached = _keys.get(digest)
     if cached is not None and cached[0] > now:
         return cached[1]
-    async with aio.autocommit_engine().connect() as conn:
-        found = await conn.run_sync(tenants.find_active_key, digest)
+    found = await read_rows(tenants.find_active_key, key_hash=digest)
     principal = None if found is None else Principal(tenant_id=found.tenant_id, tenant_name=found.tenant_name,
                                                      key_id=found.key_id, scopes=frozenset(found.scopes))
     if len(_keys) >= KEY_CACHE_ENTRIES:
@@ -57,14 +57,19 @@ async def principal_for(token: str) -> Principal | None:
     return principal
 
 
+def key_refused(token: str | None) -> APIError:
+    """The 401 for a request without a key (``token`` None) or with one that is not active."""
+    if token is None:
+        return APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
+                        type_="authentication_error", code="missing_api_key")
+    return APIError(401, "Invalid or revoked API key.", type_="authentication_error", code="invalid_api_key")
+
+
 async def authenticate(request: Request) -> Principal:
     token = bearer_token(request.headers)
-    if token is None:
-        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
-                       type_="authentication_error", code="missing_api_key")
-    principal = await principal_for(token)
+    principal = None if token is None else await principal_for(token)
     if principal is None:
-        raise APIError(401, "Invalid or revoked API key.", type_="authentication_error", code="invalid_api_key")
+        raise key_refused(token)
     return principal
 
 

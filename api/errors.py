@@ -13,9 +13,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import ServiceError, bad_request, conflict, not_found
-
-__all__ = ["ERROR_RESPONSES", "APIError", "JSONBody", "bad_request", "conflict", "install", "not_found"]
+from core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +68,8 @@ def error_body(status: int, message: str, type_: str, param: str | None, code: s
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _render(exc: APIError) -> JSONBody:
+def render(exc: APIError) -> JSONBody:
+    """The response of an error, wherever it is raised or built (handlers, middleware)."""
     return JSONBody(
         error_body(exc.status, exc.message, exc.type, exc.param, exc.code),
         status_code=exc.status,
@@ -85,7 +84,7 @@ _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_f
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONBody:
-        return _render(exc)
+        return render(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONBody:
@@ -93,60 +92,51 @@ def install(app: FastAPI) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return _render(APIError(400, message, param=param, code="invalid_value"))
+        return render(APIError(400, message, param=param, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONBody:
         type_ = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
         code = "request_too_large" if exc.status_code == 413 else None
-        return _render(APIError(exc.status_code, str(exc.detail), type_=type_, code=code))
+        return render(APIError(exc.status_code, str(exc.detail), type_=type_, code=code))
 
-    @app.exception_handler(OperationalError)
-    async def _db_down(_: Request, exc: OperationalError) -> JSONBody:
-        log.warning("database unavailable: %s", exc.orig)
-        return _render(APIError(503, "The database is unavailable; retry shortly.", type_="server_error",
-                                code="database_unavailable", headers={"Retry-After": "5"}))
+    async def _db_down(_: Request, exc: Exception) -> JSONBody:
+        log.warning("database unavailable: %s", exc)
+        return render(APIError(503, "The database is unavailable; retry shortly.", type_="server_error",
+                               code="database_unavailable", headers={"Retry-After": "5"}))
+
+    # Postgres out of reach, however it shows: SQLAlchemy's OperationalError; the socket's own error, which
+    # asyncpg raises when a new connection is refused or reset and SQLAlchemy passes through unwrapped
+    # (nothing else the API does opens sockets this way); and asyncpg's refusal while Postgres starts up or
+    # shuts down.
+    for unreachable in (OperationalError, ConnectionError, asyncpg.exceptions.PostgresConnectionError):
+        app.add_exception_handler(unreachable, _db_down)
 
     @app.exception_handler(DBAPIError)
     async def _db_error(_: Request, exc: DBAPIError) -> JSONBody:
         if exc.connection_invalidated:
-            return _render(APIError(503, "The database connection was lost; retry shortly.",
+            return render(APIError(503, "The database connection was lost; retry shortly.",
                                     type_="server_error", code="database_unavailable",
                                     headers={"Retry-After": "5"}))
         if _sqlstate(exc).startswith("22"):
             # A data exception: a value Postgres cannot store, such as a NUL character in text or JSON.
             # The client's input, not our fault, and nothing was written.
-            return _render(APIError(400, f"a value cannot be stored: {_first_line(exc.orig)}", code="invalid_value"))
+            return render(APIError(400, f"a value cannot be stored: {_first_line(exc.orig)}", code="invalid_value"))
         log.exception("database error")
-        return _render(APIError(500, "Internal error", type_="server_error"))
-
-    @app.exception_handler(ConnectionError)
-    async def _unreachable(_: Request, exc: ConnectionError) -> JSONBody:
-        # asyncpg raises the socket's own error when a new connection is refused or reset (Postgres down or
-        # restarting); SQLAlchemy passes it through unwrapped. Nothing else the API does opens sockets this way.
-        log.warning("database unreachable: %s", exc)
-        return _render(APIError(503, "The database is unavailable; retry shortly.", type_="server_error",
-                                code="database_unavailable", headers={"Retry-After": "5"}))
-
-    @app.exception_handler(asyncpg.exceptions.PostgresConnectionError)
-    async def _pg_connection(_: Request, exc: asyncpg.exceptions.PostgresConnectionError) -> JSONBody:
-        # Postgres answered but refused a new connection ("the database system is starting up / shutting down").
-        log.warning("database not accepting connections: %s", exc)
-        return _render(APIError(503, "The database is unavailable; retry shortly.", type_="server_error",
-                                code="database_unavailable", headers={"Retry-After": "5"}))
+        return render(APIError(500, "Internal error", type_="server_error"))
 
     @app.exception_handler(ValueError)
     async def _nul(_: Request, exc: ValueError) -> JSONBody:
         # Postgres text cannot hold NUL; psycopg2 refuses such a value before sending it. Bad input, not ours.
         if "NUL (0x00)" in str(exc):
-            return _render(APIError(400, "strings must not contain NUL (0x00) characters", code="invalid_value"))
+            return render(APIError(400, "strings must not contain NUL (0x00) characters", code="invalid_value"))
         log.exception("unhandled error")
-        return _render(APIError(500, "Internal error", type_="server_error"))
+        return render(APIError(500, "Internal error", type_="server_error"))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONBody:
         log.exception("unhandled error")
-        return _render(APIError(500, "Internal error", type_="server_error"))
+        return render(APIError(500, "Internal error", type_="server_error"))
 
 
 def _sqlstate(exc: DBAPIError) -> str:

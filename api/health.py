@@ -19,8 +19,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from api import objects
+from api.boundary import read_rows
 from api.errors import JSONBody
-from db import aio
 from db import jobs as jobs_repo
 from db.session import current_revision, session_factory
 from domain import dispatch
@@ -56,8 +56,7 @@ def _broker_reachable() -> None:
 async def readyz() -> JSONBody:
     checks: dict[str, Any] = {}
     try:
-        async with aio.autocommit_engine().connect() as conn:
-            current = await conn.run_sync(current_revision)
+        current = await read_rows(current_revision)
         checks["database"] = "ok"
         head = head_revision()
         checks["migrations"] = "ok" if current == head else f"at {current}, head is {head}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -12,7 +13,7 @@ import redis
 from fastapi import APIRouter, Depends, Request, Response
 
 from api import objects
-from api.boundary import read
+from api.boundary import read, read_rows
 from api.deps import Principal, require
 from api.errors import APIError, JSONBody
 from core import ids
@@ -44,8 +45,7 @@ def _wait_seconds(request: Request) -> float:
 
 
 async def check_serveable(principal: Principal, model_id: str, task: str) -> None:
-    async with aio.autocommit_engine().connect() as conn:
-        refusal = await conn.run_sync(serving_refusal, principal.tenant_id, model_id, task)
+    refusal = await read_rows(serving_refusal, tenant_id=principal.tenant_id, model_id=model_id, task=task)
     if refusal is not None:
         code, message = refusal
         raise APIError(400, f"model: {message}", param="model", code=code)
@@ -145,13 +145,15 @@ async def run_inference(
 
 
 async def submit(
-    request: Request, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
+    request: Request, principal: Principal, endpoint: str, model: str, payload: dict[str, Any],
+    shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Response:
-    """The response of the online endpoints: the answer, or 202 with a handle past the caller's wait."""
+    """The response of the online endpoints: the answer (through ``shape``, for the seed routes), or 202 with
+    a handle past the caller's wait."""
     response, handle = await run_inference(request, principal, endpoint, model, payload)
     if response is None:
         return JSONBody(handle, status_code=202)
-    return JSONBody(response)
+    return JSONBody(response if shape is None else shape(response))
 
 
 @router.post("/v1/classifications", responses=ACCEPTED, response_model=objects.Classifications,

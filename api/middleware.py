@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors, health
-from api.deps import bearer_token, principal_for
+from api.deps import bearer_token, key_refused, principal_for
 from api.idempotency import HEADER, idempotency_middleware
 
 # JSON bodies beyond this are refused before parsing; uploads get the file cap plus form overhead.
@@ -77,12 +77,12 @@ class RequestContext:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > cap:
-                    raise _too_large(cap)
+                    raise BodyTooLarge(cap)
             return message
 
         try:
             if length and length.isdigit() and int(length) > cap:
-                refusal: Response | None = _error(_too_large(cap))
+                refusal: Response | None = errors.render(_too_large(cap))
             elif scope["path"] not in PUBLIC_PATHS and _has_body(headers):
                 refusal = await _refuse_without_key(headers)
             else:
@@ -91,11 +91,11 @@ class RequestContext:
                 await refusal(scope, receive, send_with_context)
             else:
                 await self.app(scope, counted_receive, send_with_context)
-        except BodyTooLarge as exc:
+        except BodyTooLarge:
             # Raised while reading the body outside a route (the idempotency layer buffers keyed requests).
             if response_started:
                 raise
-            await _error(exc)(scope, receive, send_with_context)
+            await errors.render(_too_large(cap))(scope, receive, send_with_context)
         finally:
             # Labels never carry raw client input: an unknown method would be a new series per request.
             method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
@@ -105,18 +105,15 @@ class RequestContext:
 
 
 class BodyTooLarge(HTTPException):
-    """Raised from `receive` at the cap; an HTTPException, so FastAPI's body parsing lets it through as is."""
+    """Raised from `receive` at the cap; an HTTPException, so FastAPI's body parsing lets it through as is
+    (and the HTTPException handler renders it, `request_too_large`)."""
 
     def __init__(self, cap: int) -> None:
-        super().__init__(413, f"request body exceeds the {cap} byte limit")
+        super().__init__(413, _too_large(cap).message)
 
 
-def _too_large(cap: int) -> BodyTooLarge:
-    return BodyTooLarge(cap)
-
-
-def _error(exc: BodyTooLarge) -> Response:
-    return errors.error_response(413, str(exc.detail), "invalid_request_error", None, "request_too_large")
+def _too_large(cap: int) -> errors.APIError:
+    return errors.APIError(413, f"request body exceeds the {cap} byte limit", code="request_too_large")
 
 
 async def _refuse_without_key(headers: Headers) -> Response | None:
@@ -130,12 +127,7 @@ async def _refuse_without_key(headers: Headers) -> Response | None:
         valid = token is not None and await principal_for(token) is not None
     except Exception:
         return None
-    if valid:
-        return None
-    message = ("Missing API key: send 'Authorization: Bearer <key>'." if token is None
-               else "Invalid or revoked API key.")
-    return errors.error_response(401, message, "authentication_error", None,
-                                 "missing_api_key" if token is None else "invalid_api_key")
+    return None if valid else errors.render(key_refused(token))
 
 
 class Idempotency:

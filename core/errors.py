@@ -29,9 +29,5 @@ def not_found(kind: str, id_: str, param: str | None = None) -> ServiceError:
     return ServiceError(404, f"No {kind} found with id '{id_}'", param=param, code=f"{kind}_not_found")
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> ServiceError:
-    return ServiceError(400, message, param=param, code=code)
-
-
 def conflict(message: str, code: str = "invalid_state") -> ServiceError:
     return ServiceError(409, message, code=code)

@@ -14,8 +14,16 @@ from celery import Celery
 
 from core.settings import Settings, get_settings
 from domain import dispatch
-from domain.dispatch import QUEUE_CPU, QUEUE_GPU, QUEUE_INFERENCE, TASK_INFER, TASK_RECONCILE, TASK_TRAIN, TASK_VALIDATE
-from domain.dispatch import StagedTask as StagedTask
+from domain.dispatch import (
+    QUEUE_CPU,
+    QUEUE_GPU,
+    QUEUE_INFERENCE,
+    TASK_INFER,
+    TASK_RECONCILE,
+    TASK_TRAIN,
+    TASK_VALIDATE,
+    StagedTask,
+)
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,28 @@ def _key(request_id: str) -> str:
     return f"llmos:reply:{request_id}"
 
 
+def _redis_url() -> str | None:
+    """The broker's URL when it is a Redis (the reply lists live there), else None."""
+    url = get_settings().resolved_broker_url()
+    return url if url.startswith(("redis://", "rediss://", "unix://")) else None
+
+
+# No read timeout: BLPOP itself bounds the wait, and a socket timeout below it would cut it short.
+_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 3, "socket_timeout": None, "health_check_interval": 30}
+
+
+def _answer(item: Any) -> dict[str, Any] | None:
+    """The answer a BLPOP returned (None when it timed out)."""
+    if item is None:
+        return None
+    result: dict[str, Any] = json.loads(item[1])
+    return result
+
+
 @lru_cache(maxsize=1)
 def client() -> redis.Redis | None:
-    url = get_settings().resolved_broker_url()
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return None
-    # No read timeout: BLPOP itself bounds the wait, and a socket timeout below it would cut it short.
-    return redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=None, health_check_interval=30)
+    url = _redis_url()
+    return None if url is None else redis.Redis.from_url(url, **_OPTIONS)
 
 
 def push_replies(replies: list[tuple[str, dict[str, Any]]]) -> None:
@@ -51,23 +66,17 @@ def wait_reply(request_id: str, timeout: float) -> dict[str, Any] | None:
     if conn is None or timeout <= 0:
         return None
     # BLPOP takes whole or fractional seconds; 0 would mean forever.
-    item = conn.blpop([_key(request_id)], timeout=max(timeout, 0.01))
-    if item is None:
-        return None
-    result: dict[str, Any] = json.loads(item[1])
-    return result
+    return _answer(conn.blpop([_key(request_id)], timeout=max(timeout, 0.01)))
 
 
 @lru_cache(maxsize=1)
 def async_client() -> redis.asyncio.Redis | None:
     """The API's client: a waiting caller suspends on its BLPOP and holds a Redis connection, not a thread."""
-    url = get_settings().resolved_broker_url()
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return None
+    url = _redis_url()
     # Each waiting caller holds one connection in BLPOP: the pool must hold as many as callers may wait at
     # once (redis-py's default of 100 answered the 101st waiter with an error, and it got the handle at once).
-    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=None, health_check_interval=30,
-                                        max_connections=MAX_WAITING_CALLERS)
+    return None if url is None else redis.asyncio.Redis.from_url(url, max_connections=MAX_WAITING_CALLERS,
+                                                                 **_OPTIONS)
 
 
 async def wait_reply_async(request_id: str, timeout: float) -> dict[str, Any] | None:
@@ -75,8 +84,4 @@ async def wait_reply_async(request_id: str, timeout: float) -> dict[str, Any] | 
     conn = async_client()
     if conn is None or timeout <= 0:
         return None
-    item = await conn.blpop([_key(request_id)], timeout=max(timeout, 0.01))
-    if item is None:
-        return None
-    result: dict[str, Any] = json.loads(item[1])
-    return result
+    return _answer(await conn.blpop([_key(request_id)], timeout=max(timeout, 0.01)))
