@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import batches, compat, errors, events, files, fine_tuning, health, inference, models, webhooks
+from api import batches, compat, errors, events, files, fine_tuning, health, inference, limits, models, webhooks
 from api.middleware import Idempotency, RequestContext
 from core.settings import get_settings
 from db import aio
-from infra import replies
+from infra import ratelimit, replies
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     if client is not None:
         await client.aclose()
     replies.async_client.cache_clear()
+    await ratelimit.close()
 
 
 def create_app() -> FastAPI:
@@ -47,6 +48,6 @@ def create_app() -> FastAPI:
     app.add_middleware(RequestContext, max_upload_bytes=settings.max_upload_bytes)
 
     # Routes are matched in order, one regex each: the ones polled and called most often come first.
-    for module in (fine_tuning, inference, batches, files, models, events, webhooks, compat, health):
+    for module in (fine_tuning, inference, batches, files, models, events, webhooks, limits, compat, health):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
     return app

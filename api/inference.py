@@ -14,16 +14,16 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from api import objects
 from api.boundary import read, read_rows
-from api.deps import Principal, require
+from api.deps import Principal, charge, require
 from api.errors import APIError, JSONBody
 from core import ids
 from core.clock import utcnow
 from core.settings import get_settings
 from db import aio, inferences
 from domain import dispatch, serving
-from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
+from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest, estimated_tokens
 from domain.serving import serving_refusal
-from infra import broker, replies
+from infra import broker, ratelimit, replies
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["inference"])
@@ -41,7 +41,9 @@ ACCEPTED: dict[int | str, dict[str, Any]] = {
 
 def _wait_seconds(request: Request) -> float:
     match = _WAIT.search(request.headers.get("prefer", ""))
-    return min(float(match.group(1)), 600.0) if match else get_settings().inference_wait_seconds
+    settings = get_settings()
+    wait = float(match.group(1)) if match else settings.inference_wait_seconds
+    return min(wait, settings.inference_max_wait_seconds)
 
 
 async def check_serveable(principal: Principal, model_id: str, task: str) -> None:
@@ -150,9 +152,15 @@ async def submit(
 ) -> Response:
     """The response of the online endpoints: the answer (through ``shape``, for the seed routes), or 202 with
     a handle past the caller's wait."""
+    estimate = estimated_tokens(endpoint, payload)
+    await charge(request, principal.tenant_id, "tpm", principal.tpm, estimate)
     response, handle = await run_inference(request, principal, endpoint, model, payload)
     if response is None:
         return JSONBody(handle, status_code=202)
+    used = (response.get("usage") or {}).get("total_tokens")
+    if principal.tpm is not None and isinstance(used, int):
+        # The estimate counted every token the request might generate; count what it did.
+        await ratelimit.adjust(principal.tenant_id, "tpm", principal.tpm, used - estimate)
     return JSONBody(response if shape is None else shape(response))
 
 

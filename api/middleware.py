@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors, health
-from api.deps import bearer_token, key_refused, principal_for
+from api.deps import RATE_HEADERS, bearer_token, key_refused, principal_for
 from api.idempotency import HEADER, idempotency_middleware
 
 # JSON bodies beyond this are refused before parsing; uploads get the file cap plus form overhead.
@@ -68,7 +68,11 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                # Set by the rate limiter once the key is known (api/deps.py), on errors too.
+                for name, value in scope.get(RATE_HEADERS, {}).items():
+                    headers[name] = value
             await send(message)
 
         async def counted_receive() -> Message:

@@ -62,6 +62,7 @@ class FineTuningJob(Shape):
     attempts: int
     webhook_url: str | None
     priority: int
+    queue_position: int | None
 
 
 class JobEvent(Shape):
@@ -299,6 +300,23 @@ class Prediction(Shape):
 
 class Predictions(Shape):
     predictions: list[JSONObject]
+
+
+class Limits(Shape):
+    """`GET /v1/limits`: each limit in force (null: unlimited) beside what the tenant uses of it."""
+
+    object: Literal["limits"]
+    rpm: int | None
+    tpm: int | None
+    max_active_jobs: int | None
+    active_jobs: int
+    max_storage_bytes: int | None
+    storage_bytes: int
+    max_webhook_endpoints: int | None
+    webhook_endpoints: int
+    max_active_batches: int | None
+    active_batches: int
+    weight: float
 
 
 class Readiness(Shape):

@@ -39,7 +39,8 @@ class CreateJob(Strict):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
     webhook_url: str | None = Field(None, max_length=2048)
-    priority: int | None = Field(None, ge=-100, le=100)
+    priority: int | None = Field(None, ge=-10, le=10, description="Order among this tenant's own waiting jobs; "
+                                 "higher first (default 0).")
 
     @field_validator("suffix")
     @classmethod

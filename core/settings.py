@@ -102,6 +102,30 @@ class Settings(BaseSettings):
         description="Seconds between webhook attempts, comma-separated.",
     )
 
+    # Sharing one service: limits of a tenant whose own value is unset (`llmos tenants set`); 0 is unlimited.
+    default_rpm: int = Field(6000, ge=0, description="Requests per minute per tenant, every authenticated route.")
+    default_tpm: int = Field(
+        2_000_000, ge=0, description="Tokens per minute per tenant on the inference routes (prompt + completion)."
+    )
+    default_max_active_jobs: int = Field(100, ge=0, description="Unfinished fine-tuning jobs per tenant.")
+    default_max_storage_bytes: int = Field(
+        100 * 1024**3, ge=0, description="Bytes of stored files per tenant (uploads and results)."
+    )
+    default_max_webhook_endpoints: int = Field(20, ge=0, description="Webhook endpoints per tenant.")
+    default_max_active_batches: int = Field(50, ge=0, description="Unfinished batches per tenant.")
+    scheduler: Literal["fair", "fifo"] = Field(
+        "fair", description="Training admission: `fair` between tenants (weights, priorities) or plain `fifo`."
+    )
+    rate_limit_redis_url: str | None = Field(
+        None, description="Redis holding the rate-limit counters; unset means the broker's, when it is a Redis."
+    )
+    max_request_tokens: int = Field(
+        32_768, ge=1, description="Most tokens one completion or chat request may ask for (prompts x n x max_tokens)."
+    )
+    inference_max_wait_seconds: float = Field(
+        120.0, gt=0, description="Cap on `Prefer: wait=N`: past it a request answers 202 and is polled."
+    )
+
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:
         if self.env == "production" and (self.flower_password or "") in PLACEHOLDER_SECRETS:

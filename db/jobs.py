@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, func, select, update
+from sqlalchemy import Connection, Row, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.clock import utcnow
@@ -85,6 +85,84 @@ def list_checkpoints(
     return newest_first(
         session, stmt, Checkpoint.step_number, Checkpoint.id, Checkpoint.id, after, limit
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Admission: which queued job a free training worker runs next.
+#
+# Fair order: the tenant with the fewest running jobs per unit of weight goes first; among equals, the
+# tenant served least recently (whose last job started longest ago; never served comes first), so one
+# worker alternates between tenants instead of draining the tenant that queued first. Within a tenant,
+# higher priority first, then oldest. The same order, extended as if each pick started at once (a tenant's
+# k-th waiting job counts k more running), gives every waiting job its `queue_position`.
+# --------------------------------------------------------------------------------------------------------
+
+_FAIR_ORDER = """
+WITH waiting AS (
+    SELECT j.id, j.tenant_id,
+           row_number() OVER (PARTITION BY j.tenant_id ORDER BY j.priority DESC, j.created_at, j.id) - 1 AS k
+    FROM fine_tuning_jobs j WHERE j.status = 'queued'
+), shares AS (
+    SELECT t.id AS tenant_id, COALESCE(t.weight, 1.0) AS weight,
+           (SELECT count(*) FROM fine_tuning_jobs r
+            WHERE r.tenant_id = t.id AND r.status IN ('running', 'cancelling')) AS running,
+           (SELECT max(s.started_at) FROM fine_tuning_jobs s WHERE s.tenant_id = t.id) AS last_started,
+           (SELECT min(COALESCE(q.queued_at, q.created_at)) FROM fine_tuning_jobs q
+            WHERE q.tenant_id = t.id AND q.status = 'queued') AS oldest
+    FROM tenants t WHERE t.id IN (SELECT tenant_id FROM waiting)
+)
+SELECT w.id, w.tenant_id,
+       row_number() OVER (ORDER BY (s.running + w.k) / s.weight, s.last_started NULLS FIRST, s.oldest,
+                                   w.tenant_id, w.k) AS position
+FROM waiting w JOIN shares s USING (tenant_id)
+"""
+
+_FIFO_ORDER = """
+SELECT j.id, j.tenant_id, row_number() OVER (ORDER BY COALESCE(j.queued_at, j.created_at), j.id) AS position
+FROM fine_tuning_jobs j WHERE j.status = 'queued'
+"""
+
+# One scheduler decision at a time: two workers freed at once must not both pick by the same counts.
+_SCHEDULER_LOCK = 0x6C6C6D6F73  # "llmos"
+
+
+def _order(fair: bool) -> str:
+    return _FAIR_ORDER if fair else _FIFO_ORDER
+
+
+def next_queued(session: Session, *, fair: bool) -> str | None:
+    """The job the scheduler would start now."""
+    return session.scalar(text(f"SELECT id FROM ({_order(fair)}) o ORDER BY position LIMIT 1"))
+
+
+def queue_positions(conn: Connection | Session, tenant_id: str, *, fair: bool) -> dict[str, int]:
+    """The 1-based place of each of the tenant's queued jobs among every tenant's waiting jobs."""
+    rows = conn.execute(text(f"SELECT id, position FROM ({_order(fair)}) o WHERE tenant_id = :tenant_id"),
+                        {"tenant_id": tenant_id}).all()
+    return {str(row[0]): int(row[1]) for row in rows}
+
+
+def claim_next(session: Session, worker: str, *, fair: bool) -> FineTuningJob | None:
+    """Pick the next job by the scheduler's order and claim it; None when nothing is queued.
+
+    The decision holds a transaction-scoped advisory lock until the caller commits, so concurrent workers
+    decide one after the other, each seeing the claims before it. A pick that a concurrent pause or cancel
+    took first is skipped for the next one.
+    """
+    session.execute(select(func.pg_advisory_xact_lock(_SCHEDULER_LOCK)))
+    for _ in range(5):
+        job_id = next_queued(session, fair=fair)
+        if job_id is None:
+            return None
+        job = claim_job(session, job_id, worker)
+        if job is not None:
+            return job
+    return None
+
+
+def count_status(session: Session, status: str) -> int:
+    return int(session.scalar(select(func.count()).select_from(FineTuningJob)
+                              .where(FineTuningJob.status == status)) or 0)
 
 
 def claim_job(session: Session, job_id: str, worker: str) -> FineTuningJob | None:

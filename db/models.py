@@ -9,6 +9,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -36,6 +38,15 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Limits and quotas (`llmos tenants set`); NULL follows the LLMOS_DEFAULT_* setting, 0 is unlimited.
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    tpm: Mapped[int | None] = mapped_column(Integer)
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_webhook_endpoints: Mapped[int | None] = mapped_column(Integer)
+    max_active_batches: Mapped[int | None] = mapped_column(Integer)
+    # Share of the training workers against other tenants (NULL: 1).
+    weight: Mapped[float | None] = mapped_column(Float)
 
 
 class ApiKey(Base):
@@ -90,6 +101,8 @@ class FineTuningJob(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_waiting", "tenant_id", "priority", "created_at", postgresql_where=text("status = 'queued'")),
+        Index("ix_jobs_tenant_started", "tenant_id", "started_at"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -121,6 +134,8 @@ class FineTuningJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
+    # When the job last entered `queued`: FIFO order, and how long a waiting job has waited.
+    queued_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     estimated_finish: Mapped[datetime | None]
 

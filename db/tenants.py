@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from core import ids
 from core.clock import utcnow
-from db.models import ApiKey, Tenant
+from db.models import ApiKey, Batch, File, FineTuningJob, Tenant, WebhookEndpoint
 
 KEY_PREFIX = "sk-llmos-"
 
@@ -47,12 +48,15 @@ class ActiveKey:
     scopes: list[str]
     tenant_id: str
     tenant_name: str
+    # The tenant's own rate limits (None: the setting's default), cached with the key.
+    rpm: int | None
+    tpm: int | None
 
 
 # Every request whose key is not cached runs this: plain columns, compiled once, no ORM identity map or
 # entity loading, on an autocommit connection, so no BEGIN/ROLLBACK round trip wraps it either.
 _ACTIVE_KEY = (
-    select(ApiKey.id, ApiKey.scopes, Tenant.id, Tenant.name)
+    select(ApiKey.id, ApiKey.scopes, Tenant.id, Tenant.name, Tenant.rpm, Tenant.tpm)
     .join(Tenant, Tenant.id == ApiKey.tenant_id)
     .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
 )
@@ -81,3 +85,38 @@ def revoke_key(session: Session, key_id: str) -> bool:
         return False
     row.revoked_at = utcnow()
     return True
+
+
+def get_tenant(session: Session, name: str) -> Tenant | None:
+    return session.scalar(select(Tenant).where(Tenant.name == name))
+
+
+def list_tenants(session: Session) -> list[Tenant]:
+    return list(session.scalars(select(Tenant).order_by(Tenant.name)))
+
+
+def lock_tenant(session: Session, tenant_id: str) -> Tenant:
+    """The tenant row, locked until the transaction ends: quota checks of one tenant run one at a time."""
+    tenant = session.scalar(select(Tenant).where(Tenant.id == tenant_id).with_for_update())
+    assert tenant is not None, tenant_id
+    return tenant
+
+
+def count_jobs(session: Session, tenant_id: str, statuses: Collection[str]) -> int:
+    return int(session.scalar(select(func.count()).select_from(FineTuningJob).where(
+        FineTuningJob.tenant_id == tenant_id, FineTuningJob.status.in_(statuses))) or 0)
+
+
+def count_batches(session: Session, tenant_id: str, statuses: Collection[str]) -> int:
+    return int(session.scalar(select(func.count()).select_from(Batch).where(
+        Batch.tenant_id == tenant_id, Batch.status.in_(statuses))) or 0)
+
+
+def count_webhook_endpoints(session: Session, tenant_id: str) -> int:
+    return int(session.scalar(select(func.count()).select_from(WebhookEndpoint).where(
+        WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.deleted_at.is_(None))) or 0)
+
+
+def stored_bytes(session: Session, tenant_id: str) -> int:
+    return int(session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(
+        File.tenant_id == tenant_id, File.deleted_at.is_(None))) or 0)

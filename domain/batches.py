@@ -13,8 +13,9 @@ from core.clock import unix, utcnow
 from core.errors import ServiceError, conflict, not_found
 from db import batches as batches_repo
 from db import files as files_repo
+from db import tenants as tenants_repo
 from db.models import Batch
-from domain import dispatch
+from domain import dispatch, quotas
 from domain.events import emit_event
 from domain.listing import page
 from domain.serving import serving_refusal
@@ -142,6 +143,8 @@ def create_batch(session: Session, *, tenant_id: str, input_file_id: str, endpoi
     if source.purpose != "batch":
         raise ServiceError(400, f"input_file_id: file '{input_file_id}' has purpose '{source.purpose}', not "
                            "'batch'", param="input_file_id", code="invalid_file_purpose")
+    quotas.take(session, tenant_id, "max_active_batches",
+                lambda: tenants_repo.count_batches(session, tenant_id, ACTIVE))
     now = utcnow()
     batch = Batch(
         id=ids.new_id(ids.BATCH), tenant_id=tenant_id, endpoint=endpoint, input_file_id=input_file_id,

@@ -9,8 +9,9 @@ from sqlalchemy.orm import Session
 from core.clock import unix, utcnow
 from core.errors import conflict, not_found
 from db import files as files_repo
+from db import tenants as tenants_repo
 from db.models import File
-from domain import batches, storage
+from domain import batches, quotas, storage
 from domain.jobs import TERMINAL
 from domain.listing import page
 
@@ -32,7 +33,12 @@ def _file(session: Session, tenant_id: str, file_id: str) -> File:
 
 def record_upload(session: Session, *, tenant_id: str, file_id: str, filename: str, purpose: str, size: int,
                   sha256: str) -> dict[str, Any]:
-    """The row of a file whose bytes are already stored at `storage.file_path(tenant_id, file_id)`."""
+    """The row of a file whose bytes are already stored at `storage.file_path(tenant_id, file_id)`.
+
+    Refused (429) when the tenant's stored bytes would pass `max_storage_bytes`; the caller removes the bytes.
+    """
+    quotas.take(session, tenant_id, "max_storage_bytes", lambda: tenants_repo.stored_bytes(session, tenant_id),
+                amount=size)
     row = File(id=file_id, tenant_id=tenant_id, filename=filename[:512], purpose=purpose, bytes=size,
                sha256=sha256, path=str(storage.file_path(tenant_id, file_id)))
     session.add(row)

@@ -12,11 +12,13 @@ from sqlalchemy.orm import Session
 from core import ids
 from core.clock import unix, utcnow
 from core.errors import ServiceError, conflict, not_found
+from core.settings import get_settings
 from db import files as files_repo
 from db import jobs as jobs_repo
 from db import registry
+from db import tenants as tenants_repo
 from db.models import Checkpoint, File, FineTuningJob, JobEvent, Model
-from domain import dispatch
+from domain import dispatch, quotas
 from domain.events import emit_event
 from domain.listing import page
 
@@ -30,6 +32,8 @@ CANCELLING = "cancelling"
 PAUSED = "paused"
 
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+# Jobs that count against the tenant's `max_active_jobs`.
+ACTIVE = frozenset({VALIDATING, QUEUED, RUNNING, CANCELLING, PAUSED})
 # The states in which a worker's claim on the job is live.
 CLAIMED = frozenset({RUNNING, CANCELLING})
 
@@ -64,7 +68,7 @@ class InvalidTransition(Exception):
         self.target = target
 
 
-def job_object(job: FineTuningJob | Row[Any]) -> dict[str, Any]:
+def job_object(job: FineTuningJob | Row[Any], queue_position: int | None = None) -> dict[str, Any]:
     """The public ``fine_tuning.job`` shape: every field present, unset ones null."""
     return {
         "id": job.id,
@@ -93,6 +97,7 @@ def job_object(job: FineTuningJob | Row[Any]) -> dict[str, Any]:
         "attempts": job.attempts,
         "webhook_url": job.webhook_url,
         "priority": job.priority,
+        "queue_position": queue_position if job.status == QUEUED else None,
     }
 
 
@@ -133,11 +138,27 @@ def transition(
     if target in TERMINAL:
         job.finished_at = now
         job.estimated_finish = None
+    if target == QUEUED:
+        job.queued_at = now
     add_job_event(session, job, message, level=level)
     event_type = EVENT_TYPES.get(target)
     if event_type:
         session.flush()
         emit_event(session, job.tenant_id, event_type, job_object(job))
+
+
+def fair() -> bool:
+    return get_settings().scheduler == "fair"
+
+
+def offer_to_workers(session: Session, job: FineTuningJob) -> None:
+    """Put a queued job in line: a ticket on the training queue, sent when the caller commits.
+
+    A ticket names no job to run. The worker that takes it is free, and asks the scheduler then which job
+    is next (`db.jobs.claim_next`): admission is decided in Postgres at the moment a worker can start, so
+    the broker's order never decides who trains first. A ticket that finds nothing queued does nothing.
+    """
+    dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id)
 
 
 def failure(code: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -200,6 +221,7 @@ def create_job(
     _check_file(session, tenant_id, training_file, "training_file")
     if validation_file:
         _check_file(session, tenant_id, validation_file, "validation_file")
+    quotas.take(session, tenant_id, "max_active_jobs", lambda: tenants_repo.count_jobs(session, tenant_id, ACTIVE))
     job = FineTuningJob(
         id=ids.new_id(ids.JOB), tenant_id=tenant_id, model=model, task=task, status=VALIDATING,
         training_file=training_file, validation_file=validation_file, hyperparameters=hyperparameters or {},
@@ -220,13 +242,19 @@ def get_job(conn: Connection, *, tenant_id: str, job_id: str) -> dict[str, Any]:
     row = jobs_repo.public_job(conn, tenant_id, job_id)
     if row is None:
         raise not_found("fine_tuning_job", job_id)
-    return job_object(row)
+    position = None
+    if row.status == QUEUED:
+        position = jobs_repo.queue_positions(conn, tenant_id, fair=fair()).get(job_id)
+    return job_object(row, position)
 
 
 def list_jobs(session: Session, *, tenant_id: str, status: str | None, metadata: dict[str, str],
               after: str | None, limit: int) -> dict[str, Any]:
     found = jobs_repo.list_jobs(session, tenant_id, status=status, metadata=metadata, after=after, limit=limit)
-    return page(found, job_object, after)
+    positions: dict[str, int] = {}
+    if found is not None and any(job.status == QUEUED for job in found.items):
+        positions = jobs_repo.queue_positions(session, tenant_id, fair=fair())
+    return page(found, lambda job: job_object(job, positions.get(job.id)), after)
 
 
 def _refuse_finished(job: FineTuningJob, action: str) -> None:
@@ -264,9 +292,8 @@ def resume_job(session: Session, *, tenant_id: str, job_id: str) -> dict[str, An
     job = _job(session, tenant_id, job_id, lock=True)
     _refuse_finished(job, "resumed")
     if job.status == PAUSED:
-        job.task_id = ids.random_token(32)
         transition(session, job, QUEUED, "Job resumed; queued to continue from its checkpoint")
-        dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
+        offer_to_workers(session, job)
     elif job.status == RUNNING and job.pause_requested:
         job.pause_requested = False
         add_job_event(session, job, "Pause withdrawn")
@@ -368,9 +395,8 @@ def stop_attempt(session: Session, *, job_id: str, attempt: int, reason: str | N
         transition(session, job, PAUSED, f"Job paused at step {step}")
     else:
         # Worker shutdown: hand the job back so another worker continues from the checkpoint.
-        job.task_id = ids.random_token(32)
         transition(session, job, QUEUED, f"Worker shutting down; requeued at step {step}")
-        dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
+        offer_to_workers(session, job)
     jobs_repo.release_claim(session, job_id, attempt, reason or "stopped")
     return reason == "cancel"
 

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from core.settings import get_settings
+
+# The compute one request may ask for (the contract's bounds): each beyond is a 400 naming the field.
+MAX_INPUTS = 256
+MAX_INPUT_CHARS = 100_000
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
 
 
 def _has_nul(value: Any) -> bool:
@@ -42,10 +51,11 @@ class ClassificationRequest(Strict):
         items = [v] if isinstance(v, str) else v
         if not items:
             raise ValueError("must not be empty")
-        if len(items) > 2048:
-            raise ValueError("at most 2048 inputs per request")
-        if any(len(s) > 100_000 for s in items):
-            raise ValueError("each input is at most 100000 characters")
+        if len(items) > MAX_INPUTS:
+            raise ValueError(f"at most {MAX_INPUTS} inputs per request, not {len(items)}")
+        for index, text in enumerate(items):
+            if len(text) > MAX_INPUT_CHARS:
+                raise ValueError(f"each input is at most {MAX_INPUT_CHARS} characters; input {index} has {len(text)}")
         return v
 
 
@@ -55,9 +65,25 @@ class NerRequest(ClassificationRequest):
 
 def _stop_list(v: str | list[str] | None) -> str | list[str] | None:
     items = [v] if isinstance(v, str) else (v or [])
-    if len(items) > 4 or any(not s or len(s) > 256 for s in items):
-        raise ValueError("at most 4 non-empty stop sequences of up to 256 characters")
+    if len(items) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in items):
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} non-empty stop sequences of up to {MAX_STOP_CHARS} characters")
     return v
+
+
+def _field_error(model: str, field: str, message: str, value: Any) -> ValidationError:
+    """A validation error located at ``field``, raised from a check that needs several fields."""
+    return ValidationError.from_exception_data(model, [InitErrorDetails(
+        type=PydanticCustomError("request_too_costly", message), loc=(field,), input=value)])
+
+
+def _check_budget(model: str, prompts: int, sampling: dict[str, Any], field: str) -> None:
+    """Prompts x n x max_tokens within `LLMOS_MAX_REQUEST_TOKENS`: the tokens one request may generate."""
+    cap = get_settings().max_request_tokens
+    total = prompts * sampling["n"] * sampling["max_tokens"]
+    if total > cap:
+        raise _field_error(model, field, f"asks for {total} tokens ({prompts} prompts x n={sampling['n']} x "
+                           f"{field}={sampling['max_tokens']}); a request may ask for at most {cap}",
+                           sampling["max_tokens"])
 
 
 class SamplingFields(Strict):
@@ -106,9 +132,15 @@ class CompletionRequest(SamplingFields):
     @classmethod
     def _prompts(cls, v: str | list[str]) -> str | list[str]:
         items = [v] if isinstance(v, str) else v
-        if not items or len(items) > 64 or any(len(p) > 100_000 for p in items):
-            raise ValueError("1-64 prompts of at most 100000 characters")
+        if not items or len(items) > 64 or any(len(p) > MAX_INPUT_CHARS for p in items):
+            raise ValueError(f"1-64 prompts of at most {MAX_INPUT_CHARS} characters")
         return v
+
+    @model_validator(mode="after")
+    def _budget(self) -> CompletionRequest:
+        _check_budget("CompletionRequest", 1 if isinstance(self.prompt, str) else len(self.prompt), self.sampling(),
+                      "max_tokens")
+        return self
 
 
 class ChatMessage(Strict):
@@ -127,3 +159,32 @@ class ChatRequest(SamplingFields):
         if self.max_completion_tokens and not self.max_tokens:
             result["max_tokens"] = self.max_completion_tokens
         return result
+
+    @model_validator(mode="after")
+    def _budget(self) -> ChatRequest:
+        field = "max_completion_tokens" if self.max_completion_tokens and not self.max_tokens else "max_tokens"
+        _check_budget("ChatRequest", 1, self.sampling(), field)
+        return self
+
+
+# Rate limits count tokens before the model has seen the request: about four characters a token (OpenAI's
+# rule of thumb for English), plus every token a generation may produce; the count is corrected once the
+# answer's `usage` is known.
+CHARS_PER_TOKEN = 4
+MESSAGE_OVERHEAD_TOKENS = 4
+
+
+def _text_tokens(text: str) -> int:
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
+def estimated_tokens(endpoint: str, payload: dict[str, Any]) -> int:
+    """What a request may cost against the tenant's tokens per minute: its input, plus its whole output budget."""
+    if endpoint == "/v1/completions":
+        prompts = payload["prompt"]
+        return sum(_text_tokens(p) for p in prompts) + len(prompts) * payload["n"] * payload["max_tokens"]
+    if endpoint == "/v1/chat/completions":
+        messages = payload["messages"]
+        return (sum(_text_tokens(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+                + payload["n"] * payload["max_tokens"])
+    return sum(_text_tokens(text) for text in payload["input"])

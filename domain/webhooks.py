@@ -19,9 +19,10 @@ from core import ids
 from core.clock import unix, utcnow
 from core.errors import not_found
 from core.settings import get_settings
+from db import tenants as tenants_repo
 from db import webhooks as webhooks_repo
 from db.models import OutboxEvent, TenantWebhookSecret, WebhookDelivery, WebhookEndpoint
-from domain import dispatch
+from domain import dispatch, quotas
 from domain.listing import page
 
 TASK_FLUSH = "llmos.webhooks.flush"
@@ -169,6 +170,8 @@ def _endpoint(session: Session, tenant_id: str, endpoint_id: str) -> WebhookEndp
 
 def create_endpoint(session: Session, *, tenant_id: str, url: str, events: list[str],
                     description: str | None) -> dict[str, Any]:
+    quotas.take(session, tenant_id, "max_webhook_endpoints",
+                lambda: tenants_repo.count_webhook_endpoints(session, tenant_id))
     row = WebhookEndpoint(id=ids.new_id(ids.WEBHOOK_ENDPOINT), tenant_id=tenant_id, url=url, events=events,
                           description=description, status="enabled", secret=new_secret())
     session.add(row)

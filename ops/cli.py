@@ -171,6 +171,49 @@ def cmd_keys(args: argparse.Namespace) -> None:
         print(f"revoked {args.key_id}")
 
 
+def _limit_text(value: Any) -> str:
+    return "unlimited" if value is None else str(value)
+
+
+def _print_tenant(tenant: dict[str, Any]) -> None:
+    defaults = set(tenant["defaults"])
+    print(f"tenant {tenant['name']} ({tenant['id']}), weight {tenant['weight']:g}")
+    for limit, used in (("rpm", None), ("tpm", None), ("max_active_jobs", "active_jobs"),
+                        ("max_storage_bytes", "storage_bytes"), ("max_webhook_endpoints", "webhook_endpoints"),
+                        ("max_active_batches", "active_batches")):
+        origin = " (default)" if limit in defaults else ""
+        usage = f"   in use: {tenant[used]}" if used else ""
+        print(f"  {limit:<22} {_limit_text(tenant[limit]) + origin:<24}{usage}")
+
+
+def cmd_tenants(args: argparse.Namespace) -> None:
+    from core.errors import ServiceError
+    from db.session import transaction
+    from domain import tenants
+
+    try:
+        with transaction() as session:
+            if args.tenants_command == "list":
+                found: Any = tenants.list_tenants(session)
+            elif args.tenants_command == "show":
+                found = tenants.show_tenant(session, name=args.name)
+            else:
+                limits = {name: getattr(args, name) for name in tenants.LIMITS}
+                found = tenants.set_limits(session, name=args.name, weight=args.weight, **limits)
+    except ServiceError as exc:
+        raise SystemExit(f"error: {exc.message}") from None
+    if args.json:
+        print(json.dumps(found))
+    elif args.tenants_command == "list":
+        print(f"{'NAME':<20} {'RPM':>10} {'TPM':>10} {'JOBS':>11} {'WEIGHT':>7}")
+        for tenant in found:
+            jobs = f"{tenant['active_jobs']}/{_limit_text(tenant['max_active_jobs'])}"
+            print(f"{tenant['name']:<20} {_limit_text(tenant['rpm']):>10} {_limit_text(tenant['tpm']):>10} "
+                  f"{jobs:>11} {tenant['weight']:>7g}")
+    else:
+        _print_tenant(found)
+
+
 def _detect_model(path: Path) -> tuple[str, list[str]]:
     config = json.loads((path / "config.json").read_text())
     archs = " ".join(config.get("architectures") or [config.get("model_type", "")])
@@ -235,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
 
+    tenants = sub.add_parser("tenants", help="tenants: rate limits, quotas and scheduling weight").add_subparsers(
+        dest="tenants_command", required=True)
+    tenants.add_parser("list", help="every tenant with its limits").add_argument("--json", action="store_true")
+    show = tenants.add_parser("show", help="one tenant's limits and usage")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    tset = tenants.add_parser("set", help="change a tenant's limits (0 = unlimited; applies within 5 s)")
+    tset.add_argument("name")
+    for flag in ("rpm", "tpm", "max-active-jobs", "max-storage-bytes", "max-webhook-endpoints",
+                 "max-active-batches"):
+        tset.add_argument(f"--{flag}", type=int, metavar="N")
+    tset.add_argument("--weight", type=float, metavar="W", help="share of training workers against other tenants")
+    tset.add_argument("--json", action="store_true")
+
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)
     models.add_parser("list", help="list registered models")
     models.add_parser("bootstrap", help="build the offline base models and register them")
@@ -274,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 HANDLERS: dict[str, Any] = {
     "up": cmd_up, "api": cmd_api, "worker": cmd_worker, "beat": cmd_beat, "flower": cmd_flower,
-    "migrate": cmd_migrate, "keys": cmd_keys, "models": cmd_models,
+    "migrate": cmd_migrate, "keys": cmd_keys, "tenants": cmd_tenants, "models": cmd_models,
 }
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from celery import Task
 
-from core import ids
 from core.settings import get_settings
 from db import jobs as jobs_repo
 from db.models import File, FineTuningJob, Model
@@ -95,22 +94,27 @@ def validate_job(job_id: str) -> None:
             return
         job.task = task
         job.hyperparameters = hyperparameters
-        job.task_id = ids.random_token(32)
         jobs.add_job_event(session, job, f"Files validated: {len(rows)} training examples, task {task}")
         jobs.transition(session, job, jobs.QUEUED, "Job queued for training")
-        dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
+        jobs.offer_to_workers(session, job)
 
 
 @celery_app.task(name=dispatch.TASK_TRAIN, bind=True)
-def train_job(self: Task, job_id: str) -> None:
-    """Claim a queued job, train it with progress, checkpoints and cooperative stop, record the outcome."""
+def train_job(self: Task, offered_by: str | None = None) -> None:
+    """A ticket (`jobs.offer_to_workers`): claim the job the scheduler picks now, train it with progress,
+    checkpoints and cooperative stop, and record the outcome.
+
+    ``offered_by`` is the job whose queueing sent this ticket, for the log; the job trained may be another.
+    """
     settings = get_settings()
     worker = worker_name(self)
     with transaction() as session:
-        job = jobs_repo.claim_job(session, job_id, worker)
+        job = jobs_repo.claim_next(session, worker, fair=jobs.fair())
         if job is None:
-            log.info("train %s: not queued any more, a duplicate or stale delivery", job_id)
+            log.info("train: nothing queued (ticket of %s; its job was already picked by another ticket)",
+                     offered_by)
             return
+        job_id = job.id
         from db.models import Tenant
 
         tenant = session.get(Tenant, job.tenant_id)

@@ -30,13 +30,15 @@ def reconcile() -> dict[str, int]:
             job.updated_at = now
             dispatch.enqueue_after_commit(session, dispatch.TASK_VALIDATE, job.id)
             counts["resent"] += 1
+        # Queued jobs need as many tickets waiting as there are jobs (a ticket runs whichever job is next):
+        # top up for those in line a while whose ticket went missing (a publish during a broker outage, a
+        # worker that died holding prefetched tickets). An extra ticket is harmless; it finds nothing to do.
         waiting = broker.waiting_task_ids(dispatch.QUEUE_GPU)
-        for job in jobs_repo.forgotten_jobs(session, jobs.QUEUED, forgotten):
-            if waiting is not None and job.task_id in waiting:
-                continue  # still in line behind other jobs, not lost
-            # Same task id as before: if the first send does arrive after all, the claim dedupes it.
+        overdue = jobs_repo.forgotten_jobs(session, jobs.QUEUED, forgotten)
+        missing = len(overdue) if waiting is None else jobs_repo.count_status(session, jobs.QUEUED) - len(waiting)
+        for job in overdue[:max(0, missing)]:
             job.updated_at = now
-            dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
+            jobs.offer_to_workers(session, job)
             counts["resent"] += 1
         stale = now - timedelta(seconds=settings.stale_heartbeat_seconds)
         # Heartbeats could not be written while Postgres was down: right after it restarts, a silent job
@@ -53,10 +55,9 @@ def reconcile() -> dict[str, int]:
                                 error=jobs.failure("worker_lost", message))
                 counts["failed"] += 1
             else:
-                job.task_id = ids.random_token(32)
                 jobs.transition(session, job, jobs.QUEUED,
                                 f"Worker {job.worker} stopped responding; requeued", level="warn")
-                dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, task_id=job.task_id)
+                jobs.offer_to_workers(session, job)
                 counts["requeued"] += 1
     with transaction() as session:
         counts["idempotency_keys_purged"] = idempotency.purge_expired(session)
