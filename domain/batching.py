@@ -2,13 +2,18 @@
 
 Inference workers batch forward passes per model and endpoint, and their row claims and writes; the API
 batches the inserts and messages of concurrent online requests. Each key has a `Batcher` with its own
-thread. Callers hand in their inputs and block on a future; the thread takes the oldest waiting request,
-waits until that request is `window_s` old (or the batch is full) for others to join, runs them as one
-call and hands each caller its own slice of the results, in its input order. While a batch runs, new
+thread. Callers hand in their inputs and block on a future; the thread takes the oldest waiting request (of
+the lane served least recently, below), waits until that request is `window_s` old (or the batch is full)
+for others to join, runs them as one call and hands each caller its own slice of the results, in its input
+order. While a batch runs, new
 requests queue, so under load batches fill up without waiting at all. Only requests with equal `group`
 share a call (generation: equal sampling parameters). When a shared call raises, each of its requests is
 re-run alone, so an error fails only the requests that cause it. A batcher's thread ends after `idle_s`
 without work; the registry replaces it on the next request.
+
+Requests carry a `lane` (the tenant): batches are filled round-robin between lanes, and the next batch
+starts from the lane served least recently, so a tenant with hundreds of requests waiting does not put
+another tenant's single request behind all of them. Within a lane, first come, first served.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class PendingRequest:
     # Rows this request adds to the forward pass (generation: prompts times n).
     size: int
     group: Hashable
+    lane: Hashable = None
     arrived: float = field(default_factory=time.monotonic)
     future: Future[list[Any]] = field(default_factory=Future)
 
@@ -51,14 +57,18 @@ class Batcher:
         self.max_size = max(1, max_size)
         self.idle_s = idle_s
         self._pending: list[PendingRequest] = []
+        # Lane → serial of the last batch that served it (never served: absent, first in line).
+        self._served: dict[Hashable, int] = {}
+        self._serial = 0
         self._cond = threading.Condition()
         self.closed = False
         self._thread = threading.Thread(target=self._loop, name=f"batcher {name}", daemon=True)
         self._thread.start()
 
-    def submit(self, inputs: list[Any], group: Hashable = None, size: int | None = None) -> Future[list[Any]] | None:
+    def submit(self, inputs: list[Any], group: Hashable = None, size: int | None = None,
+               lane: Hashable = None) -> Future[list[Any]] | None:
         """Queue a request; None when this batcher has closed (idle) and a new one must take it."""
-        request = PendingRequest(list(inputs), len(inputs) if size is None else size, group)
+        request = PendingRequest(list(inputs), len(inputs) if size is None else size, group, lane)
         with self._cond:
             if self.closed:
                 return None
@@ -83,7 +93,7 @@ class Batcher:
                     self.closed = True
                     return None
                 self._cond.wait(left)
-            first = self._pending[0]
+            first = self._first()
             deadline = first.arrived + self.window_s
             while True:
                 chosen = self._fitting(first)
@@ -93,18 +103,45 @@ class Batcher:
                 self._cond.wait(left)
             taken = set(map(id, chosen))
             self._pending = [r for r in self._pending if id(r) not in taken]
+            self._serial += 1
+            for request in chosen:
+                self._served[request.lane] = self._serial
+            if len(self._served) > 10_000:
+                # Lanes come and go with tenants; only those still waiting need remembering.
+                waiting = {r.lane for r in self._pending}
+                self._served = {lane: n for lane, n in self._served.items() if lane in waiting}
             return chosen
 
+    def _lanes(self, group: Hashable | None = None, *, any_group: bool = False) -> dict[Hashable, list[PendingRequest]]:
+        """Waiting requests by lane, each in arrival order; lanes served least recently first."""
+        lanes: dict[Hashable, list[PendingRequest]] = {}
+        for request in self._pending:
+            if any_group or request.group == group:
+                lanes.setdefault(request.lane, []).append(request)
+        return dict(sorted(lanes.items(), key=lambda item: (self._served.get(item[0], 0), item[1][0].arrived)))
+
+    def _first(self) -> PendingRequest:
+        """The request the next batch is built around: the oldest of the lane served least recently."""
+        return next(iter(self._lanes(any_group=True).values()))[0]
+
     def _fitting(self, first: PendingRequest) -> list[PendingRequest]:
+        """``first`` and the requests of its group that fit beside it, taken one lane at a time in turn."""
+        queues = [iter(q) for q in self._lanes(first.group).values()]
         chosen, rows = [first], first.size
-        for request in self._pending[1:]:
-            if request.group != first.group:
-                continue
-            if rows + request.size > self.max_size:
-                # First come, first served: a later, smaller request does not jump ahead of this one.
-                break
-            chosen.append(request)
-            rows += request.size
+        blocked: set[int] = set()
+        while len(blocked) < len(queues):
+            for index, queue in enumerate(queues):
+                if index in blocked:
+                    continue
+                request = next(queue, None)
+                if request is first:
+                    request = next(queue, None)
+                if request is None or rows + request.size > self.max_size:
+                    # First come, first served within a lane: a later, smaller request does not jump ahead.
+                    blocked.add(index)
+                    continue
+                chosen.append(request)
+                rows += request.size
         return chosen
 
     def _execute(self, batch: list[PendingRequest]) -> None:
@@ -143,7 +180,8 @@ class BatcherRegistry:
         self._lock = threading.Lock()
 
     def submit(
-        self, key: Hashable, run: BatchRunner, inputs: list[Any], group: Hashable = None, size: int | None = None
+        self, key: Hashable, run: BatchRunner, inputs: list[Any], group: Hashable = None, size: int | None = None,
+        lane: Hashable = None,
     ) -> Future[list[Any]]:
         """Queue `inputs` for a batch with other callers of `key`; the future of their results.
 
@@ -156,12 +194,13 @@ class BatcherRegistry:
                     name = " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
                     batcher = Batcher(name, run, self.window_s, self.max_size, self.idle_s, self.log_batches)
                     self._batchers[key] = batcher
-            future = batcher.submit(inputs, group, size)
+            future = batcher.submit(inputs, group, size, lane)
             if future is not None:
                 return future
 
     def call(
-        self, key: Hashable, run: BatchRunner, inputs: list[Any], group: Hashable = None, size: int | None = None
+        self, key: Hashable, run: BatchRunner, inputs: list[Any], group: Hashable = None, size: int | None = None,
+        lane: Hashable = None,
     ) -> list[Any]:
         """`submit`, then wait: the results of `inputs`, or the batch's error."""
-        return self.submit(key, run, inputs, group, size).result()
+        return self.submit(key, run, inputs, group, size, lane).result()

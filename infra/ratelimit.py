@@ -5,6 +5,9 @@ minute's weighted by how much of it still lies inside the sliding 60 s (Cloudfla
 counter": two integers per tenant and limit, and within a fraction of a percent of an exact moving window
 on real traffic). The check, the increment and the figures for OpenAI's headers (remaining, time to reset,
 time until the refused request would fit) come back from one Lua script, so a request pays one round trip.
+Concurrent checks in one process share that round trip: whatever checks wait are sent as one pipeline, and
+while it runs the next ones gather (redis-py's asyncio client spends ~130 us of CPU on a lone command, ~30 us
+per command in a pipeline of 32; the GET it guards costs well under a millisecond).
 
 Why not the `limits` package: its strategies answer "allowed?" in one call and "how many remain, when does
 it reset" in a second (`hit` then `get_window_stats`), and every authenticated answer carries those headers;
@@ -16,6 +19,8 @@ the service's fairness, and failing closed would turn a cache outage into a full
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -118,21 +123,81 @@ def _client() -> redis.asyncio.Redis | None:
     return redis.asyncio.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1, max_connections=512)
 
 
-@lru_cache(maxsize=1)
-def _script() -> Any:
-    client = _client()
-    return None if client is None else client.register_script(_SCRIPT)
+_SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+# At most this many checks share one pipeline.
+MAX_PIPELINE = 256
+
+Check = tuple[str, int, int, str, int]  # key, limit, cost, mode, window (ms)
 
 
+class _Checks:
+    """Concurrent checks of one event loop, sent together: no window, whatever waits goes at once."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self.loop = asyncio.get_running_loop()
+        self._pending: list[tuple[Check, asyncio.Future[list[int]]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def run(self, check: Check) -> list[int]:
+        future: asyncio.Future[list[int]] = self.loop.create_future()
+        self._pending.append((check, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = self.loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_PIPELINE], self._pending[MAX_PIPELINE:]
+            try:
+                results = await self._send([check for check, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    async def _send(self, checks: list[Check]) -> list[Any]:
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for key, limit, cost, mode, window in checks:
+                pipe.evalsha(_SCRIPT_SHA, 1, key, limit, window, cost, mode)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                # A Redis that restarted (or never saw us) has lost the script: load it and send again.
+                await self.client.script_load(_SCRIPT)
+                continue
+            return results
+        raise AssertionError("unreachable")
+
+
+_checks: _Checks | None = None
 _last_warning = 0.0
 
 
+def _checker() -> _Checks | None:
+    global _checks
+    client = _client()
+    if client is None:
+        return None
+    if _checks is None or _checks.loop is not asyncio.get_running_loop():
+        _checks = _Checks(client)
+    return _checks
+
+
 async def _run(key: str, limit: int, cost: int, mode: str, window_ms: int = WINDOW_MS) -> Decision | None:
-    script = _script()
-    if script is None:
+    checker = _checker()
+    if checker is None:
         return None
     try:
-        allowed, used, retry_ms, reset_ms = await script(keys=[key], args=[limit, window_ms, cost, mode])
+        allowed, used, retry_ms, reset_ms = await checker.run((key, limit, cost, mode, window_ms))
     except (redis.RedisError, OSError):
         global _last_warning
         if time.monotonic() - _last_warning > 60:
@@ -158,8 +223,9 @@ async def adjust(tenant_id: str, kind: str, limit: int, delta: int) -> None:
 
 
 async def close() -> None:
+    global _checks
     client = _client()
     if client is not None:
         await client.aclose()
     _client.cache_clear()
-    _script.cache_clear()
+    _checks = None

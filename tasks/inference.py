@@ -35,21 +35,22 @@ ENCODER_TASKS = {"/v1/classifications": "classification", "/v1/ner": "ner"}
 
 
 def model_call(endpoint: str, model_id: str, model_path: str, request: dict[str, Any],
-               request_id: str) -> serving.ModelCall:
+               request_id: str, tenant_id: str | None = None) -> serving.ModelCall:
     """The model work of one request to `endpoint`.
 
     Generation requests share a forward pass only when their sampling parameters are equal; a seeded one
     runs alone (`solo`), so its answer depends on its seed and not on what it happened to be batched with.
     """
     if endpoint in ENCODER_TASKS:
-        return serving.ModelCall(model_id, model_path, ENCODER_TASKS[endpoint], "predict", list(request["input"]))
+        return serving.ModelCall(model_id, model_path, ENCODER_TASKS[endpoint], "predict", list(request["input"]),
+                                 lane=tenant_id)
     sampling = {k: request[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed", "n")}
     params = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in sampling.items()))
     method, inputs = ("generate", list(request["prompt"])) if endpoint == "/v1/completions" else (
         "chat", [request["messages"]])
     return serving.ModelCall(model_id, model_path, "generation", method, inputs, params,
                              solo=request_id if sampling["seed"] is not None else None,
-                             size=len(inputs) * int(sampling["n"] or 1))
+                             size=len(inputs) * int(sampling["n"] or 1), lane=tenant_id)
 
 
 def _usage(results: list[list[dict[str, Any]]]) -> dict[str, int]:
@@ -123,7 +124,7 @@ def _start(claim: inferences.Claim) -> Future[list[Any]] | dict[str, Any]:
         if not claim.servable() or claim.model_path is None:
             raise LookupError(f"model '{claim.model_id}' no longer exists")
         return serving.runner().submit(model_call(claim.endpoint, claim.model_id, claim.model_path, claim.request,
-                                                  claim.id))
+                                                  claim.id, claim.tenant_id))
     except Exception as exc:
         return _failed(claim, exc)
 

@@ -55,6 +55,8 @@ class ModelCall:
     size: int | None = None
     # False for a batch file's lines: one call of their own, beside the online batches, not queued among them.
     batched: bool = True
+    # Whose request this is: batches take requests from each tenant in turn (`domain.batching`).
+    lane: str | None = None
 
 
 class Runner(Protocol):
@@ -171,7 +173,7 @@ class LocalRunner:
 
         group = (call.params, call.solo) if call.method != "predict" else None
         return self.batchers.submit((call.task, call.method, call.model_id), forward, call.inputs, group=group,
-                                    size=call.size)
+                                    size=call.size, lane=call.lane)
 
     def run_alone(self, call: ModelCall) -> list[Any]:
         results: list[Any] = getattr(self._predictor(call), call.method)(call.inputs, **dict(call.params))

@@ -428,6 +428,26 @@ def test_batcher_groups_splits_and_isolates_failures() -> None:
                                 ([4, 5, 7], None), ([6], "g2")]
 
 
+def test_batcher_takes_tenants_in_turn_so_a_flood_does_not_starve_a_single_request() -> None:
+    from domain.batching import BatcherRegistry
+
+    runner = HeldRunner()
+    registry = BatcherRegistry(window_s=0.0, max_size=4)
+    futures = {"held": registry.submit("k", runner, ["held"], lane="flood")}
+    wait_until(lambda: runner.calls, 10, "the first batch to start")
+    batcher = registry._batchers["k"]
+    # The flooding tenant queues six requests, then two more tenants one each, behind the held batch.
+    arrivals = [(f"f{i}", "flood") for i in range(6)] + [("single", "light"), ("other", "third")]
+    for name, lane in arrivals:
+        futures[name] = registry.submit("k", runner, [name], lane=lane)
+    assert len(batcher._pending) == len(arrivals)
+    runner.release.set()
+    assert {name: future.result(30) for name, future in futures.items()}["single"] == ["single" * 2]
+    # Least recently served first (the flood had the held batch), then one request per tenant in turn;
+    # within the flood, first come first served.
+    assert [inputs for inputs, _ in runner.calls[1:]] == [["single", "other", "f0", "f1"], ["f2", "f3", "f4", "f5"]]
+
+
 def test_batcher_waits_for_the_window_and_closes_when_idle() -> None:
     from domain.batching import Batcher
 
