@@ -59,12 +59,22 @@ def signature_header(active_secrets: list[str], msg_id: str, timestamp: int, bod
     return " ".join(sign(s, msg_id, timestamp, body) for s in active_secrets)
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _forbidden(address: str) -> bool:
+    """Anything but a globally routable unicast address: private, loopback, link-local, shared (100.64.0.0/10,
+    where cloud metadata services live), reserved, multicast; and IPv6 forms that tunnel to an IPv4 address
+    (6to4, Teredo, NAT64) or are site-local, which Python's `is_global` lets through on some versions."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return bool(ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
-                or ip.is_unspecified)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None or ip.teredo is not None or ip.is_site_local:
+            return True
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return not ip.is_global or ip.is_multicast
 
 
 def resolve_safe(url: str, allow_private: bool | None = None) -> tuple[str, int, list[str]]:

@@ -2,21 +2,28 @@
 
 Retries are rows with ``next_attempt_at``; beat sends what is due, so a retry hours away never sits in
 the broker, and every attempt survives restarts of every process.
+
+A receiver cannot hold a worker: an attempt has one deadline (`webhook_timeout_seconds`) from connecting to
+the last byte read, whatever pace the receiver answers at, and reads at most 64 KiB of the answer (raw
+bytes, never decompressed). The first failed attempt of a batch ends the destination's turn: its other due
+deliveries wait for that one's retry, in order, so a slow or dead endpoint costs one deadline per retry,
+not one per pending event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import time
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import lru_cache
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from core.clock import utcnow
@@ -31,13 +38,20 @@ from tasks.app import celery_app
 log = logging.getLogger(__name__)
 BATCH = 100
 EXCERPT_BYTES = 1024
+# Of an answer, at most this much is read; the rest is never received.
+MAX_READ_BYTES = 64 * 1024
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-@lru_cache(maxsize=1)
-def http_client() -> httpx.Client:
+def excerpt_of(raw: bytes) -> str:
+    """What the delivery log keeps of an answer: its first KiB as text, control characters removed."""
+    return _CONTROL.sub("", raw[:EXCERPT_BYTES].decode("utf-8", "replace"))
+
+
+def http_client() -> httpx.AsyncClient:
     # Redirects are never followed: a 3xx is a failed attempt, and cannot bounce us to a private address.
-    return httpx.Client(timeout=get_settings().webhook_timeout_seconds, follow_redirects=False,
-                        limits=httpx.Limits(max_keepalive_connections=50, max_connections=100))
+    return httpx.AsyncClient(timeout=get_settings().webhook_timeout_seconds, follow_redirects=False,
+                             limits=httpx.Limits(max_keepalive_connections=50, max_connections=100))
 
 
 def _lock_key(destination: str) -> int:
@@ -107,10 +121,15 @@ class Sent:
     excerpt: str | None
     error: str | None
 
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
 
 def _send_batch(batch: list[Due]) -> list[Sent]:
-    results: list[Sent] = []
+    """Attempt the batch in order, until the first attempt that fails (the rest wait for its retry)."""
     secrets_cache: dict[str, list[str]] = {}
+    signed: list[tuple[WebhookDelivery, OutboxEvent, WebhookEndpoint | None, list[str]]] = []
     for delivery, event, endpoint in batch:
         if endpoint is not None:
             keys = webhooks.active_secrets(endpoint)
@@ -119,16 +138,24 @@ def _send_batch(batch: list[Due]) -> list[Sent]:
                 with transaction() as session:
                     secrets_cache[event.tenant_id] = [webhooks.tenant_secret(session, event.tenant_id)]
             keys = secrets_cache[event.tenant_id]
-        sent = _attempt(delivery, event, endpoint, keys)
-        results.append(sent)
-        if sent.status_code == 410:
-            break  # the endpoint is gone; the rest of the batch is failed when recorded
-    return results
+        signed.append((delivery, event, endpoint, keys))
+
+    async def send_all() -> list[Sent]:
+        results: list[Sent] = []
+        async with http_client() as client:
+            for delivery, event, endpoint, keys in signed:
+                sent = await _attempt(client, delivery, event, endpoint, keys)
+                results.append(sent)
+                if not sent.ok:
+                    break
+        return results
+
+    return asyncio.run(send_all())
 
 
-def _attempt(delivery: WebhookDelivery, event: OutboxEvent, endpoint: WebhookEndpoint | None,
-             keys: list[str]) -> Sent:
-    """One signed POST; never raises for what the receiver or the network does."""
+async def _attempt(client: httpx.AsyncClient, delivery: WebhookDelivery, event: OutboxEvent,
+                   endpoint: WebhookEndpoint | None, keys: list[str]) -> Sent:
+    """One signed POST within one deadline; never raises for what the receiver or the network does."""
     body = json.dumps(event_object(event), separators=(",", ":")).encode()
     timestamp = int(time.time())
     headers = {
@@ -142,16 +169,19 @@ def _attempt(delivery: WebhookDelivery, event: OutboxEvent, endpoint: WebhookEnd
     status_code: int | None = None
     excerpt: str | None = None
     error: str | None = None
+    deadline = get_settings().webhook_timeout_seconds
     try:
-        response = _post(delivery.url, body, headers)
-        status_code = response.status_code
-        excerpt = response.content[:EXCERPT_BYTES].decode("utf-8", "replace")
+        async with asyncio.timeout(deadline):
+            status_code, answer = await _post(client, delivery.url, body, headers)
+        excerpt = excerpt_of(answer)
     except webhooks.UnsafeURL as exc:
         error = f"refused: {exc}"
-    except httpx.TimeoutException:
-        error = f"timed out after {get_settings().webhook_timeout_seconds:.0f}s"
+    except (TimeoutError, httpx.TimeoutException):
+        # What arrived before the deadline does not count: a 2xx must come with its whole (capped) answer.
+        status_code = None
+        error = f"no complete answer within {deadline:g}s"
     except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        error = f"{type(exc).__name__}: {exc}"[:EXCERPT_BYTES]
     duration = int((time.perf_counter() - started) * 1000)
     return Sent(delivery, endpoint, status_code, duration, excerpt, error)
 
@@ -182,6 +212,15 @@ def _record_batch(session: Session, results: list[Sent]) -> None:
                 _disable(session, endpoint, f"delivery failed {attempt_no} times over the whole retry schedule")
         else:
             delivery.next_attempt_at = now + timedelta(seconds=schedule[attempt_no - 1])
+    last = results[-1].delivery if results else None
+    if last is not None and last.status == "pending" and last.next_attempt_at is not None:
+        # The destination failed: what else is due for it waits for this retry, in event order.
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.destination == last.destination, WebhookDelivery.status == "pending",
+                   WebhookDelivery.id != last.id, WebhookDelivery.next_attempt_at < last.next_attempt_at)
+            .values(next_attempt_at=last.next_attempt_at)
+            .execution_options(synchronize_session=False))
     session.commit()
 
 
@@ -199,15 +238,27 @@ def dispatch_due() -> int:
     return len(destinations)
 
 
-def _post(url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
-    """POST to the address we checked, not to whatever the name resolves to a moment later."""
-    host, port, addresses = webhooks.resolve_safe(url)
+async def _post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    """POST to the address we checked, not to whatever the name resolves to a moment later; the status and
+    at most `MAX_READ_BYTES` of the answer, as sent (a compressed answer is not expanded)."""
+    host, port, addresses = await asyncio.to_thread(webhooks.resolve_safe, url)
     parts = urlsplit(url)
     address = addresses[0]
     netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-    return http_client().post(pinned, content=body, headers={**headers, "host": parts.netloc.rsplit("@", 1)[-1]},
-                              extensions={"sni_hostname": host})
+    request = client.build_request("POST", pinned, content=body,
+                                   headers={**headers, "host": parts.netloc.rsplit("@", 1)[-1]},
+                                   extensions={"sni_hostname": host})
+    response = await client.send(request, stream=True)
+    try:
+        answer = bytearray()
+        async for chunk in response.aiter_raw():
+            answer += chunk
+            if len(answer) >= MAX_READ_BYTES:
+                break
+        return response.status_code, bytes(answer[:MAX_READ_BYTES])
+    finally:
+        await response.aclose()
 
 
 def _disable(session: Session, endpoint: WebhookEndpoint, reason: str) -> None:
