@@ -71,6 +71,7 @@ def validate_job(job_id: str) -> None:
             valid_path = _file_path(session, job, job.validation_file)
             if valid_path is not None:
                 recipes.load_rows(valid_path, task, model_tasks)
+            which = "hyperparameters"
             requested = dict(job.hyperparameters or {})
             max_runtime = int(requested.pop("max_runtime_seconds", None) or get_settings().max_job_runtime_seconds)
             hyperparameters = recipes.recipe(task).resolve(requested, len(rows))
@@ -88,9 +89,19 @@ def validate_job(job_id: str) -> None:
                             error=jobs.failure("invalid_training_file", f"file {exc} was deleted",
                                                "training_file"))
             return
-        except ValueError as exc:
-            jobs.transition(session, job, jobs.FAILED, f"Invalid hyperparameters: {exc}", level="error",
-                            error=jobs.failure("invalid_hyperparameters", str(exc), "hyperparameters"))
+        except Exception as exc:
+            if unreachable(exc):
+                raise  # Postgres, not the file: the reconciler sends validation again once it is back
+            if which == "hyperparameters" and isinstance(exc, ValueError):
+                jobs.transition(session, job, jobs.FAILED, f"Invalid hyperparameters: {exc}", level="error",
+                                error=jobs.failure("invalid_hyperparameters", str(exc), "hyperparameters"))
+                return
+            # Whatever else reading the file raised, the file is at fault and the job ends here: an
+            # exception escaping would roll back and leave the job to be validated again, forever.
+            log.exception("validate %s: reading %s failed", job_id, which)
+            message = f"the {which.replace('_', ' ')} could not be read ({type(exc).__name__})"
+            jobs.transition(session, job, jobs.FAILED, f"Invalid training file: {message}", level="error",
+                            error=jobs.failure("invalid_training_file", message, which))
             return
         job.task = task
         job.hyperparameters = hyperparameters

@@ -28,6 +28,15 @@ def reconcile() -> dict[str, int]:
         forgotten = now - timedelta(seconds=settings.requeue_after_seconds)
         for job in jobs_repo.forgotten_jobs(session, jobs.VALIDATING, forgotten):
             job.updated_at = now
+            if job.validation_attempts >= settings.max_attempts:
+                # Validation that kills its worker (a file that exhausts memory, say) is not retried forever.
+                message = (f"validating the files stopped without finishing {job.validation_attempts + 1} times "
+                           "(the worker crashed or was lost); check the file's size and content")
+                jobs.transition(session, job, jobs.FAILED, f"Invalid training file: {message}", level="error",
+                                error=jobs.failure("invalid_training_file", message, "training_file"))
+                counts["failed"] += 1
+                continue
+            job.validation_attempts += 1
             dispatch.enqueue_after_commit(session, dispatch.TASK_VALIDATE, job.id)
             counts["resent"] += 1
         # Queued jobs need as many tickets waiting as there are jobs (a ticket runs whichever job is next):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.data import CONLL_DOCSTART, DataError, Row
+from training.data import CONLL_DOCSTART, DataError, Row, numbered_lines, too_long
 
 
 def read_conll(path: Path, max_problems: int = 10) -> list[Row]:
@@ -29,9 +29,12 @@ def read_conll(path: Path, max_problems: int = 10) -> list[Row]:
         tokens, tags = [], []
 
     with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
+        for line_number, raw in numbered_lines(handle):
             if len(problems) >= max_problems:
                 break
+            if raw is None:
+                problems.append(too_long(line_number))
+                continue
             if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 # Editors on Windows often prepend a byte-order mark; it is not part of the first token.
                 raw = raw[3:]

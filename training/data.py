@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 Row = tuple[int, dict[str, Any]]
 
@@ -41,14 +41,43 @@ class DataError(Exception):
         return self._summary()
 
 
+# One line of a training file is at most this long (a request body's cap): reading is line by line, and a
+# file that is one line of gigabytes must not become one string of gigabytes.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+_SKIP_CHUNK = 1024 * 1024
+
+
+def numbered_lines(handle: IO[bytes], max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+    """Each line as ``(line number, bytes)``; a line longer than ``max_bytes`` comes as ``None``, its bytes
+    skipped in bounded reads, never held whole."""
+    number = 0
+    while raw := handle.readline(max_bytes + 1):
+        number += 1
+        if len(raw) > max_bytes:
+            while not raw.endswith(b"\n"):
+                raw = handle.readline(_SKIP_CHUNK)
+                if not raw:
+                    break
+            yield number, None
+            continue
+        yield number, raw
+
+
+def too_long(line_number: int) -> str:
+    return f"line {line_number}: longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB"
+
+
 def read_jsonl(path: Path, max_problems: int = 10) -> list[Row]:
     """Read one JSON object per line as `(line_number, object)` pairs; raise DataError listing problems."""
     rows: list[Row] = []
     problems: list[str] = []
     with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
+        for line_number, raw in numbered_lines(handle):
             if len(problems) >= max_problems:
                 break
+            if raw is None:
+                problems.append(too_long(line_number))
+                continue
             if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 # Editors on Windows often prepend a byte-order mark; it is not part of the JSON.
                 raw = raw[3:]
@@ -63,6 +92,10 @@ def read_jsonl(path: Path, max_problems: int = 10) -> list[Row]:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
                 problems.append(f"line {line_number}: not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            except RecursionError:
+                # `[[[[…`: the decoder recurses once per level and gives up at the interpreter's limit.
+                problems.append(f"line {line_number}: nested too deeply")
                 continue
             if not isinstance(value, dict):
                 problems.append(f"line {line_number}: expected a JSON object")
@@ -332,7 +365,9 @@ def looks_like_conll(path: Path, sample_lines: int = 50) -> bool:
     seen = 0
     columnar = 0
     with open(path, "rb") as handle:
-        for raw in handle:
+        for _, raw in numbered_lines(handle):
+            if raw is None:
+                return False  # no CoNLL line is that long; JSON Lines reading will name the line
             text = raw.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
             if not text:
                 continue
