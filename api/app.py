@@ -45,7 +45,8 @@ def create_app() -> FastAPI:
     health.register_collectors()
     # Added first, so it runs inside RequestContext: replays get a request ID and metrics too.
     app.add_middleware(Idempotency)
-    app.add_middleware(RequestContext, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContext, max_upload_bytes=settings.max_upload_bytes, hsts=settings.tls_enabled,
+                       operator_token=settings.metrics_token)
 
     # Routes are matched in order, one regex each: the ones polled and called most often come first.
     for module in (fine_tuning, inference, batches, files, models, events, webhooks, limits, compat, health):

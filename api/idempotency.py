@@ -1,8 +1,12 @@
 """``Idempotency-Key`` on every POST, with Stripe's semantics.
 
 The same key and body within 24 h replays the first response (``Idempotent-Replayed: true``); the same key
-with another body is 422; a duplicate while the first is still running is 409. Keys are per tenant.
-A 5xx is not stored, so a retry after our own failure runs again.
+with another body is 422; a duplicate while the first is still running is 409. A 5xx is not stored, so a
+retry after our own failure runs again.
+
+Keys are scoped per API key (stored as a hash of the API key's ID and the client's key): another key of the
+same tenant, which may hold other scopes, never receives a response made for this one (a webhook secret,
+say); its request runs, and meets the route's own scope check.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from fastapi import Request, Response
 from sqlalchemy.orm import Session
 
 from api.boundary import transaction
-from api.deps import bearer_token, principal_for
+from api.deps import Principal, bearer_token, principal_for
 from api.errors import error_response
 from db import idempotency
 
@@ -36,10 +40,14 @@ def _request_hash(method: str, path: str, body: bytes, content_type: str) -> str
     return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + body).hexdigest()
 
 
-async def _tenant_for(request: Request) -> str | None:
+async def _principal(request: Request) -> Principal | None:
     token = bearer_token(request.headers)
-    principal = None if token is None else await principal_for(token)
-    return None if principal is None else principal.tenant_id
+    return None if token is None else await principal_for(token)
+
+
+def _scoped(principal: Principal, key: str) -> str:
+    """The stored key: the client's key within the API key that sent it."""
+    return hashlib.sha256(f"{principal.key_id}\x00{key}".encode()).hexdigest()
 
 
 def _claim(session: Session, *, tenant_id: str, key: str, digest: str, method: str,
@@ -58,9 +66,10 @@ async def idempotency_middleware(request: Request, call_next: Callable[[Request]
     if not key or len(key) > MAX_KEY_LENGTH:
         return error_response(400, f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters", "invalid_request_error",
                               "Idempotency-Key", "invalid_idempotency_key")
-    tenant_id = await _tenant_for(request)
-    if tenant_id is None:
+    principal = await _principal(request)
+    if principal is None:
         return await call_next(request)  # the route answers 401 itself
+    tenant_id, key = principal.tenant_id, _scoped(principal, key)
     body = await request.body()
     digest = _request_hash(request.method, request.url.path, body, request.headers.get("content-type", ""))
     earlier = await transaction(_claim, tenant_id=tenant_id, key=key, digest=digest, method=request.method,

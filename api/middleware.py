@@ -7,6 +7,7 @@ online inference request that is otherwise a few statements and a queue message.
 
 from __future__ import annotations
 
+import hmac
 import time
 import uuid
 
@@ -30,6 +31,10 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oau
                           "/openapi.json"})
 
 
+# Operators' pages, which `LLMOS_METRICS_TOKEN` closes to everyone without it.
+OPERATOR_PATHS = frozenset({"/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -45,9 +50,13 @@ class RequestContext:
     it too; a declared length over the cap is refused without reading a byte.
     """
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_upload_bytes: int, hsts: bool = False,
+                 operator_token: str | None = None) -> None:
         self.app = app
         self.max_upload_bytes = max_upload_bytes
+        self.operator_token = operator_token
+        # Served over TLS: browsers are told to use nothing else for two years.
+        self.hsts = hsts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,6 +79,8 @@ class RequestContext:
                 response_started = True
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
+                if self.hsts:
+                    headers["Strict-Transport-Security"] = "max-age=63072000; includeSubDomains"
                 # Set by the rate limiter once the key is known (api/deps.py), on errors too.
                 for name, value in scope.get(RATE_HEADERS, {}).items():
                     headers[name] = value
@@ -89,6 +100,11 @@ class RequestContext:
                 refusal: Response | None = errors.render(_too_large(cap))
             elif scope["path"] not in PUBLIC_PATHS and _has_body(headers):
                 refusal = await _refuse_without_key(headers)
+            elif self.operator_token and scope["path"] in OPERATOR_PATHS and not _token_matches(
+                    headers, self.operator_token):
+                refusal = errors.render(errors.APIError(
+                    401, "This page needs 'Authorization: Bearer <LLMOS_METRICS_TOKEN>'.",
+                    type_="authentication_error", code="missing_operator_token"))
             else:
                 refusal = None
             if refusal is not None:
@@ -106,6 +122,11 @@ class RequestContext:
             path = getattr(scope.get("route"), "path", "unmatched")
             health.REQUESTS.labels(method, path, str(status)).inc()
             health.LATENCY.labels(method, path).observe(time.perf_counter() - started)
+
+
+def _token_matches(headers: Headers, expected: str) -> bool:
+    token = bearer_token(headers)
+    return token is not None and hmac.compare_digest(token.encode(), expected.encode())
 
 
 class BodyTooLarge(HTTPException):

@@ -12,6 +12,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"", "change-me", "changeme", "admin", "password", "secret"}
+# Shortest secret `LLMOS_ENV=production` accepts.
+MIN_SECRET_LENGTH = 16
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class Settings(BaseSettings):
@@ -29,7 +32,15 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         None, description="Redis (or AMQP) URL; unset means the embedded Redis that `llmos up` runs in HOME."
     )
-    api_host: str = Field("127.0.0.1", description="Address the API binds to.")
+    api_host: str = Field("127.0.0.1", description="Address the API (and Flower) bind to.")
+    tls_certfile: Path | None = Field(
+        None, description="PEM certificate chain: with the key, the API and Flower serve HTTPS only, with HSTS."
+    )
+    tls_keyfile: Path | None = Field(None, description="PEM private key of `LLMOS_TLS_CERTFILE`.")
+    behind_tls_proxy: bool = Field(
+        False, description="1 declares that a reverse proxy terminates TLS in front of the API and Flower, so "
+                           "`production` accepts a non-loopback `LLMOS_API_HOST` without a certificate here."
+    )
     api_port: int = Field(8000, description="API port.")
     flower_port: int = Field(5555, description="Flower port.")
     flower_user: str = Field("admin", description="Flower basic-auth user.")
@@ -38,6 +49,10 @@ class Settings(BaseSettings):
     )
     api_workers: int = Field(
         0, description="API processes behind the port (`llmos api --workers N`); 0 means one per CPU core, at most 4."
+    )
+    metrics_token: str | None = Field(
+        None, description="When set, `/metrics` and the API docs (`/docs`, `/redoc`, `/openapi.json`) answer only "
+                          "requests with `Authorization: Bearer <token>`."
     )
     auth_cache_seconds: float = Field(
         5.0, description="How long an API process trusts a key lookup: a revoked key stops working within this."
@@ -128,11 +143,30 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:
-        if self.env == "production" and (self.flower_password or "") in PLACEHOLDER_SECRETS:
-            raise ValueError("LLMOS_FLOWER_PASSWORD must be set to a real secret when LLMOS_ENV=production")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("LLMOS_TLS_CERTFILE and LLMOS_TLS_KEYFILE are set together, or neither")
+        if self.env == "production":
+            password = self.flower_password or ""
+            if password in PLACEHOLDER_SECRETS or len(password) < MIN_SECRET_LENGTH:
+                raise ValueError(f"LLMOS_FLOWER_PASSWORD must be a real secret of at least {MIN_SECRET_LENGTH} "
+                                 "characters when LLMOS_ENV=production")
+            if self.metrics_token is not None and len(self.metrics_token) < MIN_SECRET_LENGTH:
+                raise ValueError(f"LLMOS_METRICS_TOKEN must be at least {MIN_SECRET_LENGTH} characters when "
+                                 "LLMOS_ENV=production")
+            if self.webhook_allow_private:
+                raise ValueError("LLMOS_WEBHOOK_ALLOW_PRIVATE=1 lets any tenant reach your private network; it is "
+                                 "refused when LLMOS_ENV=production")
+            if self.api_host not in LOOPBACK_HOSTS and not (self.tls_enabled or self.behind_tls_proxy):
+                raise ValueError(f"LLMOS_API_HOST={self.api_host} without TLS would send keys in clear text: set "
+                                 "LLMOS_TLS_CERTFILE and LLMOS_TLS_KEYFILE, or put a TLS-terminating reverse proxy "
+                                 "in front and set LLMOS_BEHIND_TLS_PROXY=1 (LLMOS_ENV=production)")
         if self.broker_visibility_timeout <= self.task_time_limit:
             raise ValueError("LLMOS_BROKER_VISIBILITY_TIMEOUT must exceed LLMOS_TASK_TIME_LIMIT")
         return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_certfile is not None and self.tls_keyfile is not None
 
     # Derived locations: one layout under HOME for every process.
     @property

@@ -79,9 +79,12 @@ def cmd_api(args: argparse.Namespace) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
         # uvloop and httptools: the event loop and HTTP parser in C, a large share of a simple request's CPU.
+        # With a certificate, HTTPS only: the port speaks nothing else.
         uvicorn.run("api.app:create_app", factory=True, host=settings.api_host, port=settings.api_port,
                     workers=workers, loop="uvloop", http="httptools", log_level="warning",
-                    timeout_graceful_shutdown=10)
+                    timeout_graceful_shutdown=10,
+                    ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
+                    ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -140,9 +143,12 @@ def cmd_flower(_: argparse.Namespace) -> None:
     from tasks.app import celery_app
 
     settings = get_settings()
+    # From the environment, not the command line: arguments are readable by every user of the host (`ps`).
+    os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.resolved_flower_password()}"
+    tls = ([f"--certfile={settings.tls_certfile}", f"--keyfile={settings.tls_keyfile}"]
+           if settings.tls_enabled else [])
     celery_app.start(["flower", f"--port={settings.flower_port}", f"--address={settings.api_host}",
-                      f"--basic-auth={settings.flower_user}:{settings.resolved_flower_password()}",
-                      "--persistent=False"])
+                      "--persistent=False", *tls])
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
