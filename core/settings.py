@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     max_request_tokens: int = Field(
         32_768, ge=1, description="Most tokens one completion or chat request may ask for (prompts x n x max_tokens)."
     )
+    generation_max_seconds: float = Field(
+        60.0, gt=0, description="Wall-clock limit of one generation call on an inference worker; past it the "
+                                "answers end with finish_reason `length`."
+    )
     inference_max_wait_seconds: float = Field(
         120.0, gt=0, description="Cap on `Prefer: wait=N`: past it a request answers 202 and is polled."
     )

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.settings import get_settings
+
 TASKS = ("classification", "ner", "generation")
 MAX_PROBLEMS_SHOWN = 5
 
@@ -70,6 +72,7 @@ def problems_message(problems: list[str]) -> str:
 def predictor(task: str, path: Path) -> Any:
     from training import predict
 
-    classes = {"classification": predict.ClassificationPredictor, "ner": predict.NerPredictor,
-               "generation": predict.GenerationPredictor}
+    if task == "generation":
+        return predict.GenerationPredictor(path, max_seconds=get_settings().generation_max_seconds)
+    classes = {"classification": predict.ClassificationPredictor, "ner": predict.NerPredictor}
     return classes[task](path)

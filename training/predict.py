@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,10 @@ def _position_limit(tokenizer: Any, config: Any) -> int | None:
 # --- NER -----------------------------------------------------------------------------------------
 
 
+# Windows of long NER texts run through the model this many at a time.
+WINDOWS_PER_PASS = 32
+
+
 class NerPredictor:
     """Loads a token-classification model once; `predict` finds entities with exact character offsets.
 
@@ -166,14 +171,20 @@ class NerPredictor:
             sample_of = encoded.pop("overflow_to_sample_mapping").tolist()
         else:
             sample_of = list(range(len(texts)))
-        inputs = {k: v.to(self.device) for k, v in encoded.items()}
+        # A long text becomes many windows: they go through the model at most WINDOWS_PER_PASS at a time, so
+        # 32 texts of 100,000 characters cost a few thousand small passes, not one pass of thousands of rows.
+        windows = len(sample_of)
+        bests: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.inference_mode():
-            with torch.autocast(
-                device_type=self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None
-            ):
-                logits = self.model(**inputs).logits
-            probabilities = logits.float().softmax(dim=-1).cpu()
-        best_p, best_id = probabilities.max(dim=-1)
+            for start in range(0, windows, WINDOWS_PER_PASS):
+                inputs = {k: v[start : start + WINDOWS_PER_PASS].to(self.device) for k, v in encoded.items()}
+                with torch.autocast(
+                    device_type=self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None
+                ):
+                    logits = self.model(**inputs).logits
+                bests.append(logits.float().softmax(dim=-1).max(dim=-1))
+        best_p = torch.cat([p for p, _ in bests]).cpu()
+        best_id = torch.cat([i for _, i in bests]).cpu()
         # word index -> [label id, probability, start, end]; the first window that has a word's start wins.
         words: list[dict[int, list[Any]]] = [{} for _ in texts]
         for window, sample in enumerate(sample_of):
@@ -224,8 +235,10 @@ def group_entities(text: str, words: list[tuple[str, float, int, int]]) -> list[
 class GenerationPredictor:
     """Loads a causal LM once; `generate` completes prompts and `chat` answers conversations, in batches."""
 
-    def __init__(self, model_dir: Path, device: torch.device | None = None) -> None:
+    def __init__(self, model_dir: Path, device: torch.device | None = None, max_seconds: float | None = None) -> None:
         self.device = device or pick_device()
+        # Wall-clock limit of one call's generation; past it, sequences end as if at max_tokens ("length").
+        self.max_seconds = max_seconds
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token_id is None:
             # Padding is masked out; EOS always exists in a causal LM's vocabulary.
@@ -317,6 +330,7 @@ class GenerationPredictor:
                     f"the model's context of {self.context_length} tokens"
                 )
         config = self._generation_config(max_tokens, temperature, top_p, stops, n)
+        deadline = None if self.max_seconds is None else time.monotonic() + self.max_seconds
         # Batching prompts of similar length wastes less compute on padding.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[list[dict[str, Any]]] = [[] for _ in encoded]
@@ -326,6 +340,9 @@ class GenerationPredictor:
                 torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
+                if deadline is not None:
+                    # One limit for the whole call: each batch gets what is left (at least one step).
+                    config.max_time = max(deadline - time.monotonic(), 1e-3)
                 outputs = self._generate_batch([encoded[i] for i in chunk], config, bool(stops))
                 for j, i in enumerate(chunk):
                     results[i] = [self._choice(encoded[i], out, stops) for out in outputs[j * n : (j + 1) * n]]

@@ -193,6 +193,19 @@ def test_predictor_completes_learned_prompts(trained: tuple[GenerationResult, Re
     assert alone == [out[0]["text"] for out in outputs[:3]]
 
 
+def test_generation_stops_at_its_time_limit(trained: tuple[GenerationResult, Recorder]) -> None:
+    result, _ = trained
+    assert result.model_dir is not None
+    prompt = ["what color is the sky ?"]
+    (free,) = GenerationPredictor(result.model_dir, device=torch.device("cpu")).generate(prompt, max_tokens=12,
+                                                                                         temperature=0)[0:1]
+    assert free[0]["finish_reason"] == "stop" and free[0]["completion_tokens"] > 2
+    limited = GenerationPredictor(result.model_dir, device=torch.device("cpu"), max_seconds=1e-6)
+    ((cut,),) = limited.generate(prompt, max_tokens=12, temperature=0)
+    # The limit is checked after each step: one token, then the answer ends as at max_tokens.
+    assert cut["finish_reason"] == "length" and cut["completion_tokens"] == 1
+
+
 def test_predictor_stop_length_sampling_and_limits(trained: tuple[GenerationResult, Recorder]) -> None:
     result, _ = trained
     assert result.model_dir is not None

@@ -189,6 +189,25 @@ def test_ner_predictor_reads_past_the_length_limit(trained: tuple[NerResult, Rec
     assert entities[1]["start"] == text.index("Paris") and entities[1]["end"] == text.index("Paris") + 5
 
 
+def test_ner_predictor_runs_long_texts_windows_a_bounded_number_at_a_time(
+    trained: tuple[NerResult, Recorder],
+) -> None:
+    from training.predict import WINDOWS_PER_PASS
+
+    result, _ = trained
+    assert result.model_dir is not None
+    predictor = NerPredictor(result.model_dir, device=torch.device("cpu"))
+    passes: list[int] = []
+    predictor.model.register_forward_pre_hook(lambda _, args, kwargs: passes.append(len(kwargs["input_ids"])),
+                                              with_kwargs=True)
+    text = "nobody went to the market today . " * 600 + "we met Mary Jones in Paris ."
+    (entities,) = predictor.predict([text, "Tom lives in Rome ."])[:1]
+    assert sum(passes) > WINDOWS_PER_PASS, passes  # the long text became more windows than one pass takes
+    assert max(passes) <= WINDOWS_PER_PASS
+    assert [(e["entity_group"], e["text"]) for e in entities] == [("PER", "Mary Jones"), ("LOC", "Paris")]
+    assert entities[1]["start"] == text.index("Paris")
+
+
 def test_ner_refuses_bad_rows(tiny_bert: Path, tmp_path: Path) -> None:
     spec = NerSpec(
         base_model_dir=tiny_bert,
