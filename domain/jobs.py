@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +163,20 @@ def offer_to_workers(session: Session, job: FineTuningJob) -> None:
     dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id)
 
 
+# An absolute path of two or more parts, as exceptions quote them ("/srv/llmos/artifacts/…/model.bin").
+_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@%+=,-]+/)+[\w.@%+=,-]*")
+
+
+def scrub(message: str) -> str:
+    """A message fit for a client: no server paths and no host name (exceptions from training quote both)."""
+    message = _PATH.sub("<path>", message)
+    host = socket.gethostname()
+    return message.replace(host, "<host>") if len(host) > 2 else message
+
+
 def failure(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"code": code, "message": message, "param": param}
+    """A job's `error`; its message scrubbed of server paths and host names."""
+    return {"code": code, "message": scrub(message), "param": param}
 
 
 def holds_claim(job: FineTuningJob, attempt: int) -> bool:
@@ -373,7 +387,7 @@ def fail_attempt(session: Session, *, job_id: str, attempt: int, message: str) -
     job = _claimed(session, job_id, attempt)
     if job is None:
         return
-    transition(session, job, FAILED, f"Training failed: {message}", level="error",
+    transition(session, job, FAILED, f"Training failed: {scrub(message)}", level="error",
                error=failure("training_error", message))
     jobs_repo.release_claim(session, job_id, attempt, "failed")
 

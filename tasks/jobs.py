@@ -148,7 +148,9 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
             # Earlier attempts (ended by crashes) used the whole budget: no point in starting again.
             jobs.fail_over_runtime(session, job, attempt, runtime_limit, (job.progress or {}).get("step"))
             return
-        jobs.add_job_event(session, job, f"Training started on {worker} (attempt {attempt})")
+        # Which host runs it is for operators (logs, Flower), not for clients.
+        jobs.add_job_event(session, job, f"Training started (attempt {attempt})")
+        log.info("train %s: attempt %s on %s", job_id, attempt, worker)
         emit_event(session, job.tenant_id, jobs.EVENT_TYPES[jobs.RUNNING], jobs.job_object(job))
         snapshot = {"task": job.task, "hyperparameters": job.hyperparameters, "seed": job.seed}
 

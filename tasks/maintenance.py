@@ -65,7 +65,8 @@ def reconcile() -> dict[str, int]:
                 counts["failed"] += 1
             else:
                 jobs.transition(session, job, jobs.QUEUED,
-                                f"Worker {job.worker} stopped responding; requeued", level="warn")
+                                "The worker stopped responding; requeued", level="warn")
+                log.warning("job %s: worker %s stopped responding; requeued", job.id, job.worker)
                 jobs.offer_to_workers(session, job)
                 counts["requeued"] += 1
     with transaction() as session:
