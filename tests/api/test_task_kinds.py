@@ -123,6 +123,8 @@ def test_model_download_is_a_loadable_tar(api: Api, tmp_path: Any) -> None:
                   hyperparameters={"n_epochs": 3, "batch_size": 8, "learning_rate": 3e-3})
     response = api.http.get(f"/v1/models/{done['fine_tuned_model']}/content")
     assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
+    # Written out as it is read (chunked), never built whole on the server's disk first.
+    assert response.headers.get("transfer-encoding") == "chunked" and "content-length" not in response.headers
     with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
         archive.extractall(tmp_path, filter="data")
     (model_dir,) = list(tmp_path.iterdir())
