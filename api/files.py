@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -76,6 +77,7 @@ async def file_content(file_id: str, principal: Principal = Depends(files_scope)
 
 @router.delete("/{file_id}", summary="Delete a file", response_model=objects.Deleted)
 async def delete_file(file_id: str, principal: Principal = Depends(files_scope)) -> dict[str, Any]:
-    deleted = await transaction(files.delete_file, tenant_id=principal.tenant_id, file_id=file_id)
-    file_path(principal.tenant_id, file_id).unlink(missing_ok=True)
+    deleted, stored_at = await transaction(files.delete_file, tenant_id=principal.tenant_id, file_id=file_id)
+    # Where the row says: a job's results and a batch's output live beside the job or batch, not with uploads.
+    await anyio.to_thread.run_sync(lambda: Path(stored_at).unlink(missing_ok=True))
     return deleted

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     batch_chunk_lines: int = Field(
         500, description="Lines of a batch file run as one task; a crash redoes at most one chunk."
     )
+    retention_days: float = Field(
+        30.0, ge=0, description="Answered inference requests (inputs and outputs), events and webhook delivery "
+                                "attempts older than this are deleted by beat, hourly; 0 keeps them forever."
+    )
     default_classification_model: str = Field("tiny-bert", description="Model of the seed routes for labels.")
     default_generation_model: str = Field("tiny-gpt2", description="Model of the seed routes for text.")
     webhook_allow_private: bool = Field(False, description="1 lets webhooks reach loopback/private addresses.")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, text
+from sqlalchemy import Connection, bindparam, delete, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Session
 from sqlalchemy.types import DateTime, String
@@ -117,3 +117,9 @@ def finish(conn: Connection, outcomes: list[tuple[str, dict[str, Any]]], finishe
 def abandon(conn: Connection, before: datetime, now: datetime, error: dict[str, Any]) -> int:
     """Fail the requests created before `before` that are still unanswered; how many there were."""
     return conn.execute(_ABANDON, {"before": before, "now": now, "error": error}).rowcount
+
+
+def purge_finished(session: Session, before: datetime) -> int:
+    """Delete answered requests (their inputs and outputs) finished before ``before``."""
+    result = session.execute(delete(Inference).where(Inference.finished_at < before))
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from datetime import datetime
+
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from db.models import DeliveryAttempt, OutboxEvent, WebhookDelivery, WebhookEndpoint
@@ -43,3 +45,11 @@ def destinations(session: Session, event_id: str) -> list[tuple[str | None, str,
     rows = session.execute(select(WebhookDelivery.endpoint_id, WebhookDelivery.destination, WebhookDelivery.url)
                            .where(WebhookDelivery.event_id == event_id).distinct()).all()
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+def purge_events(session: Session, before: datetime) -> int:
+    """Delete events made before ``before`` that no delivery still waits on, with their deliveries and attempts."""
+    waiting = select(WebhookDelivery.event_id).where(WebhookDelivery.status == "pending")
+    result = session.execute(delete(OutboxEvent).where(
+        OutboxEvent.created_at < before, OutboxEvent.dispatched_at.is_not(None), OutboxEvent.id.not_in(waiting)))
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -27,6 +27,7 @@ TASK_VALIDATE = "llmos.jobs.validate"
 TASK_TRAIN = "llmos.jobs.train"
 TASK_INFER = "llmos.inference.run"
 TASK_RECONCILE = "llmos.maintenance.reconcile"
+TASK_PURGE = "llmos.maintenance.purge"
 
 _PENDING_KEY = "llmos_pending_tasks"
 

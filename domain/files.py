@@ -61,8 +61,9 @@ def content_of(session: Session, *, tenant_id: str, file_id: str) -> tuple[str, 
     return row.path, row.filename
 
 
-def delete_file(session: Session, *, tenant_id: str, file_id: str) -> dict[str, Any]:
-    """Mark the file deleted; refused while an unfinished job or batch reads it. The caller removes the bytes."""
+def delete_file(session: Session, *, tenant_id: str, file_id: str) -> tuple[dict[str, Any], str]:
+    """Mark the file deleted; refused while an unfinished job or batch reads it. Returns the deleted object and
+    where its bytes are (uploads, results and batch outputs alike), for the caller to remove after commit."""
     row = _file(session, tenant_id, file_id)
     job = files_repo.unfinished_job_using(session, tenant_id, file_id, TERMINAL)
     if job:
@@ -71,4 +72,4 @@ def delete_file(session: Session, *, tenant_id: str, file_id: str) -> dict[str, 
     if batch:
         raise conflict(f"file {file_id} is the input of batch {batch}, which has not finished", code="file_in_use")
     row.deleted_at = utcnow()
-    return {"id": file_id, "object": "file", "deleted": True}
+    return {"id": file_id, "object": "file", "deleted": True}, row.path

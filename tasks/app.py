@@ -44,6 +44,11 @@ def create_celery() -> Celery:
                 "schedule": timedelta(seconds=settings.webhook_dispatch_seconds),
                 "options": {"queue": dispatch.QUEUE_CPU, "expires": max(settings.webhook_dispatch_seconds, 5)},
             },
+            "retention": {
+                "task": dispatch.TASK_PURGE,
+                "schedule": timedelta(hours=1),
+                "options": {"queue": dispatch.QUEUE_CPU, "expires": 3600},
+            },
             "batches": {
                 "task": "llmos.maintenance.reconcile_batches",
                 "schedule": timedelta(seconds=settings.reconcile_seconds),

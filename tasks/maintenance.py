@@ -10,6 +10,7 @@ from core.clock import utcnow
 from core.settings import get_settings
 from db import idempotency, inferences
 from db import jobs as jobs_repo
+from db import webhooks as webhooks_repo
 from db.session import relaxed_engine, transaction
 from domain import batches, dispatch, jobs
 from infra import broker
@@ -79,6 +80,22 @@ def reconcile() -> dict[str, int]:
             "message": f"no worker answered within {settings.inference_abandon_seconds:.0f}s; send the request again"})
     if any(counts.values()):
         log.info("reconcile: %s", counts)
+    return counts
+
+
+@celery_app.task(name=dispatch.TASK_PURGE)
+def purge() -> dict[str, int]:
+    """Retention (beat, hourly): what is older than `retention_days` goes, in bounded transactions."""
+    settings = get_settings()
+    if settings.retention_days <= 0:
+        return {}
+    before = utcnow() - timedelta(days=settings.retention_days)
+    with transaction() as session:
+        counts = {"inferences": inferences.purge_finished(session, before)}
+    with transaction() as session:
+        counts["events"] = webhooks_repo.purge_events(session, before)
+    if any(counts.values()):
+        log.info("purge (older than %s days): %s", settings.retention_days, counts)
     return counts
 
 
