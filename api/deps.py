@@ -1,7 +1,8 @@
 """Request dependencies: the authenticated principal and its scopes.
 
 Keys are looked up by hash and remembered per process for `auth_cache_seconds` (5 s by default): a
-request then costs no database round trip for its key, and a revoked key stops working within that time.
+request then costs no database round trip for its key, and a revoked key stops working within that time
+(an expired one at once: its expiry is checked on every request). Each lookup also records the key's use.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Principal:
     # The tenant's rate limits in force; None is unlimited.
     rpm: int | None = None
     tpm: int | None = None
+    # Unix time the key stops working (None: never); checked on every request, cached or not.
+    expires_at: float | None = None
 
 
 _keys: dict[str, tuple[float, Principal | None]] = {}
@@ -53,11 +56,15 @@ async def principal_for(token: str) -> Principal | None:
     now = time.monotonic()
     cached = _keys.get(digest)
     if cached is not None and cached[0] > now:
-        return cached[1]
+        principal = cached[1]
+        if principal is not None and principal.expires_at is not None and principal.expires_at <= time.time():
+            return None
+        return principal
     found = await read_rows(tenants.find_active_key, key_hash=digest)
     principal = None if found is None else Principal(
         tenant_id=found.tenant_id, tenant_name=found.tenant_name, key_id=found.key_id, scopes=frozenset(found.scopes),
-        rpm=effective(found.rpm, "rpm"), tpm=effective(found.tpm, "tpm"))
+        rpm=effective(found.rpm, "rpm"), tpm=effective(found.tpm, "tpm"),
+        expires_at=None if found.expires_at is None else found.expires_at.timestamp())
     if len(_keys) >= KEY_CACHE_ENTRIES:
         _keys.clear()
     _keys[digest] = (now + get_settings().auth_cache_seconds, principal)
@@ -69,7 +76,8 @@ def key_refused(token: str | None) -> APIError:
     if token is None:
         return APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
                         type_="authentication_error", code="missing_api_key")
-    return APIError(401, "Invalid or revoked API key.", type_="authentication_error", code="invalid_api_key")
+    return APIError(401, "Invalid, expired or revoked API key.", type_="authentication_error",
+                    code="invalid_api_key")
 
 
 # Where a request's `x-ratelimit-*` headers wait in its ASGI scope for the response (RequestContext sends them).

@@ -60,6 +60,23 @@ class ApiKey(Base):
     scopes: Mapped[list[str]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    # None: never expires.
+    expires_at: Mapped[datetime | None]
+    # Refreshed when an API process looks the key up (at most once per process per auth cache period).
+    last_used_at: Mapped[datetime | None]
+
+
+class AuditEntry(Base):
+    """An administrative action: who did what to which key, tenant or model."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(256))
+    details: Mapped[JSON | None]
 
 
 class File(Base):

@@ -6,13 +6,15 @@ import hashlib
 import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import ids
 from core.clock import utcnow
-from db.models import ApiKey, Batch, File, FineTuningJob, Tenant, WebhookEndpoint
+from db.models import ApiKey, AuditEntry, Batch, File, FineTuningJob, Tenant, WebhookEndpoint
 
 KEY_PREFIX = "sk-llmos-"
 
@@ -30,12 +32,13 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
     return tenant
 
 
-def create_key(session: Session, tenant: Tenant, scopes: list[str]) -> tuple[ApiKey, str]:
+def create_key(session: Session, tenant: Tenant, scopes: list[str],
+               expires_at: datetime | None = None) -> tuple[ApiKey, str]:
     """Create a key; the plaintext is returned once and only its hash is stored."""
     plaintext = KEY_PREFIX + secrets.token_urlsafe(24)
     row = ApiKey(
         id=ids.new_id(ids.KEY), tenant_id=tenant.id, key_hash=hash_key(plaintext),
-        prefix=plaintext[: len(KEY_PREFIX) + 4], scopes=sorted(set(scopes)),
+        prefix=plaintext[: len(KEY_PREFIX) + 4], scopes=sorted(set(scopes)), expires_at=expires_at,
     )
     session.add(row)
     session.flush()
@@ -51,20 +54,24 @@ class ActiveKey:
     # The tenant's own rate limits (None: the setting's default), cached with the key.
     rpm: int | None
     tpm: int | None
+    expires_at: datetime | None
 
 
 # Every request whose key is not cached runs this: plain columns, compiled once, no ORM identity map or
-# entity loading, on an autocommit connection, so no BEGIN/ROLLBACK round trip wraps it either.
+# entity loading, on an autocommit connection, so no BEGIN/ROLLBACK round trip wraps it either. It is an
+# UPDATE so that the same round trip records the key's use (`last_used_at`, as fresh as the auth cache).
 _ACTIVE_KEY = (
-    select(ApiKey.id, ApiKey.scopes, Tenant.id, Tenant.name, Tenant.rpm, Tenant.tpm)
-    .join(Tenant, Tenant.id == ApiKey.tenant_id)
-    .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+    update(ApiKey)
+    .where(ApiKey.key_hash == bindparam("digest"), ApiKey.revoked_at.is_(None),
+           or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > func.now()), Tenant.id == ApiKey.tenant_id)
+    .values(last_used_at=func.now())
+    .returning(ApiKey.id, ApiKey.scopes, Tenant.id, Tenant.name, Tenant.rpm, Tenant.tpm, ApiKey.expires_at)
 )
 
 
 def find_active_key(conn: Connection, key_hash: str) -> ActiveKey | None:
-    """The unrevoked key with this hash (`hash_key` of its plaintext), and its tenant."""
-    row = conn.execute(_ACTIVE_KEY, {"key_hash": key_hash}).first()
+    """The unrevoked, unexpired key with this hash (`hash_key` of its plaintext), and its tenant; marks it used."""
+    row = conn.execute(_ACTIVE_KEY, {"digest": key_hash}).first()
     return None if row is None else ActiveKey(*row)
 
 
@@ -120,3 +127,11 @@ def count_webhook_endpoints(session: Session, tenant_id: str) -> int:
 def stored_bytes(session: Session, tenant_id: str) -> int:
     return int(session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(
         File.tenant_id == tenant_id, File.deleted_at.is_(None))) or 0)
+
+
+def record_audit(session: Session, actor: str, action: str, target: str | None, details: dict[str, Any] | None) -> None:
+    session.add(AuditEntry(created_at=utcnow(), actor=actor, action=action, target=target, details=details))
+
+
+def audit_entries(session: Session, limit: int) -> list[AuditEntry]:
+    return list(session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)))

@@ -10,6 +10,7 @@ from core.clock import unix, utcnow
 from core.errors import ServiceError, not_found
 from db import registry
 from db.models import Model
+from domain import audit
 
 
 def model_object(row: Model) -> dict[str, Any]:
@@ -36,9 +37,13 @@ def all_models(session: Session) -> list[dict[str, Any]]:
 
 
 def register_base_model(session: Session, *, name: str, path: str, tasks: list[str], architecture: str,
-                        description: str) -> None:
-    """Add (or update) a base model every tenant may use."""
+                        description: str, actor: str | None = None) -> None:
+    """Add (or update) a base model every tenant may use; an import by ``actor`` goes in the audit log (the
+    built-in models registered at every start do not)."""
     registry.upsert_base_model(session, name, path, tasks, architecture, description)
+    if actor is not None:
+        audit.record(session, actor=actor, action="model.imported", target=name,
+                     details={"tasks": tasks, "architecture": architecture})
 
 
 def list_models(session: Session, *, tenant_id: str) -> dict[str, Any]:

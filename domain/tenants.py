@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from core.errors import ServiceError, not_found
 from db import tenants as tenants_repo
 from db.models import Tenant
-from domain import batches, jobs
+from domain import audit, batches, jobs
 from domain.quotas import LIMITS, effective
 
 __all__ = ["LIMITS", "get_limits", "list_tenants", "set_limits", "show_tenant"]
@@ -76,7 +76,8 @@ def show_tenant(session: Session, *, name: str) -> dict[str, Any]:
     return tenant_object(session, tenant)
 
 
-def set_limits(session: Session, *, name: str, weight: float | None = None, **limits: int | None) -> dict[str, Any]:
+def set_limits(session: Session, *, name: str, weight: float | None = None, actor: str = "system",
+               **limits: int | None) -> dict[str, Any]:
     """Set the given limits of an existing tenant (0: unlimited); the API applies them within its key cache time."""
     tenant = tenants_repo.get_tenant(session, name)
     if tenant is None:
@@ -94,4 +95,6 @@ def set_limits(session: Session, *, name: str, weight: float | None = None, **li
             raise ServiceError(400, f"weight: must be above 0, not {weight}", param="weight")
         tenant.weight = weight
     session.flush()
+    changed = {k: v for k, v in {**limits, "weight": weight}.items() if v is not None}
+    audit.record(session, actor=actor, action="tenant.limits_set", target=name, details=changed)
     return tenant_object(session, tenant)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import getpass
 import json
 import logging
 import os
 import shutil
 import socket
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -151,30 +154,76 @@ def cmd_flower(_: argparse.Namespace) -> None:
                       "--persistent=False", *tls])
 
 
+def actor() -> str:
+    """Who runs an administrative command, for the audit log."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid {os.getuid()}"
+
+
+_DURATION = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _expiry(text: str | None) -> datetime | None:
+    """``--expires-in 90d`` (or ``12h``, ``30m``) as the moment the key stops working."""
+    if text is None:
+        return None
+    amount, unit = text[:-1], text[-1:]
+    if unit not in _DURATION or not amount.isdigit() or int(amount) < 1:
+        raise SystemExit(f"error: --expires-in takes a whole number and a unit (m, h or d), such as 90d; not {text}")
+    return datetime.now(UTC) + timedelta(seconds=int(amount) * _DURATION[unit])
+
+
+def _when(unix_time: int | None) -> str:
+    return "-" if unix_time is None else datetime.fromtimestamp(unix_time, UTC).strftime("%Y-%m-%d %H:%M")
+
+
 def cmd_keys(args: argparse.Namespace) -> None:
     from db.session import transaction
     from domain import keys
-    from ops.bootstrap import create_key
 
     if args.keys_command == "create":
-        key_id, plaintext, scopes = create_key(args.tenant, _parse_scopes(args.scope))
+        with transaction() as session:
+            created = keys.create_key(session, tenant=args.tenant, scopes=_parse_scopes(args.scope),
+                                      expires_at=_expiry(args.expires_in), actor=actor())
         if args.json:
-            print(json.dumps({"id": key_id, "key": plaintext, "tenant": args.tenant, "scopes": scopes}))
+            print(json.dumps(created))
         else:
-            print(f"created key {key_id} for tenant {args.tenant} with scopes {','.join(scopes)}")
+            expiry = f", expiring {_when(created['expires_at'])} UTC" if created["expires_at"] else ""
+            print(f"created key {created['id']} for tenant {args.tenant} with scopes "
+                  f"{','.join(created['scopes'])}{expiry}")
             print("store it now; it is not shown again:")
-            print(plaintext)
+            print(created["key"])
     elif args.keys_command == "list":
         with transaction() as session:
             listed = keys.list_keys(session)
+        print(f"{'ID':<30} {'TENANT':<20} {'PREFIX':<14} {'STATE':<8} {'EXPIRES':<16} {'LAST USED':<16} SCOPES")
         for key in listed:
-            state = "revoked" if key["revoked"] else "active"
-            print(f"{key['id']}  {key['tenant']:<20} {key['prefix']}…  {state:<8} {','.join(key['scopes'])}")
+            expired = key["expires_at"] is not None and key["expires_at"] <= time.time()
+            state = "revoked" if key["revoked"] else "expired" if expired else "active"
+            print(f"{key['id']:<30} {key['tenant']:<20} {key['prefix'] + '…':<14} {state:<8} "
+                  f"{_when(key['expires_at']):<16} {_when(key['last_used_at']):<16} {','.join(key['scopes'])}")
     elif args.keys_command == "revoke":
         with transaction() as session:
-            if not keys.revoke_key(session, key_id=args.key_id):
+            if not keys.revoke_key(session, key_id=args.key_id, actor=actor()):
                 raise SystemExit(f"error: no active key {args.key_id}")
         print(f"revoked {args.key_id}")
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from db.session import transaction
+    from domain import audit
+
+    with transaction() as session:
+        found = audit.entries(session, limit=args.limit)
+    if args.json:
+        print(json.dumps(found))
+        return
+    for entry in found:
+        details = json.dumps(entry["details"], sort_keys=True) if entry["details"] else ""
+        print(f"{_when(entry['created_at'])}  {entry['actor']:<20} {entry['action']:<18} {entry['target'] or '-'}"
+              f"  {details}")
 
 
 def _limit_text(value: Any) -> str:
@@ -205,7 +254,7 @@ def cmd_tenants(args: argparse.Namespace) -> None:
                 found = tenants.show_tenant(session, name=args.name)
             else:
                 limits = {name: getattr(args, name) for name in tenants.LIMITS}
-                found = tenants.set_limits(session, name=args.name, weight=args.weight, **limits)
+                found = tenants.set_limits(session, name=args.name, weight=args.weight, actor=actor(), **limits)
     except ServiceError as exc:
         raise SystemExit(f"error: {exc.message}") from None
     if args.json:
@@ -252,7 +301,8 @@ def cmd_models(args: argparse.Namespace) -> None:
         shutil.copytree(source, dest)
         with transaction() as session:
             models.register_base_model(session, name=args.name, path=str(dest), tasks=tasks,
-                                       architecture=architecture, description=f"imported from {source}")
+                                       architecture=architecture, description=f"imported from {source}",
+                                       actor=actor())
         print(f"imported {args.name} ({architecture}; {', '.join(tasks)})")
 
 
@@ -279,10 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="create a key (printed once)")
     create.add_argument("--tenant", required=True)
     create.add_argument("--scope", action="append", help=f"repeatable or comma-separated: {', '.join(SCOPES)}")
+    create.add_argument("--expires-in", metavar="DURATION", help="the key stops working after this: 30m, 12h, 90d")
     create.add_argument("--json", action="store_true")
     keys.add_parser("list", help="list keys")
     revoke = keys.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
+
+    audit = sub.add_parser("audit", help="administrative actions: keys, tenant limits, model imports")
+    audit.add_argument("--limit", type=int, default=50, help="newest entries shown (50)")
+    audit.add_argument("--json", action="store_true")
 
     tenants = sub.add_parser("tenants", help="tenants: rate limits, quotas and scheduling weight").add_subparsers(
         dest="tenants_command", required=True)
@@ -337,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 HANDLERS: dict[str, Any] = {
     "up": cmd_up, "api": cmd_api, "worker": cmd_worker, "beat": cmd_beat, "flower": cmd_flower,
-    "migrate": cmd_migrate, "keys": cmd_keys, "tenants": cmd_tenants, "models": cmd_models,
+    "migrate": cmd_migrate, "keys": cmd_keys, "tenants": cmd_tenants, "audit": cmd_audit, "models": cmd_models,
 }
 
 
