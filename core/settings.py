@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +50,10 @@ class Settings(BaseSettings):
     )
     api_workers: int = Field(
         0, description="API processes behind the port (`llmos api --workers N`); 0 means one per CPU core, at most 4."
+    )
+    secret_key: str | None = Field(
+        None, description="Keys sealing webhook secrets at rest, comma-separated, the first sealing (rotation: "
+                          "README). Unset in development: generated into HOME/run/secret_key."
     )
     metrics_token: str | None = Field(
         None, description="When set, `/metrics` and the API docs (`/docs`, `/redoc`, `/openapi.json`) answer only "
@@ -158,6 +163,9 @@ class Settings(BaseSettings):
             if password in PLACEHOLDER_SECRETS or len(password) < MIN_SECRET_LENGTH:
                 raise ValueError(f"LLMOS_FLOWER_PASSWORD must be a real secret of at least {MIN_SECRET_LENGTH} "
                                  "characters when LLMOS_ENV=production")
+            if not self.secret_key or any(len(k.strip()) < MIN_SECRET_LENGTH for k in self.secret_key.split(",")):
+                raise ValueError(f"LLMOS_SECRET_KEY must be set, each key at least {MIN_SECRET_LENGTH} characters, "
+                                 "when LLMOS_ENV=production")
             if self.metrics_token is not None and len(self.metrics_token) < MIN_SECRET_LENGTH:
                 raise ValueError(f"LLMOS_METRICS_TOKEN must be at least {MIN_SECRET_LENGTH} characters when "
                                  "LLMOS_ENV=production")
@@ -212,6 +220,26 @@ class Settings(BaseSettings):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(secrets.token_urlsafe(18))
             path.chmod(0o600)
+        return path.read_text().strip()
+
+    def resolved_secret_key(self) -> str:
+        if self.secret_key:
+            return self.secret_key
+        path = self.run_dir / "secret_key"
+        if not path.exists():
+            # Every process of a deployment may get here at once and all must agree: the key is written
+            # whole to a file of its own, then linked into place, which only the first process succeeds at.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draft = path.with_name(f".secret_key.{os.getpid()}.{secrets.token_hex(4)}")
+            descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_urlsafe(32))
+            try:
+                os.link(draft, path)
+            except FileExistsError:
+                pass
+            finally:
+                draft.unlink()
         return path.read_text().strip()
 
     def _embedded(self, key: str) -> str:

@@ -245,8 +245,9 @@ class WebhookEndpoint(Base):
     description: Mapped[str | None] = mapped_column(String(512))
     status: Mapped[str] = mapped_column(String(16), default="enabled")
     # HMAC keys must be usable to sign, so they are stored, like Stripe's; never shown after creation.
-    secret: Mapped[str] = mapped_column(String(128))
-    previous_secret: Mapped[str | None] = mapped_column(String(128))
+    # Sealed at rest (core/sealing.py).
+    secret: Mapped[str] = mapped_column(Text)
+    previous_secret: Mapped[str | None] = mapped_column(Text)
     previous_secret_expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -259,7 +260,7 @@ class TenantWebhookSecret(Base):
     __tablename__ = "tenant_webhook_secrets"
 
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
-    secret: Mapped[str] = mapped_column(String(128))
+    secret: Mapped[str] = mapped_column(Text)  # sealed at rest
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

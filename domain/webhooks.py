@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from core import ids
 from core.clock import unix, utcnow
 from core.errors import not_found
+from core.sealing import reseal, seal, unseal
 from core.settings import get_settings
 from db import tenants as tenants_repo
 from db import webhooks as webhooks_repo
@@ -104,18 +105,32 @@ def tenant_secret(session: Session, tenant_id: str) -> str:
     """The tenant's default signing secret, created on first use."""
     row = session.get(TenantWebhookSecret, tenant_id)
     if row is None:
-        row = TenantWebhookSecret(tenant_id=tenant_id, secret=new_secret())
+        row = TenantWebhookSecret(tenant_id=tenant_id, secret=seal(new_secret()))
         session.add(row)
         session.flush()
-    return row.secret
+    return unseal(row.secret)
 
 
 def active_secrets(endpoint: WebhookEndpoint) -> list[str]:
-    keys = [endpoint.secret]
+    keys = [unseal(endpoint.secret)]
     if endpoint.previous_secret and endpoint.previous_secret_expires_at and \
             endpoint.previous_secret_expires_at > utcnow():
-        keys.append(endpoint.previous_secret)
+        keys.append(unseal(endpoint.previous_secret))
     return keys
+
+
+def reseal_secrets(session: Session) -> int:
+    """Seal every stored signing secret with the first key of `LLMOS_SECRET_KEY` (rotation; plain ones too)."""
+    count = 0
+    for endpoint in session.scalars(select(WebhookEndpoint)):
+        endpoint.secret = reseal(endpoint.secret)
+        if endpoint.previous_secret:
+            endpoint.previous_secret = reseal(endpoint.previous_secret)
+        count += 1
+    for row in session.scalars(select(TenantWebhookSecret)):
+        row.secret = reseal(row.secret)
+        count += 1
+    return count
 
 
 def url_destination(url: str) -> str:
@@ -162,7 +177,7 @@ def endpoint_object(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> 
         "updated_at": unix(endpoint.updated_at),
     }
     if with_secret:
-        body["secret"] = endpoint.secret
+        body["secret"] = unseal(endpoint.secret)
     return body
 
 
@@ -183,7 +198,7 @@ def create_endpoint(session: Session, *, tenant_id: str, url: str, events: list[
     quotas.take(session, tenant_id, "max_webhook_endpoints",
                 lambda: tenants_repo.count_webhook_endpoints(session, tenant_id))
     row = WebhookEndpoint(id=ids.new_id(ids.WEBHOOK_ENDPOINT), tenant_id=tenant_id, url=url, events=events,
-                          description=description, status="enabled", secret=new_secret())
+                          description=description, status="enabled", secret=seal(new_secret()))
     session.add(row)
     session.flush()
     return endpoint_object(row, with_secret=True)
@@ -228,7 +243,7 @@ def rotate_secret(session: Session, *, tenant_id: str, endpoint_id: str) -> dict
     row = _endpoint(session, tenant_id, endpoint_id)
     row.previous_secret = row.secret
     row.previous_secret_expires_at = utcnow() + ROTATION_OVERLAP
-    row.secret = new_secret()
+    row.secret = seal(new_secret())
     row.updated_at = utcnow()
     session.flush()
     return endpoint_object(row, with_secret=True)

@@ -211,6 +211,16 @@ def cmd_keys(args: argparse.Namespace) -> None:
         print(f"revoked {args.key_id}")
 
 
+def cmd_secrets(_: argparse.Namespace) -> None:
+    from db.session import transaction
+    from domain import audit, webhooks
+
+    with transaction() as session:
+        count = webhooks.reseal_secrets(session)
+        audit.record(session, actor=actor(), action="secrets.resealed", target=None, details={"secrets": count})
+    print(f"sealed {count} webhook secrets with the first key of LLMOS_SECRET_KEY; older keys may now be removed")
+
+
 def cmd_audit(args: argparse.Namespace) -> None:
     from db.session import transaction
     from domain import audit
@@ -335,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
 
+    secrets_cli = sub.add_parser("secrets", help="secrets at rest").add_subparsers(dest="secrets_command",
+                                                                                   required=True)
+    secrets_cli.add_parser("rotate", help="re-seal every stored webhook secret with the first LLMOS_SECRET_KEY")
+
     audit = sub.add_parser("audit", help="administrative actions: keys, tenant limits, model imports")
     audit.add_argument("--limit", type=int, default=50, help="newest entries shown (50)")
     audit.add_argument("--json", action="store_true")
@@ -392,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 HANDLERS: dict[str, Any] = {
     "up": cmd_up, "api": cmd_api, "worker": cmd_worker, "beat": cmd_beat, "flower": cmd_flower,
-    "migrate": cmd_migrate, "keys": cmd_keys, "tenants": cmd_tenants, "audit": cmd_audit, "models": cmd_models,
+    "migrate": cmd_migrate, "keys": cmd_keys, "tenants": cmd_tenants, "audit": cmd_audit,
+    "secrets": cmd_secrets, "models": cmd_models,
 }
 
 

@@ -19,7 +19,8 @@ from core.settings import Settings
 from tests.conftest import ROOT, free_port, wait_until
 
 SAFE = {"env": "production", "flower_password": "a-long-random-flower-secret", "webhook_allow_private": False,
-        "api_host": "127.0.0.1", "tls_certfile": None, "tls_keyfile": None}
+        "api_host": "127.0.0.1", "tls_certfile": None, "tls_keyfile": None,
+        "secret_key": "a-long-random-sealing-key", "metrics_token": None}
 
 
 @pytest.mark.parametrize(("change", "named"), [
@@ -28,6 +29,9 @@ SAFE = {"env": "production", "flower_password": "a-long-random-flower-secret", "
     ({"webhook_allow_private": True}, "LLMOS_WEBHOOK_ALLOW_PRIVATE"),
     ({"api_host": "0.0.0.0"}, "LLMOS_API_HOST"),
     ({"tls_certfile": Path("/etc/cert.pem")}, "LLMOS_TLS_KEYFILE"),
+    ({"secret_key": None}, "LLMOS_SECRET_KEY"),
+    ({"secret_key": "a-long-random-sealing-key,short"}, "LLMOS_SECRET_KEY"),
+    ({"metrics_token": "short"}, "LLMOS_METRICS_TOKEN"),
 ])
 def test_production_refuses_weak_settings(change: dict[str, object], named: str) -> None:
     with pytest.raises(ValidationError, match=named):
