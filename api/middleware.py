@@ -71,6 +71,8 @@ class RequestContext:
         status = 500  # unless a response starts: an exception escaping the app is a 500 to the client
         response_started = False
         received = 0
+        has_body = _has_body(headers)
+        body_done = not has_body
 
         async def send_with_context(message: Message) -> None:
             nonlocal status, response_started
@@ -79,6 +81,10 @@ class RequestContext:
                 response_started = True
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
+                if not body_done:
+                    # Answered before the whole body came (401, 413): the connection is closed after the
+                    # answer, or the server would go on receiving, and parsing, whatever the client sends.
+                    headers["Connection"] = "close"
                 if self.hsts:
                     headers["Strict-Transport-Security"] = "max-age=63072000; includeSubDomains"
                 # Set by the rate limiter once the key is known (api/deps.py), on errors too.
@@ -87,18 +93,19 @@ class RequestContext:
             await send(message)
 
         async def counted_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_done
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > cap:
                     raise BodyTooLarge(cap)
+                body_done = not message.get("more_body", False)
             return message
 
         try:
             if length and length.isdigit() and int(length) > cap:
                 refusal: Response | None = errors.render(_too_large(cap))
-            elif scope["path"] not in PUBLIC_PATHS and _has_body(headers):
+            elif scope["path"] not in PUBLIC_PATHS and has_body:
                 refusal = await _refuse_without_key(headers)
             elif self.operator_token and scope["path"] in OPERATOR_PATHS and not _token_matches(
                     headers, self.operator_token):

@@ -66,7 +66,7 @@ def create_tenant(name: str, **limits: Any) -> dict[str, str]:
     from domain import tenants
     from ops.bootstrap import create_key
 
-    key = create_key(name, ["files", "fine_tuning", "inference"])[1]
+    key = create_key(name, ["files", "fine_tuning", "inference", "webhooks"])[1]
     if limits:
         with transaction() as session:
             tenants.set_limits(session, name=name, **limits)
