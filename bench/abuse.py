@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 from bench.fairness import create_tenant  # noqa: E402  (the repository root must be on the path first)
 from bench.lifecycle import Child, bring_up, machine_facts, percent, scratch_dir, table  # noqa: E402
+from tests.receiver import hostile, trickle  # noqa: E402
 
 ATTACKERS = 16
 LIMIT_RATIO = 3.0
@@ -96,35 +96,6 @@ def poisoned_jobs(base: str, headers: dict[str, str], stop: threading.Event) -> 
                             files={"file": ("poison.jsonl", content.encode())}).json()["id"]
         while not stop.is_set():
             http.post("/v1/fine_tuning/jobs", json={"model": "tiny-bert", "training_file": file_id})
-
-
-@contextlib.contextmanager
-def trickling_receiver() -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length", 0)))
-            with contextlib.suppress(OSError):
-                self.send_response(200)
-                self.send_header("content-length", "1000")
-                self.end_headers()
-                for _ in range(1000):
-                    self.wfile.write(b"x")
-                    self.wfile.flush()
-                    time.sleep(2)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def slow_webhooks(base: str, headers: dict[str, str], stop: threading.Event, *, url: str) -> None:
@@ -188,7 +159,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
             probe(base, victim, path, 50)  # warm
             idle = measure()
-            with trickling_receiver() as slow_url:
+            with hostile(trickle) as (slow_url, _):
                 attacks: dict[str, tuple[Callable[[threading.Event], None], int]] = {
                     "chunked uploads without a key": (partial(endless_upload_without_key, base), ATTACKERS),
                     "one tenant over its rate limit": (partial(flood_requests, base, attacker("flood")), ATTACKERS),

@@ -213,27 +213,24 @@ class Settings(BaseSettings):
         return self.broker_url or self._embedded("broker_url")
 
     def resolved_flower_password(self) -> str:
-        if self.flower_password:
-            return self.flower_password
-        path = self.run_dir / "flower_password"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(18))
-            path.chmod(0o600)
-        return path.read_text().strip()
+        return self.flower_password or self._generated("flower_password", 18)
 
     def resolved_secret_key(self) -> str:
-        if self.secret_key:
-            return self.secret_key
-        path = self.run_dir / "secret_key"
+        return self.secret_key or self._generated("secret_key", 32)
+
+    def _generated(self, name: str, nbytes: int) -> str:
+        """A random secret kept in ``run/<name>`` (mode 0600), made by whichever process asks first.
+
+        Every process of a deployment may get here at once and all must agree: the secret is written whole to
+        a file of its own, then linked into place, which only the first process succeeds at.
+        """
+        path = self.run_dir / name
         if not path.exists():
-            # Every process of a deployment may get here at once and all must agree: the key is written
-            # whole to a file of its own, then linked into place, which only the first process succeeds at.
             path.parent.mkdir(parents=True, exist_ok=True)
-            draft = path.with_name(f".secret_key.{os.getpid()}.{secrets.token_hex(4)}")
+            draft = path.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}")
             descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "w") as handle:
-                handle.write(secrets.token_urlsafe(32))
+                handle.write(secrets.token_urlsafe(nbytes))
             try:
                 os.link(draft, path)
             except FileExistsError:

@@ -1,9 +1,12 @@
-"""A real HTTP receiver on 127.0.0.1 for webhook tests, scripted per request."""
+"""Real HTTP receivers on 127.0.0.1 for webhook tests (and bench/abuse.py): one scripted per request, and
+hostile ones whose answer a function writes (a trickle, an endless stream)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,3 +68,41 @@ def receiver(script: list[int] | None = None, then: int = 200) -> Iterator[Recei
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def hostile(answer: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[tuple[str, list[float]]]:
+    """A receiver whose answer ``answer`` writes; yields its URL and when each request arrived."""
+    arrivals: list[float] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            arrivals.append(time.monotonic())
+            with contextlib.suppress(OSError):  # the sender hung up, as it should
+                answer(self)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", arrivals
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def trickle(handler: BaseHTTPRequestHandler) -> None:
+    """200, then one byte every 2 s of a long body: each read is well inside any per-read timeout."""
+    handler.send_response(200)
+    handler.send_header("content-length", "1000")
+    handler.end_headers()
+    for _ in range(1000):
+        handler.wfile.write(b"x")
+        handler.wfile.flush()
+        time.sleep(2)

@@ -3,57 +3,14 @@ worker past one deadline, neither is read past 64 KiB, and other endpoints keep 
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from tests.conftest import Api, wait_until
-from tests.receiver import receiver
+from tests.receiver import hostile, receiver, trickle
 
 # The suite's stack runs with the default deadline.
 DEADLINE_S = 10.0
-
-
-@contextmanager
-def hostile(answer: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[tuple[str, list[float]]]:
-    """A receiver whose answer ``answer`` writes; yields its URL and when each request arrived."""
-    arrivals: list[float] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length", 0)))
-            arrivals.append(time.monotonic())
-            with contextlib.suppress(OSError):  # the sender hung up, as it should
-                answer(self)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", arrivals
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def trickle(handler: BaseHTTPRequestHandler) -> None:
-    """200, then one byte every 2 s of a long body: each read is well inside any per-read timeout."""
-    handler.send_response(200)
-    handler.send_header("content-length", "1000")
-    handler.end_headers()
-    for _ in range(1000):
-        handler.wfile.write(b"x")
-        handler.wfile.flush()
-        time.sleep(2)
 
 
 def endless(handler: BaseHTTPRequestHandler) -> None:
