@@ -144,8 +144,6 @@ class FineTuningJob(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Times the reconciler re-sent validation that never finished (a crash): capped by `max_attempts`.
     validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # Celery task id of the current send: a resend reuses it so a duplicate is recognisable.
-    task_id: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(256))
     heartbeat_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
