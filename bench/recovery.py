@@ -105,8 +105,15 @@ class Bench:
         return body
 
     def messages(self, job_id: str) -> list[str]:
-        data = self.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-        return [e["message"] for e in reversed(data)]
+        """Every event message of a job, oldest first."""
+        data: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            page = self.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
+            data.extend(page["data"])
+            if not page["has_more"]:
+                return [e["message"] for e in reversed(data)]
+            params["after"] = page["data"][-1]["id"]
 
     def gpu_worker_up(self) -> bool:
         self.supervisor.poll()

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 # How long a worker waits out a database outage before a write it must not lose fails the attempt (the
 # reconciler then requeues the job, and the next attempt resumes from the checkpoint on disk).
 OUTAGE_WAIT_SECONDS = 600.0
+# Loss-curve points kept while the database is unreachable; a run logs about a hundred.
+MAX_PENDING_POINTS = 1000
 
 
 def hard_limit_grace(runtime_limit: float) -> float:
@@ -49,6 +51,8 @@ class JobReporter:
         self._last_row_write = 0.0
         self._last_event = 0.0
         self._last_epoch = 0
+        # Loss-curve points waiting for the next progress write, which records them in its transaction.
+        self._points: list[tuple[int, float, dict[str, float]]] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
         self.shutdown_requested = threading.Event()
@@ -103,6 +107,12 @@ class JobReporter:
             return "time_limit"
         return self._stop_reason
 
+    def on_log(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        # Written with the next progress row (at most one transaction a second), not one each: the points
+        # are for the live chart, and an outage may drop the oldest rather than hold up training.
+        self._points.append((step, epoch, metrics))
+        del self._points[:-MAX_PENDING_POINTS]
+
     def on_step(self, state: StepState) -> None:
         now = time.monotonic()
         epoch_end = int(state.epoch) > self._last_epoch and state.epoch == int(state.epoch)
@@ -143,6 +153,12 @@ class JobReporter:
                 job.estimated_finish = utcnow() + timedelta(seconds=remaining)
             if emit:
                 emit_event(session, job.tenant_id, "fine_tuning.job.progress", jobs.job_object(job))
+            for step, epoch, metrics in self._points:
+                loss = metrics.get("train_loss")
+                summary = f"training loss={loss:.4g}" if loss is not None else "no loss recorded"
+                jobs.add_job_event(session, job, f"Step {step}/{state.total_steps}: {summary}", type_="metrics",
+                                   data={"step": step, "epoch": round(epoch, 3), **metrics})
+        self._points.clear()
 
     def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
         # Metrics events and checkpoint records are kept: training waits for the database to come back.

@@ -261,10 +261,20 @@ class Api:
         body: dict[str, Any] = response.json()
         return body
 
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        """Every event of a job, oldest first (read page by page, as a client would)."""
+        events: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            page = self.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
+            events.extend(page["data"])
+            if not page["has_more"]:
+                return events[::-1]
+            params["after"] = page["data"][-1]["id"]
+
     def messages(self, job_id: str) -> list[str]:
         """A job's event messages, oldest first."""
-        data = self.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-        return [e["message"] for e in reversed(data)]
+        return [e["message"] for e in self.events(job_id)]
 
     def wait_status(self, job_id: str, statuses: set[str], timeout: float = 180) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:

@@ -31,6 +31,11 @@ class TrainingCallbacks(Protocol):
         """Called after every optimizer step."""
         ...
 
+    def on_log(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        """Called about a hundred times a run with train_loss (averaged since the last call) and
+        learning_rate: the points of a loss curve between epoch ends."""
+        ...
+
     def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
         """Called at each epoch end with train_loss, learning_rate, eval_loss and eval_* metrics."""
         ...
@@ -49,6 +54,9 @@ class NullCallbacks:
 
     def on_step(self, state: StepState) -> None:
         """Ignore a step."""
+
+    def on_log(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        """Ignore a loss-curve point."""
 
     def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
         """Ignore an evaluation."""

@@ -240,6 +240,9 @@ class _RowsPerStepCallbacks:
     def on_step(self, state: StepState) -> None:
         self.inner.on_step(replace(state, samples_per_second=state.samples_per_second * self.rows_per_item))
 
+    def on_log(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        self.inner.on_log(step, epoch, metrics)
+
     def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
         self.inner.on_evaluate(step, epoch, metrics)
 

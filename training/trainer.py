@@ -216,7 +216,10 @@ def run_training(
             )
             # The epoch-end row below covers the last step of an epoch.
             if state.global_step % logging_steps == 0 and state.step_in_epoch < steps_per_epoch:
-                state.history.append(_history_row(state, epoch, learning_rate))
+                row = _history_row(state, epoch, learning_rate)
+                state.history.append(row)
+                callbacks.on_log(state.global_step, epoch,
+                                 {k: v for k, v in row.items() if k not in ("step", "epoch")})
 
         row = _history_row(state, float(state.epoch_index + 1), float(optimizer.param_groups[0]["lr"]))
         if evaluate is not None:

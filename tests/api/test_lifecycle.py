@@ -65,10 +65,16 @@ def test_classification_job_trains_to_success_and_serves(api: Api) -> None:
     for needle in ("Validating training file", "Files validated", "Job queued", "Training started",
                    "Checkpoint saved", "Job succeeded"):
         assert needle in joined, joined
-    events = api.http.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
-    metrics = [e for e in events if e["type"] == "metrics"]
-    assert len(metrics) == 4, "one metrics event per epoch end"
-    assert {"step", "epoch", "train_loss", "learning_rate", "eval_loss", "eval_accuracy"} <= set(metrics[0]["data"])
+    metrics = [e for e in api.events(job["id"]) if e["type"] == "metrics"]
+    evaluations = [e for e in metrics if "eval_loss" in e["data"]]
+    assert len(evaluations) == 4, "one evaluation per epoch end"
+    assert {"step", "epoch", "train_loss", "learning_rate", "eval_loss", "eval_accuracy"} <= set(evaluations[0]["data"])
+    # Between epoch ends, the points of a live loss curve: train_loss by step, steps increasing.
+    curve = [e["data"] for e in metrics if "eval_loss" not in e["data"]]
+    assert len(curve) >= 20, len(curve)
+    assert all({"step", "epoch", "train_loss", "learning_rate"} <= set(point) for point in curve)
+    steps = [e["data"]["step"] for e in metrics]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), steps
 
     checkpoints = api.http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
     assert len(checkpoints) >= 2

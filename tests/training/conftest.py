@@ -45,10 +45,14 @@ class Recorder:
         self.reason: StopReason = reason
         self.steps: list[StepState] = []
         self.evaluations: list[tuple[int, float, dict[str, float]]] = []
+        self.logs: list[tuple[int, float, dict[str, float]]] = []
         self.checkpoints: list[tuple[int, Path, dict[str, Any]]] = []
 
     def on_step(self, state: StepState) -> None:
         self.steps.append(state)
+
+    def on_log(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        self.logs.append((step, epoch, metrics))
 
     def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
         self.evaluations.append((step, epoch, metrics))
