@@ -34,8 +34,12 @@ QUEUE_PROFILES: dict[str, tuple[int, list[str]]] = {
 }
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("LLMOS_LOG_LEVEL", "INFO"),
+# Commands that talk to the API over HTTP rather than run part of the system.
+CLIENT_COMMANDS = ("files", "jobs", "events")
+
+
+def _setup_logging(default_level: str) -> None:
+    logging.basicConfig(level=os.environ.get("LLMOS_LOG_LEVEL", default_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -413,8 +417,10 @@ HANDLERS: dict[str, Any] = {
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _setup_logging()
-    if args.command in ("files", "jobs", "events"):
+    # Servers log their work at INFO; a client's output is what it prints, and INFO lines (httpx logs every
+    # request) would interleave with it, so a client logs only warnings unless LLMOS_LOG_LEVEL asks for more.
+    _setup_logging("WARNING" if args.command in CLIENT_COMMANDS else "INFO")
+    if args.command in CLIENT_COMMANDS:
         from ops import client
 
         client.run(args)

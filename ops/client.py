@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -12,8 +13,7 @@ from typing import Any, NoReturn, TextIO
 import httpx
 
 from core.settings import get_settings
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
+from ops.progress import TERMINAL, job_display
 
 
 class ClientError(Exception):
@@ -69,39 +69,21 @@ def create_job(args: Any) -> dict[str, Any]:
     return result
 
 
-def render_bar(job: dict[str, Any], width: int = 30) -> str:
-    progress = job.get("progress") or {}
-    percent = float(progress.get("percent") or (100.0 if job["status"] == "succeeded" else 0.0))
-    filled = int(width * percent / 100)
-    loss = progress.get("train_loss")
-    loss_text = f" loss {loss:.4f}" if isinstance(loss, int | float) else ""
-    step = f" step {progress.get('step', 0)}/{progress.get('total_steps', '?')}" if progress else ""
-    return f"[{'#' * filled}{'.' * (width - filled)}] {percent:5.1f}%{step}{loss_text} {job['status']}"
-
-
 def watch(job_id: str, interval: float = 1.0, out: TextIO = sys.stdout) -> dict[str, Any]:
-    """Show a live progress bar until the job ends; returns the final job."""
-    tty = out.isatty()
-    last = ""
-    with _client() as client:
+    """Show the job's progress until it ends (a bar on a terminal, plain lines otherwise); returns the final job."""
+    with _client() as client, job_display(out) as display:
         while True:
             job: dict[str, Any] = _check(client.get(f"/v1/fine_tuning/jobs/{job_id}"))
-            line = render_bar(job)
-            if tty:
-                out.write("\r" + line.ljust(len(last)))
-            elif line != last:
-                out.write(line + "\n")
-            out.flush()
-            last = line
+            display.update(job)
             if job["status"] in TERMINAL:
-                if tty:
-                    out.write("\n")
-                if job["status"] == "succeeded":
-                    out.write(f"fine_tuned_model: {job['fine_tuned_model']}\nmetrics: {json.dumps(job['metrics'])}\n")
-                elif job.get("error"):
-                    out.write(f"error: {job['error'].get('code')}: {job['error'].get('message')}\n")
-                return job
+                break
             time.sleep(interval)  # A client-side refresh rate, not synchronisation.
+    if job["status"] == "succeeded":
+        out.write(f"fine_tuned_model: {job['fine_tuned_model']}\nmetrics: {json.dumps(job['metrics'])}\n")
+    elif job.get("error"):
+        out.write(f"error: {job['error'].get('code')}: {job['error'].get('message')}\n")
+    out.flush()
+    return job
 
 
 def tail_events(event_type: str | None, follow: bool, interval: float = 1.0, out: TextIO = sys.stdout) -> None:
@@ -131,8 +113,19 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(1)
 
 
+def quiet_http_logs() -> None:
+    """Keep httpx's per-request INFO lines ("HTTP Request: GET ... 200 OK") off the user's screen.
+
+    They would land between progress updates every second; below DEBUG nobody asked for them.
+    """
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run(args: Any) -> None:
     """Dispatch a parsed client command."""
+    quiet_http_logs()
     try:
         if args.command == "events":
             tail_events(args.type, not args.no_follow)
@@ -164,3 +157,6 @@ def run(args: Any) -> None:
         fail(str(exc))
     except httpx.HTTPError as exc:
         fail(f"cannot reach the API at {_base_url()}: {exc}")
+    except KeyboardInterrupt:
+        # Ctrl-C is how one stops watching or tailing: the job goes on, so no traceback; 130 as shells report it.
+        raise SystemExit(130) from None
