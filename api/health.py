@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,18 @@ from alembic.script import ScriptDirectory
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from api import objects
 from api.boundary import read_rows
 from api.errors import JSONBody
+from core.clock import utcnow
 from db import jobs as jobs_repo
+from db import webhooks as webhooks_repo
 from db.session import current_revision, session_factory
-from domain import dispatch
+from domain import batching, dispatch
 from infra import broker, replies
 
 router = APIRouter(tags=["operations"])
@@ -73,28 +76,68 @@ async def readyz() -> JSONBody:
                         status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
 
 
-class StateCollector(Collector):
-    """Gauges read at scrape time from the truth: jobs by status and queue depths."""
+# How far back the webhook outcome gauge looks: long enough for a steady rate, short enough to alert on.
+WEBHOOK_WINDOW = timedelta(minutes=5)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+
+class StateCollector(Collector):
+    """Families read at scrape time from the truth, so they hold for any number of workers and hosts.
+
+    Workers export nothing themselves: what they do lands in Postgres (jobs, heartbeats, progress, webhook
+    attempts) or, for inference batch sizes, in a Redis hash, and every API process reads the same. One bounded
+    query per family; a family whose source is down is still declared, without samples, and readyz says why.
+    """
+
+    def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("llmos_jobs", "Fine-tuning jobs by status", labels=["status"])
+        heartbeat = GaugeMetricFamily(
+            "llmos_worker_heartbeat_age_seconds",
+            "Seconds since the newest heartbeat of a running job, by the queue of the workers that run it "
+            "(no sample while none runs)", labels=["queue"])
+        samples = GaugeMetricFamily("llmos_training_samples_per_second",
+                                    "Training throughput summed over running jobs, as their last progress reported")
+        deliveries = GaugeMetricFamily(
+            "llmos_webhook_deliveries",
+            "Webhook deliveries waiting for an attempt (pending) or given up (failed)", labels=["status"])
+        attempts = GaugeMetricFamily(
+            "llmos_webhook_attempts_last_5m",
+            "Webhook delivery attempts in the last 5 minutes by outcome (succeeded: a 2xx answer)",
+            labels=["outcome"])
         try:
             with session_factory()() as session:
-                counts = jobs_repo.count_by_status(session)
-            for status, count in counts.items():
-                jobs.add_metric([status], count)
+                for status, count in jobs_repo.count_by_status(session).items():
+                    jobs.add_metric([status], count)
+                newest, throughput = jobs_repo.training_liveness(session)
+                if newest is not None:
+                    heartbeat.add_metric([dispatch.QUEUE_GPU], max(0.0, (utcnow() - newest).total_seconds()))
+                samples.add_metric([], throughput)
+                waiting = webhooks_repo.open_and_failed_deliveries(session)
+                for status in ("pending", "failed"):
+                    deliveries.add_metric([status], waiting.get(status, 0))
+                outcomes = webhooks_repo.recent_attempt_outcomes(session, utcnow() - WEBHOOK_WINDOW)
+                for outcome in ("succeeded", "failed"):
+                    attempts.add_metric([outcome], outcomes.get(outcome, 0))
         except Exception:
             pass  # A scrape during an outage reports what it can; readyz tells the rest.
-        yield jobs
+        yield from (jobs, heartbeat, samples, deliveries, attempts)
         depth = GaugeMetricFamily("llmos_queue_depth", "Messages waiting in each queue", labels=["queue"])
+        batch_sizes = HistogramMetricFamily("llmos_inference_batch_size",
+                                            "Inputs per forward pass of the inference workers' dynamic batches")
         try:
             conn = replies.client()
             if conn is not None:
                 for queue in (dispatch.QUEUE_GPU, dispatch.QUEUE_INFERENCE, dispatch.QUEUE_CPU):
                     depth.add_metric([queue], int(conn.llen(queue)))
+                recorded = conn.hgetall(batching.BATCH_SIZES_KEY)
+                counts = {(k if isinstance(k, str) else k.decode()): int(v) for k, v in recorded.items()}
+                buckets, total = [], 0
+                for bound in (*map(str, batching.BATCH_SIZE_BUCKETS), "+Inf"):
+                    total += counts.get(bound, 0)  # Redis keeps each bucket alone; Prometheus's are cumulative
+                    buckets.append((bound, float(total)))
+                batch_sizes.add_metric([], buckets, float(counts.get("sum", 0)))
         except Exception:
             pass
-        yield depth
+        yield from (depth, batch_sizes)
 
 
 _STATE = StateCollector()

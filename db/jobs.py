@@ -225,6 +225,19 @@ def count_by_status(session: Session) -> dict[str, int]:
     return {str(status): int(count) for status, count in rows}
 
 
+def training_liveness(session: Session) -> tuple[datetime | None, float]:
+    """Newest heartbeat of the running training jobs and their summed samples/s, for the metrics.
+
+    One statement over the status index: only running (and cancelling) rows are read.
+    """
+    row = session.execute(
+        select(func.max(FineTuningJob.heartbeat_at),
+               func.coalesce(func.sum(FineTuningJob.progress["samples_per_second"].as_float()), 0.0))
+        .where(FineTuningJob.status.in_(("running", "cancelling")))
+    ).one()
+    return row[0], float(row[1])
+
+
 def database_started_at(session: Session) -> datetime:
     """When the Postgres server last started."""
     started = session.scalar(select(func.pg_postmaster_start_time()))

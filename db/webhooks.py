@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import case, delete, func, select
 from sqlalchemy.orm import Session
 
 from db.models import DeliveryAttempt, OutboxEvent, WebhookDelivery, WebhookEndpoint
@@ -53,3 +53,29 @@ def purge_events(session: Session, before: datetime) -> int:
     result = session.execute(delete(OutboxEvent).where(
         OutboxEvent.created_at < before, OutboxEvent.dispatched_at.is_not(None), OutboxEvent.id.not_in(waiting)))
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def open_and_failed_deliveries(session: Session) -> dict[str, int]:
+    """Deliveries waiting for an attempt (pending) and given up (failed), by status: the metrics gauge.
+
+    Succeeded ones are the bulk of the table and are not counted; the status index serves the rest.
+    """
+    rows = session.execute(select(WebhookDelivery.status, func.count())
+                           .where(WebhookDelivery.status.in_(("pending", "failed")))
+                           .group_by(WebhookDelivery.status)).all()
+    return {str(status): int(count) for status, count in rows}
+
+
+def recent_attempt_outcomes(session: Session, since: datetime, limit: int = 10_000) -> dict[str, int]:
+    """Delivery attempts made since ``since``, by outcome (succeeded: a 2xx answer; failed: anything else).
+
+    Only the newest ``limit`` attempts are read, backwards along the primary key, so a scrape costs the same
+    however long the table grows; past that many attempts in the window the counts are capped (their ratio
+    still holds).
+    """
+    newest = (select(DeliveryAttempt.status_code, DeliveryAttempt.created_at)
+              .order_by(DeliveryAttempt.id.desc()).limit(limit).subquery())
+    outcome = case((newest.c.status_code.between(200, 299), "succeeded"), else_="failed")
+    rows = session.execute(select(outcome, func.count()).where(newest.c.created_at >= since)
+                           .group_by(outcome)).all()
+    return {str(name): int(count) for name, count in rows}

@@ -28,6 +28,17 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The inference workers' histogram of forward-pass sizes (rows), kept in a Redis hash that every worker
+# process adds to and /metrics reads: field per bucket (its upper bound, or "+Inf", not cumulative) and "sum".
+BATCH_SIZES_KEY = "llmos:metrics:inference_batch_sizes"
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def size_bucket(size: int) -> str:
+    """The histogram bucket a forward pass of `size` rows counts in: the smallest bound that holds it."""
+    return next((str(bound) for bound in BATCH_SIZE_BUCKETS if size <= bound), "+Inf")
+
+
 # Runs one shared call: all requests' inputs, concatenated, and their common group → one result per input.
 BatchRunner = Callable[[list[Any], Hashable], Sequence[Any]]
 

@@ -20,7 +20,7 @@ import pickle
 import signal
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.settings import Settings, get_settings
+from domain import batching
 from domain.batching import BatcherRegistry
+from infra import replies
 from tasks import recipes
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,53 @@ class ModelCache:
             return list(self._items)
 
 
+class BatchSizeRecorder:
+    """Counts this process's forward-pass sizes and adds them to the shared Redis histogram once a second.
+
+    A batch only bumps a local counter: a Redis round trip per batch would sit on every request's path, and a
+    stalled Redis must not stall inference. Counts not yet flushed when the process exits are lost.
+    """
+
+    def __init__(self, flush_seconds: float = 1.0) -> None:
+        self.flush_seconds = flush_seconds
+        self._counts: Counter[str] = Counter()
+        self._rows = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, size: int) -> None:
+        with self._lock:
+            self._counts[batching.size_bucket(size)] += 1
+            self._rows += size
+            if self._thread is None:  # started here, not at init: a prefork pool process must own it
+                self._thread = threading.Thread(target=self._flush_forever, name="batch sizes", daemon=True)
+                self._thread.start()
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(self.flush_seconds)
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, rows = self._counts, self._rows
+            self._counts, self._rows = Counter(), 0
+        conn = replies.client()
+        if not counts or conn is None:
+            return  # a non-Redis broker has nowhere shared to keep them
+        try:
+            pipe = conn.pipeline(transaction=True)  # buckets and sum move together for a scrape
+            for bucket, count in counts.items():
+                pipe.hincrby(batching.BATCH_SIZES_KEY, bucket, count)
+            pipe.hincrby(batching.BATCH_SIZES_KEY, "sum", rows)
+            pipe.execute()
+        except Exception:
+            log.warning("batch size counts not recorded; kept for the next flush", exc_info=True)
+            with self._lock:
+                self._counts.update(counts)
+                self._rows += rows
+
+
 class LocalRunner:
     """Models warm in this process, concurrent calls for one model and method sharing forward passes."""
 
@@ -147,6 +196,7 @@ class LocalRunner:
         self.torch_threads = settings.torch_threads
         self.cache = ModelCache(settings.model_cache_mb * MIB)
         self.batchers = BatcherRegistry(settings.inference_batch_window_ms / 1000, settings.inference_max_batch_size)
+        self.batch_sizes = BatchSizeRecorder()
         # Unbatched calls (batch files' lines) when they come through `submit`, whose caller must not block.
         self._alone = ThreadPoolExecutor(max_workers=4, thread_name_prefix="unbatched")
 
@@ -169,6 +219,7 @@ class LocalRunner:
             params: tuple[tuple[str, Any], ...] = group[0] if isinstance(group, tuple) else ()
             results: list[Any] = getattr(self._predictor(call), call.method)(
                 inputs, **dict(params), batch_size=max_size)
+            self.batch_sizes.add(len(inputs))
             return results
 
         group = (call.params, call.solo) if call.method != "predict" else None
