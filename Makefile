@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-all lint bench-lifecycle clean
+.PHONY: install browser up test test-all lint bench-lifecycle clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,13 +20,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The dashboard's browser tests drive the system's Chromium (Playwright's own browser download is not
+# used). As root with apt-get it is installed here; otherwise those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get install -y -q chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium >/dev/null; }; }; } || \
+	  echo "note: no Chromium here; the dashboard's browser tests will skip (apt-get install chromium)"
+
 up: install
 	$(VENV)/bin/llmos up
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
-test-all: install
+test-all: install browser
 	$(PY) -m pytest -q -m ''
 
 lint: install

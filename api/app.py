@@ -8,7 +8,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import batches, compat, errors, events, files, fine_tuning, health, inference, limits, models, webhooks
+from api import (
+    batches,
+    compat,
+    dashboard,
+    errors,
+    events,
+    files,
+    fine_tuning,
+    health,
+    inference,
+    limits,
+    models,
+    webhooks,
+)
 from api.middleware import Idempotency, RequestContext
 from core.settings import get_settings
 from db import aio
@@ -39,6 +52,9 @@ def create_app() -> FastAPI:
         # Our metrics are Prometheus' (/metrics); FastAPI's native OpenTelemetry hooks would look up their
         # providers on every request (a twentieth of a GET's CPU in a profile) to find them unconfigured.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # Served by api/dashboard.py with their assets from our origin: FastAPI's own pages load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     errors.install(app)
 
@@ -51,4 +67,6 @@ def create_app() -> FastAPI:
     # Routes are matched in order, one regex each: the ones polled and called most often come first.
     for module in (fine_tuning, inference, batches, files, models, events, webhooks, limits, compat, health):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(dashboard.router)
+    dashboard.install_docs(app)
     return app
