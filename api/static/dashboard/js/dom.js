@@ -54,7 +54,8 @@ export function bytes(n) {
 
 export function number(value, digits = 4) {
   if (typeof value !== "number") return value === null || value === undefined ? "—" : String(value);
-  return Number.isInteger(value) ? String(value) : value.toPrecision(digits);
+  // Significant digits without the trailing zeros toPrecision leaves (0.001, not 0.001000).
+  return Number.isInteger(value) ? String(value) : String(Number(value.toPrecision(digits)));
 }
 
 export function badge(status, attrs = {}) {
