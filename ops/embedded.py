@@ -3,6 +3,10 @@
 Both servers run in the foreground as direct children (never daemonized), each in its own session, so
 the supervisor owns and stops them and a terminal's Ctrl-C does not hit them before their clients.
 They listen on 127.0.0.1 only, on a free port picked per start, so several `llmos up` can run side by side.
+Both demand a password, since any local user can reach 127.0.0.1: Postgres authenticates with SCRAM-SHA-256
+and Redis with `requirepass` (read from a 0600 config file, never from its command line, which `ps` shows
+to everyone). Each password is generated once into `<data_dir>.password` (mode 0600, the caller's own) and
+reused by every later start; the URLs returned carry it.
 
 Running as root: Postgres refuses to run as root, so initdb and postgres run as the unprivileged system
 user `embedded_postgres` (created with useradd when missing). The data directory is chowned to it and
@@ -21,6 +25,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import secrets
 import signal
 import socket
 import stat
@@ -29,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import psutil
 import psycopg2
@@ -180,6 +186,28 @@ def _ensure_system_user(username: str) -> pwd.struct_passwd:
         raise EmbeddedServerError(f"could not create system user {username!r}: {detail}") from None
 
 
+def server_password(data_dir: Path) -> str:
+    """The password of the server in ``data_dir``: generated on first use into ``<data_dir>.password``.
+
+    Written whole to a file of its own (mode 0600, whatever the umask) and linked into place, so two
+    starts racing on a fresh directory still agree on one password.
+    """
+    path = data_dir.parent / f"{data_dir.name}.password"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_urlsafe(24))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
 def _ensure_traversable(path: Path) -> None:
     """Give others search (x) permission on every ancestor of `path` so a non-root user can reach it."""
     for parent in path.parents:
@@ -245,24 +273,34 @@ def _drop_to(account: pwd.struct_passwd | None) -> tuple[int | None, int | None,
     return account.pw_uid, account.pw_gid, []
 
 
-def _initdb(data_dir: Path, account: pwd.struct_passwd | None, log_path: Path) -> None:
-    """Create a new cluster in data_dir: trust auth, UTF8, superuser postgres."""
+def _initdb(data_dir: Path, account: pwd.struct_passwd | None, log_path: Path, password: str) -> None:
+    """Create a new cluster in data_dir: SCRAM password auth, UTF8, superuser postgres."""
     logger.info("initializing postgres cluster in %s", data_dir)
     since = _log_size(log_path)
+    # initdb reads the password from a file (never argv), as the server's user; the file goes right after.
+    descriptor, pwfile = tempfile.mkstemp(prefix=".initdb-", dir=data_dir.parent)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(password + "\n")
+    if account is not None:
+        os.chown(pwfile, account.pw_uid, account.pw_gid)
     argv = [
         str(postgres_bin_dir() / "initdb"),
         "-D", str(data_dir),
-        "--auth=trust",
+        "--auth=scram-sha-256",
+        f"--pwfile={pwfile}",
         "--encoding=UTF8",
         "--locale=C",
         "--username=postgres",
     ]
     uid, gid, groups = _drop_to(account)
-    with open(log_path, "ab") as log:
-        result = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir,
-            env=_server_env(), check=False, user=uid, group=gid, extra_groups=groups,
-        )
+    try:
+        with open(log_path, "ab") as log:
+            result = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir,
+                env=_server_env(), check=False, user=uid, group=gid, extra_groups=groups,
+            )
+    finally:
+        os.unlink(pwfile)
     if result.returncode != 0:
         raise EmbeddedServerError(
             f"initdb failed for {data_dir} (exit code {result.returncode}); log {log_path}:\n"
@@ -286,7 +324,8 @@ class _PortTakenError(Exception):
 
 
 def _wait_postgres(
-    proc: subprocess.Popen[bytes], port: int, data_dir: Path, deadline: float, log_path: Path, since: int
+    proc: subprocess.Popen[bytes], port: int, data_dir: Path, deadline: float, log_path: Path, since: int,
+    password: str,
 ) -> None:
     """Poll until our postmaster accepts connections on `port`."""
     last_error = "no connection attempt yet"
@@ -294,7 +333,8 @@ def _wait_postgres(
         _check_started(proc, "postgres", log_path, since)
         try:
             conn = psycopg2.connect(
-                host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2
+                host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres",
+                connect_timeout=2,
             )
         except psycopg2.OperationalError as exc:
             last_error = str(exc).strip()
@@ -317,10 +357,36 @@ def _wait_postgres(
         time.sleep(_POLL_INTERVAL)
 
 
-def _ensure_database(port: int, name: str) -> None:
+def _require_password(port: int, password: str, data_dir: Path) -> None:
+    """Bring a cluster made before passwords were required (trust auth) up to SCRAM: set the password,
+    then demand it of every connection and reload. A cluster made by this module already does."""
+    hba = data_dir / "pg_hba.conf"
+    lines = [line.strip() for line in hba.read_text().splitlines()]
+    rules = [line.split() for line in lines if line and not line.startswith("#")]
+    if all(rule[-1] == "scram-sha-256" for rule in rules):
+        return
+    logger.info("requiring a password of every client of the postgres in %s", data_dir)
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres",
+                            connect_timeout=5)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SET password_encryption = 'scram-sha-256'")
+            cur.execute("ALTER ROLE postgres PASSWORD %s", (password,))
+            # Rewritten in place, so the file keeps its owner (the server's user when we run as root).
+            hba.write_text("# Written by LLM OS: every client authenticates with its password.\n"
+                           "local all all scram-sha-256\n"
+                           "host all all 127.0.0.1/32 scram-sha-256\n"
+                           "host all all ::1/128 scram-sha-256\n")
+            cur.execute("SELECT pg_reload_conf()")
+    finally:
+        conn.close()
+
+
+def _ensure_database(port: int, name: str, password: str) -> None:
     """Create database `name` unless it exists."""
     conn = psycopg2.connect(
-        host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=5
+        host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres", connect_timeout=5
     )
     try:
         # CREATE DATABASE cannot run inside a transaction block.
@@ -349,8 +415,9 @@ def start_postgres(
     if holder is not None:
         # SIGINT is postgres' fast shutdown: it disconnects the crashed run's clients instead of waiting.
         _stop_pid(holder, signal.SIGINT, f"postgres on {data_dir}")
+    password = server_password(data_dir)
     if not (data_dir / "PG_VERSION").exists():
-        _initdb(data_dir, account, log_path)
+        _initdb(data_dir, account, log_path, password)
     socket_dir = _socket_dir(data_dir, account)
     uid, gid, groups = _drop_to(account)
 
@@ -373,7 +440,7 @@ def start_postgres(
                 preexec_fn=parent_death_preexec(signal.SIGINT),  # fast shutdown if we die
             )
         try:
-            _wait_postgres(proc, chosen, data_dir, time.monotonic() + start_timeout, log_path, since)
+            _wait_postgres(proc, chosen, data_dir, time.monotonic() + start_timeout, log_path, since, password)
         except _PortTakenError:
             stop_process(proc, signal.SIGINT, timeout=5.0)
             if attempt == attempts:
@@ -384,17 +451,18 @@ def start_postgres(
             stop_process(proc, signal.SIGINT, timeout=5.0)
             raise
         try:
-            _ensure_database(chosen, DATABASE_NAME)
+            _require_password(chosen, password, data_dir)
+            _ensure_database(chosen, DATABASE_NAME, password)
         except BaseException:
             stop_process(proc, signal.SIGINT, timeout=10.0)
             raise
-        url = f"postgresql+psycopg2://postgres@127.0.0.1:{chosen}/{DATABASE_NAME}"
+        url = f"postgresql+psycopg2://postgres:{quote(password, safe='')}@127.0.0.1:{chosen}/{DATABASE_NAME}"
         return EmbeddedServer("postgres", url, proc, chosen, stop_signal=signal.SIGINT)
     raise AssertionError("unreachable")
 
 
 def _wait_redis(
-    proc: subprocess.Popen[bytes], port: int, deadline: float, log_path: Path, since: int
+    proc: subprocess.Popen[bytes], port: int, deadline: float, log_path: Path, since: int, password: str
 ) -> None:
     """Poll until our redis-server answers PING on `port` (and has finished loading its AOF)."""
     last_error = "no connection attempt yet"
@@ -402,7 +470,7 @@ def _wait_redis(
         _check_started(proc, "redis", log_path, since)
         # No retries: a foreign listener on the port must fail fast so the loop can notice our exit.
         client = redis.Redis(
-            host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1,
+            host="127.0.0.1", port=port, password=password, socket_connect_timeout=1, socket_timeout=1,
             retry=Retry(NoBackoff(), 0),
         )
         try:
@@ -438,12 +506,21 @@ def start_redis(
         # Two servers appending to one AOF would corrupt the queue.
         _stop_pid(holder, signal.SIGTERM, f"redis on {data_dir}")
 
+    password = server_password(data_dir)
+    # The password reaches the server in a config file only its owner can read: a command line is public.
+    config = data_dir / "redis.conf"
+    descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(f"requirepass {password}\n")
+    config.chmod(0o600)
+
     attempts = 1 if port is not None else _PORT_ATTEMPTS
     for attempt in range(1, attempts + 1):
         chosen = port if port is not None else free_port()
         since = _log_size(log_path)
         argv = [
             str(redis_server_bin()),
+            str(config),
             "--bind", "127.0.0.1",
             "--port", str(chosen),
             "--dir", str(data_dir),
@@ -459,7 +536,7 @@ def start_redis(
                 start_new_session=True, preexec_fn=parent_death_preexec(signal.SIGTERM),
             )
         try:
-            _wait_redis(proc, chosen, time.monotonic() + start_timeout, log_path, since)
+            _wait_redis(proc, chosen, time.monotonic() + start_timeout, log_path, since, password)
         except _PortTakenError:
             stop_process(proc, signal.SIGTERM, timeout=5.0)
             if attempt == attempts:
@@ -469,7 +546,7 @@ def start_redis(
         except BaseException:
             stop_process(proc, signal.SIGTERM, timeout=5.0)
             raise
-        url = f"redis://127.0.0.1:{chosen}/0"
+        url = f"redis://:{quote(password, safe='')}@127.0.0.1:{chosen}/0"
         return EmbeddedServer("redis", url, proc, chosen, stop_signal=signal.SIGTERM)
     raise AssertionError("unreachable")
 

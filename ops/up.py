@@ -25,14 +25,21 @@ ADMIN_TENANT = "default"
 def _write_state(settings: Settings, state: dict[str, str]) -> None:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     tmp = settings.embedded_state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
+    # The URLs carry the servers' passwords: 0600 whatever the umask of whoever runs this.
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(json.dumps(state))
+    tmp.chmod(0o600)
     tmp.replace(settings.embedded_state_file)
 
 
 def run_up() -> None:
     """Start servers, migrate, seed, run every process until SIGINT/SIGTERM, then stop them all."""
     settings = get_settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    # Everything this deployment writes under LLMOS_HOME (and every child it starts) is its owner's alone:
+    # the database, the models, the uploaded files, the generated passwords and secrets.
+    os.umask(0o077)
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     # Until the supervisor takes over signals, SIGTERM unwinds like Ctrl-C so nothing is left running.
     signal.signal(signal.SIGTERM, _interrupt)
     (settings.home / "logs").mkdir(parents=True, exist_ok=True)

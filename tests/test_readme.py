@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -52,6 +53,14 @@ def test_quickstart_runs_against_llmos_up() -> None:
             return found.group(1) if found else None
 
         admin_key = wait_until(key, 180, "llmos up to print its admin key", 0.25)
+        # What `llmos up` wrote under LLMOS_HOME is its owner's alone (umask 077): the servers' passwords, the
+        # state file with the URLs that carry them, the database, the models (the test's own files aside).
+        state = home / "run" / "embedded.json"
+        assert ":" in json.loads(state.read_text())["database_url"].split("@")[0].split("//")[1]
+        loose = [f"{p} {oct(p.stat().st_mode)}" for p in home.rglob("*")
+                 if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o077
+                 and p != out_path and work not in p.parents]
+        assert loose == [], loose
         client_env = {**env, "LLMOS_API_KEY": admin_key, "LLMOS_API_URL": f"http://127.0.0.1:{api_port}"}
         subprocess.run(["bash", "-euo", "pipefail", "-c", quickstart_block("data")], cwd=work, env=client_env,
                        check=True, timeout=60)

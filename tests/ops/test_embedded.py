@@ -69,8 +69,10 @@ def test_postgres_and_redis_roundtrip(workdir: Path, servers: list[EmbeddedServe
     servers.append(pg)
     rd = start_redis(workdir / "redis")
     servers.append(rd)
-    assert pg.url == f"postgresql+psycopg2://postgres@127.0.0.1:{pg.port}/llmos"
-    assert rd.url == f"redis://127.0.0.1:{rd.port}/0"
+    pg_password = (workdir / "postgres.password").read_text().strip()
+    rd_password = (workdir / "redis.password").read_text().strip()
+    assert pg.url == f"postgresql+psycopg2://postgres:{pg_password}@127.0.0.1:{pg.port}/llmos"
+    assert rd.url == f"redis://:{rd_password}@127.0.0.1:{rd.port}/0"
 
     with connect(pg) as conn, conn.cursor() as cur:
         cur.execute("SELECT current_database(), current_user, pg_encoding_to_char(encoding) "
