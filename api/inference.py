@@ -21,8 +21,15 @@ from core.clock import utcnow
 from core.settings import get_settings
 from db import aio, inferences
 from domain import dispatch, serving
-from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest, estimated_tokens
-from domain.serving import serving_refusal
+from domain.requests import (
+    ChatRequest,
+    ClassificationRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    NerRequest,
+    estimated_tokens,
+)
+from domain.serving import EMBEDDINGS, ZERO_SHOT, serving_refusal
 from infra import broker, ratelimit, replies
 
 log = logging.getLogger(__name__)
@@ -141,7 +148,7 @@ async def run_inference(
     if reply["status"] == "failed":
         err = reply["error"] or {}
         raise APIError(int(err.get("status", 500)), err.get("message", "inference failed"),
-                       type_=err.get("type", "server_error"), code=err.get("code"))
+                       type_=err.get("type", "server_error"), param=err.get("param"), code=err.get("code"))
     response: dict[str, Any] = reply["response"]
     return response, {}
 
@@ -165,15 +172,25 @@ async def submit(
 
 
 @router.post("/v1/classifications", responses=ACCEPTED, response_model=objects.Classifications,
-             summary="Classify texts with a fine-tuned model (extension)")
+             summary="Classify texts with a fine-tuned model, or zero-shot with labels (extension)")
 async def classify(
     body: ClassificationRequest,
     request: Request,
     principal: Principal = Depends(inference_scope),
 ) -> Response:
-    await check_serveable(principal, body.model, "classification")
-    inputs = [body.input] if isinstance(body.input, str) else body.input
-    return await submit(request, principal, "/v1/classifications", body.model, {"model": body.model, "input": inputs})
+    await check_serveable(principal, body.model, "classification" if body.labels is None else ZERO_SHOT)
+    return await submit(request, principal, "/v1/classifications", body.model, body.payload())
+
+
+@router.post("/v1/embeddings", responses=ACCEPTED, response_model=objects.Embeddings,
+             summary="Embed texts with an encoder model (OpenAI Embeddings)")
+async def embeddings(
+    body: EmbeddingRequest,
+    request: Request,
+    principal: Principal = Depends(inference_scope),
+) -> Response:
+    await check_serveable(principal, body.model, EMBEDDINGS)
+    return await submit(request, principal, "/v1/embeddings", body.model, body.payload())
 
 
 @router.post("/v1/ner", responses=ACCEPTED, response_model=objects.NamedEntities,
@@ -184,8 +201,7 @@ async def ner(
     principal: Principal = Depends(inference_scope),
 ) -> Response:
     await check_serveable(principal, body.model, "ner")
-    inputs = [body.input] if isinstance(body.input, str) else body.input
-    return await submit(request, principal, "/v1/ner", body.model, {"model": body.model, "input": inputs})
+    return await submit(request, principal, "/v1/ner", body.model, {"model": body.model, "input": body.inputs()})
 
 
 @router.post("/v1/completions", responses=ACCEPTED, response_model=objects.Completion,

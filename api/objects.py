@@ -267,6 +267,26 @@ class Classifications(Shape):
     data: list[Label]
 
 
+class Embedding(Shape):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # base64: the little-endian float32 bytes
+
+
+class EmbeddingUsage(Shape):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embeddings(Shape):
+    """OpenAI's embeddings response."""
+
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class Entity(Shape):
     entity_group: str
     text: str

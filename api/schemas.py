@@ -79,7 +79,8 @@ class CreateBatch(Strict):
     """`POST /v1/batches`: run every line of an uploaded ``batch`` file against one endpoint."""
 
     input_file_id: str = Field(..., min_length=1, max_length=64, description="A file uploaded with purpose batch.")
-    endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/classifications", "/v1/ner"]
+    endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/classifications", "/v1/ner",
+                      "/v1/embeddings"]
     completion_window: Literal["24h"] = Field(..., description="Only 24h is offered.")
     metadata: dict[str, str] | None = None
     webhook_url: str | None = Field(None, max_length=2048, description="Receives this batch's events.")

@@ -18,7 +18,7 @@ from db.models import Batch
 from domain import dispatch, quotas
 from domain.events import emit_event
 from domain.listing import page
-from domain.serving import serving_refusal
+from domain.serving import EMBEDDINGS, ZERO_SHOT, serving_refusal
 
 VALIDATING = "validating"
 IN_PROGRESS = "in_progress"
@@ -48,7 +48,7 @@ EVENT_TYPES = {IN_PROGRESS: "batch.in_progress", COMPLETED: "batch.completed", F
                EXPIRED: "batch.expired", CANCELLED: "batch.cancelled"}
 
 # Endpoint → the model task that serves it.
-ENDPOINT_TASKS = {"/v1/classifications": "classification", "/v1/ner": "ner",
+ENDPOINT_TASKS = {"/v1/classifications": "classification", "/v1/ner": "ner", "/v1/embeddings": EMBEDDINGS,
                   "/v1/completions": "generation", "/v1/chat/completions": "generation"}
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 
@@ -113,6 +113,13 @@ def error_list(errors: list[dict[str, Any]]) -> dict[str, Any]:
 
 def line_error(code: str, message: str, param: str | None = None, line: int | None = None) -> dict[str, Any]:
     return {"code": code, "message": message, "param": param, "line": line}
+
+
+def line_task(endpoint: str, body: dict[str, Any]) -> str:
+    """The task a line's model must serve: the endpoint's, or zero-shot for classifications with labels."""
+    if endpoint == "/v1/classifications" and body.get("labels") is not None:
+        return ZERO_SHOT
+    return ENDPOINT_TASKS[endpoint]
 
 
 def serving_problem(conn: Connection, tenant_id: str, model_id: str, task: str) -> dict[str, Any] | None:

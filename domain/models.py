@@ -11,12 +11,13 @@ from core.errors import ServiceError, not_found
 from db import registry
 from db.models import Model
 from domain import audit
+from domain.serving import served_tasks
 
 
 def model_object(row: Model) -> dict[str, Any]:
     return {
         "id": row.id, "object": "model", "created": unix(row.created_at), "owned_by": row.owned_by,
-        "kind": row.kind, "tasks": row.tasks, "architecture": row.architecture,
+        "kind": row.kind, "tasks": served_tasks(row.tasks), "architecture": row.architecture,
         "base_model": row.base_model, "fine_tuning_job": row.job_id, "description": row.description,
     }
 

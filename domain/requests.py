@@ -41,26 +41,88 @@ class Strict(BaseModel):
         return data
 
 
-class ClassificationRequest(Strict):
+def _text_inputs(v: str | list[str]) -> str | list[str]:
+    """One text or a list of 1..MAX_INPUTS texts of at most MAX_INPUT_CHARS each."""
+    items = [v] if isinstance(v, str) else v
+    if not items:
+        raise ValueError("must not be empty")
+    if len(items) > MAX_INPUTS:
+        raise ValueError(f"at most {MAX_INPUTS} inputs per request, not {len(items)}")
+    for index, text in enumerate(items):
+        if len(text) > MAX_INPUT_CHARS:
+            raise ValueError(f"each input is at most {MAX_INPUT_CHARS} characters; input {index} has {len(text)}")
+    return v
+
+
+class TextInputs(Strict):
     model: str = Field(..., min_length=1, max_length=256)
     input: str | list[str]
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts_only(cls, v: Any) -> Any:
+        # OpenAI's embeddings accept token ID arrays too; the models here read text, so say so plainly
+        # instead of pydantic's union error about every member type.
+        if isinstance(v, list) and any(isinstance(x, int | list) for x in v):
+            raise ValueError("token ID arrays are not accepted; send the text itself (a string or a list of strings)")
+        return v
 
     @field_validator("input")
     @classmethod
     def _inputs(cls, v: str | list[str]) -> str | list[str]:
-        items = [v] if isinstance(v, str) else v
-        if not items:
-            raise ValueError("must not be empty")
-        if len(items) > MAX_INPUTS:
-            raise ValueError(f"at most {MAX_INPUTS} inputs per request, not {len(items)}")
-        for index, text in enumerate(items):
-            if len(text) > MAX_INPUT_CHARS:
-                raise ValueError(f"each input is at most {MAX_INPUT_CHARS} characters; input {index} has {len(text)}")
+        return _text_inputs(v)
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+MIN_LABELS = 2
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 256
+
+
+class ClassificationRequest(TextInputs):
+    """`POST /v1/classifications`: a fine-tuned classifier's labels, or zero-shot ones given in `labels`."""
+
+    labels: list[str] | None = Field(
+        None, description=f"Zero-shot: {MIN_LABELS}-{MAX_LABELS} candidate labels, scored by an encoder model.")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not MIN_LABELS <= len(v) <= MAX_LABELS:
+            raise ValueError(f"give {MIN_LABELS}-{MAX_LABELS} labels, not {len(v)}")
+        if any(not label.strip() or len(label) > MAX_LABEL_CHARS for label in v):
+            raise ValueError(f"each label is a non-blank string of at most {MAX_LABEL_CHARS} characters")
+        if len(set(v)) != len(v):
+            raise ValueError("labels must be distinct")
         return v
 
+    def payload(self) -> dict[str, Any]:
+        """What the inference worker gets: labels only when asked for zero-shot."""
+        payload: dict[str, Any] = {"model": self.model, "input": self.inputs()}
+        if self.labels is not None:
+            payload["labels"] = list(self.labels)
+        return payload
 
-class NerRequest(ClassificationRequest):
+
+class NerRequest(TextInputs):
     """`POST /v1/ner`: the same input shape as classifications."""
+
+
+class EmbeddingRequest(TextInputs):
+    """`POST /v1/embeddings`, OpenAI's shape."""
+
+    encoding_format: Literal["float", "base64"] | None = Field(
+        None, description="float (default) or base64: the little-endian float32 bytes, base64-encoded.")
+    dimensions: int | None = Field(None, ge=1, description="Keep the first N components, re-normalised.")
+    user: str | None = Field(None, max_length=256, description="Accepted for compatibility.")
+
+    def payload(self) -> dict[str, Any]:
+        return {"model": self.model, "input": self.inputs(), "encoding_format": self.encoding_format or "float",
+                "dimensions": self.dimensions}
 
 
 def _stop_list(v: str | list[str] | None) -> str | list[str] | None:
@@ -187,4 +249,7 @@ def estimated_tokens(endpoint: str, payload: dict[str, Any]) -> int:
         messages = payload["messages"]
         return (sum(_text_tokens(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in messages)
                 + payload["n"] * payload["max_tokens"])
-    return sum(_text_tokens(text) for text in payload["input"])
+    # Zero-shot labels go through the model too, once each per request, as a short prompt.
+    labels = payload.get("labels") or []
+    return (sum(_text_tokens(text) for text in payload["input"])
+            + sum(_text_tokens(label) + MESSAGE_OVERHEAD_TOKENS for label in labels))

@@ -13,17 +13,36 @@ from core.errors import not_found
 from db import inferences, registry
 from db.models import Inference
 
+# Tasks a model's registry row names that mean it is an encoder (base, or fine-tuned with a head on one).
+ENCODER_TASKS = ("classification", "ner")
+EMBEDDINGS = "embeddings"
+# Not a model task of its own: `labels` on /v1/classifications, served by any model that serves embeddings.
+ZERO_SHOT = "zero-shot"
+
+
+def served_tasks(tasks: list[str]) -> list[str]:
+    """What a model serves: its registered tasks, and embeddings for an encoder (its hidden states, pooled)."""
+    if EMBEDDINGS not in tasks and any(task in ENCODER_TASKS for task in tasks):
+        return [*tasks, EMBEDDINGS]
+    return list(tasks)
+
 
 def serving_refusal(conn: Connection, tenant_id: str, model_id: str, task: str) -> tuple[str, str] | None:
     """None when the tenant may run ``task`` on the model, else (error code, message)."""
     model = registry.visible_serving_facts(conn, tenant_id, model_id)
     if model is None:
         return "model_not_found", f"no model named '{model_id}'"
-    if task not in model.tasks:
-        return "unsupported_task", f"'{model_id}' does not serve {task}; it serves {', '.join(model.tasks)}"
-    if model.kind == "base" and task in ("classification", "ner"):
+    tasks = served_tasks(model.tasks)
+    if task == ZERO_SHOT:
+        if EMBEDDINGS not in tasks:
+            return "unsupported_task", (f"'{model_id}' cannot classify zero-shot: labels need an encoder model; "
+                                        f"it serves {', '.join(tasks)}")
+        return None
+    if task not in tasks:
+        return "unsupported_task", f"'{model_id}' does not serve {task}; it serves {', '.join(tasks)}"
+    if model.kind == "base" and task in ENCODER_TASKS:
         return "model_not_fine_tuned", (f"'{model_id}' is a base encoder without a trained {task} head; "
-                                        "fine-tune it first")
+                                        "fine-tune it first, or send labels to classify zero-shot")
     return None
 
 

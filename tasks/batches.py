@@ -32,11 +32,11 @@ from db import batches as batches_repo
 from db.models import BatchChunk, File, Model
 from db.session import relaxed_engine, transaction
 from domain import batches, dispatch
-from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, NerRequest
+from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, EmbeddingRequest, NerRequest
 from domain.storage import file_path
 from tasks import serving
 from tasks.app import celery_app
-from tasks.inference import respond, response_body
+from tasks.inference import model_call, respond, response_body
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _request_schema(endpoint: str) -> type[BaseModel]:
     # The online endpoints' own request classes, so a line is valid exactly when the same body sent
     # online would be.
     table: dict[str, type[BaseModel]] = {
-        "/v1/classifications": ClassificationRequest, "/v1/ner": NerRequest,
+        "/v1/classifications": ClassificationRequest, "/v1/ner": NerRequest, "/v1/embeddings": EmbeddingRequest,
         "/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
     }
     return table[endpoint]
@@ -165,9 +165,11 @@ def _request_schema(endpoint: str) -> type[BaseModel]:
 
 def _payload(endpoint: str, body: Any) -> dict[str, Any]:
     """The request the online endpoint would hand its inference worker for this validated body."""
-    if endpoint in ("/v1/classifications", "/v1/ner"):
-        inputs = [body.input] if isinstance(body.input, str) else list(body.input)
-        return {"model": body.model, "input": inputs}
+    if endpoint in ("/v1/classifications", "/v1/embeddings"):
+        payload: dict[str, Any] = body.payload()
+        return payload
+    if endpoint == "/v1/ner":
+        return {"model": body.model, "input": body.inputs()}
     if endpoint == "/v1/completions":
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         return {"model": body.model, "prompt": prompts, **body.sampling()}
@@ -189,10 +191,9 @@ class LineChecker:
         self.session = session
         self.tenant_id = tenant_id
         self.endpoint = endpoint
-        self.task = batches.ENDPOINT_TASKS[endpoint]
         self.schema = _request_schema(endpoint)
         self.seen: set[str] = set()
-        self.models: dict[str, dict[str, Any] | None] = {}
+        self.models: dict[tuple[str, str], dict[str, Any] | None] = {}
 
     def check(self, line: int, text: str) -> LinePlan:
         def bad(code: str, message: str, param: str | None = None, custom_id: str | None = None) -> LinePlan:
@@ -231,16 +232,16 @@ class LineChecker:
         except ValidationError as exc:
             param, message = _pydantic_error(exc)
             return bad("invalid_request", message, param, custom_id)
-        problem = self._model_problem(str(body["model"]))
+        problem = self._model_problem(str(body["model"]), batches.line_task(self.endpoint, body))
         if problem is not None:
             return bad(problem["code"], problem["message"], problem["param"], custom_id)
         return LinePlan(line, custom_id, payload=_payload(self.endpoint, parsed))
 
-    def _model_problem(self, model_id: str) -> dict[str, Any] | None:
-        if model_id not in self.models:
+    def _model_problem(self, model_id: str, task: str) -> dict[str, Any] | None:
+        if (model_id, task) not in self.models:
             with relaxed_engine().connect() as conn:
-                self.models[model_id] = batches.serving_problem(conn, self.tenant_id, model_id, self.task)
-        return self.models[model_id]
+                self.models[model_id, task] = batches.serving_problem(conn, self.tenant_id, model_id, task)
+        return self.models[model_id, task]
 
 
 def _error_record(custom_id: str | None, error: dict[str, Any], response: dict[str, Any] | None = None
@@ -363,7 +364,8 @@ class LineResult:
 def _failure_reply(exc: Exception) -> tuple[int, dict[str, Any]]:
     """Status and error of a request that could not be served, as the online endpoint answers it."""
     if isinstance(exc, ValueError):
-        return 400, {"message": str(exc), "type": "invalid_request_error", "param": None, "code": "invalid_request"}
+        return 400, {"message": str(exc), "type": "invalid_request_error", "param": getattr(exc, "param", None),
+                     "code": "invalid_request"}
     if isinstance(exc, LookupError):
         return 404, {"message": str(exc), "type": "invalid_request_error", "param": None,
                      "code": "model_not_found"}
@@ -389,28 +391,34 @@ def _new_ids() -> tuple[str, str]:
 
 
 def _run_encoder_group(endpoint: str, model: Model, group: list[tuple[int, dict[str, Any]]]) -> list[LineResult]:
-    """All lines of one model in one predictor call; a failing call is retried line by line to place the blame."""
-    task = batches.ENDPOINT_TASKS[endpoint]
-    texts = [text for _, entry in group for text in entry["payload"]["input"]]
+    """All lines of one model and method in one predictor call; a failing call is retried line by line to place
+    the blame (and a line whose answer cannot be built, a `dimensions` too large, fails alone)."""
+    calls = [model_call(endpoint, model.id, model.path, entry["payload"], entry["custom_id"]) for _, entry in group]
+    inputs = [item for call in calls for item in call.inputs]
+    outputs: list[Any] = []
+    failure: Exception | None = None
     try:
-        predictions = serving.runner().run(serving.ModelCall(model.id, model.path, task, "predict", texts,
-                                                             batched=False))
+        outputs = serving.runner().run(serving.ModelCall(model.id, model.path, calls[0].task, calls[0].method,
+                                                         inputs, batched=False))
     except Exception as exc:
         if len(group) > 1:
             return [result for item in group for result in _run_encoder_group(endpoint, model, [item])]
-        position, entry = group[0]
-        line_id, request_id = _new_ids()
-        if not isinstance(exc, ValueError | LookupError):
-            log.exception("batch line %s failed", entry["custom_id"])
-        return [LineResult(position, _failure(entry["custom_id"], entry["line"], exc, request_id, line_id), True)]
+        failure = exc
     results = []
     start = 0
-    for position, entry in group:
+    for (position, entry), call in zip(group, calls, strict=True):
         line_id, request_id = _new_ids()
-        count = len(entry["payload"]["input"])
-        body = response_body(endpoint, model.id, request_id, predictions[start : start + count])
-        start += count
-        results.append(LineResult(position, _success(entry["custom_id"], body, request_id, line_id), False))
+        mine, start = outputs[start : start + len(call.inputs)], start + len(call.inputs)
+        try:
+            if failure is not None:
+                raise failure
+            body = response_body(endpoint, model.id, request_id, mine, entry["payload"])
+            record, failed = _success(entry["custom_id"], body, request_id, line_id), False
+        except Exception as exc:
+            if not isinstance(exc, ValueError | LookupError):
+                log.exception("batch line %s failed", entry["custom_id"])
+            record, failed = _failure(entry["custom_id"], entry["line"], exc, request_id, line_id), True
+        results.append(LineResult(position, record, failed))
     return results
 
 
@@ -440,11 +448,13 @@ def run_lines(endpoint: str, tenant_id: str, entries: list[dict[str, Any]], stop
         results.append(LineResult(position, _failure(entry["custom_id"], entry["line"], gone, request_id, line_id),
                                   True))
     runnable = [(i, e) for i, e in enumerate(entries) if models[e["payload"]["model"]] is not None]
-    if endpoint in ("/v1/classifications", "/v1/ner"):
-        groups: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    if endpoint in ("/v1/classifications", "/v1/ner", "/v1/embeddings"):
+        # Zero-shot lines (with labels) run on the encoder's embeddings, apart from its classifier's lines.
+        groups: dict[tuple[str, bool], list[tuple[int, dict[str, Any]]]] = {}
         for position, entry in runnable:
-            groups.setdefault(entry["payload"]["model"], []).append((position, entry))
-        for model_id, group in groups.items():
+            zero_shot = entry["payload"].get("labels") is not None
+            groups.setdefault((entry["payload"]["model"], zero_shot), []).append((position, entry))
+        for (model_id, _), group in groups.items():
             if stopped():
                 break
             model = models[model_id]

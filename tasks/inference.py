@@ -7,7 +7,10 @@ warm (in a model process of its own in the inference-only worker).
 
 from __future__ import annotations
 
+import base64
 import logging
+import math
+import struct
 import time
 from collections.abc import Hashable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -21,6 +24,7 @@ from db import inferences
 from db.session import relaxed_engine
 from domain import dispatch
 from domain.batching import BatcherRegistry
+from domain.serving import EMBEDDINGS
 from infra import replies
 from tasks import serving
 from tasks.app import celery_app
@@ -41,6 +45,13 @@ def model_call(endpoint: str, model_id: str, model_path: str, request: dict[str,
     Generation requests share a forward pass only when their sampling parameters are equal; a seeded one
     runs alone (`solo`), so its answer depends on its seed and not on what it happened to be batched with.
     """
+    if endpoint == "/v1/embeddings":
+        return serving.ModelCall(model_id, model_path, EMBEDDINGS, "embed", list(request["input"]), lane=tenant_id)
+    if endpoint == "/v1/classifications" and request.get("labels") is not None:
+        # Zero-shot: each text travels with its labels, so requests with different labels share a pass.
+        labels = tuple(request["labels"])
+        return serving.ModelCall(model_id, model_path, EMBEDDINGS, "zero_shot",
+                                 [(text, labels) for text in request["input"]], lane=tenant_id)
     if endpoint in ENCODER_TASKS:
         return serving.ModelCall(model_id, model_path, ENCODER_TASKS[endpoint], "predict", list(request["input"]),
                                  lane=tenant_id)
@@ -59,8 +70,41 @@ def _usage(results: list[list[dict[str, Any]]]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def response_body(endpoint: str, model_id: str, request_id: str, results: list[Any]) -> dict[str, Any]:
+class InvalidParam(ValueError):
+    """A request the model cannot serve as asked, because of one field (a 400 naming it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def _embedding(vector: list[float], dimensions: int | None, encoding_format: str) -> list[float] | str:
+    """One vector as the client asked for it: cut to `dimensions` (re-normalised), floats or base64."""
+    if dimensions is not None:
+        if dimensions > len(vector):
+            raise InvalidParam("dimensions", f"the model's embeddings have {len(vector)} dimensions; "
+                                             f"ask for at most that many, not {dimensions}")
+        vector = vector[:dimensions]
+        norm = math.sqrt(sum(x * x for x in vector))
+        if norm > 0:
+            vector = [x / norm for x in vector]
+    if encoding_format == "base64":
+        # OpenAI's format, which its SDKs decode: the float32 values, little-endian, base64-encoded.
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
+
+
+def response_body(endpoint: str, model_id: str, request_id: str, results: list[Any],
+                  request: dict[str, Any] | None = None) -> dict[str, Any]:
     """The endpoint's response to a request whose model call gave `results` (one per input)."""
+    if endpoint == "/v1/embeddings":
+        options = request or {}
+        dimensions, encoding = options.get("dimensions"), options.get("encoding_format") or "float"
+        data = [{"object": "embedding", "index": i, "embedding": _embedding(r["embedding"], dimensions, encoding)}
+                for i, r in enumerate(results)]
+        tokens = sum(int(r["tokens"]) for r in results)
+        return {"object": "list", "data": data, "model": model_id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     if endpoint == "/v1/classifications":
         return {"object": "list", "model": model_id, "data": [{"index": i, **p} for i, p in enumerate(results)]}
     if endpoint == "/v1/ner":
@@ -82,7 +126,7 @@ def respond(endpoint: str, model_id: str, model_path: str, request: dict[str, An
             ) -> dict[str, Any]:
     """One request's response, computed on the calling thread (a batch file's generation lines)."""
     results = serving.runner().run(model_call(endpoint, model_id, model_path, request, request_id))
-    return response_body(endpoint, model_id, request_id, results)
+    return response_body(endpoint, model_id, request_id, results, request)
 
 
 def _claim_rows(ids: list[str], _group: Hashable) -> list[inferences.Claim | None]:
@@ -108,7 +152,8 @@ def _failed(claim: inferences.Claim, exc: BaseException) -> dict[str, Any]:
     """The reply a caller should see for a request that raised `exc`."""
     if isinstance(exc, ValueError):
         # The request cannot be served as asked (a prompt longer than the context, say).
-        error = {"status": 400, "message": str(exc), "type": "invalid_request_error", "code": "invalid_request"}
+        error = {"status": 400, "message": str(exc), "type": "invalid_request_error", "code": "invalid_request",
+                 "param": getattr(exc, "param", None)}
     elif isinstance(exc, LookupError):
         error = {"status": 404, "message": str(exc), "type": "invalid_request_error", "code": "model_not_found"}
     else:
@@ -131,7 +176,7 @@ def _start(claim: inferences.Claim) -> Future[list[Any]] | dict[str, Any]:
 
 def _reply(claim: inferences.Claim, results: Future[list[Any]]) -> dict[str, Any]:
     try:
-        response = response_body(claim.endpoint, claim.model_id, claim.id, results.result())
+        response = response_body(claim.endpoint, claim.model_id, claim.id, results.result(), claim.request)
     except Exception as exc:
         return _failed(claim, exc)
     return {"status": "succeeded", "response": response, "error": None}

@@ -46,8 +46,8 @@ class ModelCall:
 
     model_id: str
     path: str
-    task: str  # classification | ner | generation: which predictor the model loads as
-    method: str  # predict | generate | chat
+    task: str  # classification | ner | generation | embeddings: which predictor the model loads as
+    method: str  # predict | generate | chat | embed | zero_shot
     inputs: list[Any]
     # Sampling parameters of generate/chat, sorted: requests share a forward pass only when these are equal.
     params: tuple[tuple[str, Any], ...] = ()
@@ -74,6 +74,15 @@ def model_bytes(predictor: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def load_predictor(task: str, path: Path) -> Any:
+    """A fine-tuning task's predictor (`recipes`), or the encoder's embeddings predictor."""
+    if task == "embeddings":
+        from tasks.encoders import EmbeddingPredictor
+
+        return EmbeddingPredictor(path)
+    return recipes.predictor(task, path)
+
+
 class ModelCache:
     """Predictors by (task, model ID) within a memory budget, least recently used evicted first.
 
@@ -82,7 +91,7 @@ class ModelCache:
     loads, alone. Predictors are thread-safe, so every caller gets the shared instance.
     """
 
-    def __init__(self, budget_bytes: int, load: Callable[[str, Path], Any] = recipes.predictor) -> None:
+    def __init__(self, budget_bytes: int, load: Callable[[str, Path], Any] = load_predictor) -> None:
         self.budget_bytes = budget_bytes
         self._load = load
         self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
@@ -373,7 +382,8 @@ def engine_main(requests: Connection, replies: Connection) -> None:
     settings = get_settings()
     # The worker's log format; stderr is the worker's own, so these lines land in its log.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
-    import training.predict  # noqa: F401  (paid here, not by the first request)
+    import tasks.encoders  # noqa: F401  (paid here, not by the first request)
+    import training.predict  # noqa: F401
 
     runner = LocalRunner(settings)
     send_lock = threading.Lock()
