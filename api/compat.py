@@ -20,6 +20,7 @@ from api.inference import ACCEPTED, check_serveable, submit
 from api.schemas import CreateJob, Hyperparameters
 from core.settings import get_settings
 from domain.requests import Strict
+from domain.serving import ZERO_SHOT
 
 router = APIRouter(tags=["seed-compatible"])
 inference_scope = require("inference")
@@ -91,17 +92,32 @@ async def ask(
                    lambda r: {"answer": r["choices"][0]["message"]["content"]})
 
 
+# What the label routes answer without a fine-tuned classifier: zero-shot sentiment on the pretrained encoder.
+ZERO_SHOT_MODEL = "minilm-l6"
+ZERO_SHOT_LABELS = ["positive", "negative"]
+
+
 async def _classify(
     request: Request, principal: Principal, model: str | None, texts: list[str], shape: Any
 ) -> Response:
     chosen = model or get_settings().default_classification_model
+    payload: dict[str, Any] = {"model": chosen, "input": texts}
     try:
         await check_serveable(principal, chosen, "classification")
     except APIError as exc:
-        if model is None:
-            exc.message += "; set LLMOS_DEFAULT_CLASSIFICATION_MODEL to a fine-tuned classifier"
-        raise
-    return await submit(request, principal, "/v1/classifications", chosen, {"model": chosen, "input": texts}, shape)
+        if exc.code != "model_not_fine_tuned":
+            raise
+        # A base encoder has no trained head: a named one answers zero-shot sentiment itself; for the default
+        # (tiny-bert out of the box, random weights) the pretrained MiniLM does, so the routes work untrained.
+        chosen = chosen if model is not None else ZERO_SHOT_MODEL
+        try:
+            await check_serveable(principal, chosen, ZERO_SHOT)
+        except APIError:
+            if model is None:
+                exc.message += "; set LLMOS_DEFAULT_CLASSIFICATION_MODEL to a fine-tuned classifier"
+            raise exc from None
+        payload = {"model": chosen, "input": texts, "labels": ZERO_SHOT_LABELS}
+    return await submit(request, principal, "/v1/classifications", chosen, payload, shape)
 
 
 @router.post("/api/llm", responses=ACCEPTED, response_model=objects.Prediction,

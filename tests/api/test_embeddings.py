@@ -232,6 +232,25 @@ def test_a_batch_of_zero_shot_lines_matches_the_online_answers(api: Api) -> None
         assert line["response"]["body"]["data"][0]["scores"] == pytest.approx(online["data"][0]["scores"], abs=1e-5)
 
 
+def test_the_seed_label_routes_answer_with_zero_shot_sentiment_out_of_the_box(api: Api) -> None:
+    # LLMOS_DEFAULT_CLASSIFICATION_MODEL is tiny-bert, a base encoder with no trained head.
+    predicted = api.http.post("/api/llm", json={"text": POSITIVE_TEXT})
+    assert predicted.status_code == 200, predicted.text
+    assert predicted.json() == {"prediction": "positive"}
+    service = api.http.post("/llm-service", json={"text": [POSITIVE_TEXT, NEGATIVE_TEXT]})
+    assert service.status_code == 200, service.text
+    predictions = service.json()["predictions"]
+    assert [p["label"] for p in predictions] == ["positive", "negative"]
+    assert all(set(p["scores"]) == {"positive", "negative"} for p in predictions)
+    online = api.http.post("/v1/classifications", json={"model": MINILM, "input": [POSITIVE_TEXT, NEGATIVE_TEXT],
+                                                        "labels": ["positive", "negative"]}).json()["data"]
+    assert [p["scores"] for p in predictions] == [pytest.approx(o["scores"], abs=1e-5) for o in online]
+    named = api.http.post("/llm-service", json={"text": NEGATIVE_TEXT, "model": MINILM})
+    assert named.status_code == 200 and named.json()["predictions"][0]["label"] == "negative", named.text
+    generator = api.http.post("/llm-service", json={"text": "hi", "model": "tiny-gpt2"})
+    assert generator.status_code == 400 and generator.json()["error"]["param"] == "model"
+
+
 def test_ner_takes_no_labels(api: Api) -> None:
     response = api.http.post("/v1/ner", json={"model": MINILM, "input": "Ada", "labels": ["a", "b"]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "labels"
