@@ -106,6 +106,8 @@ async def _classify(
         await check_serveable(principal, chosen, "classification")
     except APIError as exc:
         if exc.code != "model_not_fine_tuned":
+            if model is None:
+                exc.message += "; set LLMOS_DEFAULT_CLASSIFICATION_MODEL to a fine-tuned classifier"
             raise
         # A base encoder has no trained head: a named one answers zero-shot sentiment itself; for the default
         # (tiny-bert out of the box, random weights) the pretrained MiniLM does, so the routes work untrained.
