@@ -11,11 +11,14 @@ rows used, wall time and score:
 3. gen:  SST-2 cast as prompt -> completion with `smollm2-135m-instruct` and LoRA; accuracy of the greedy
          two-token completion via `POST /v1/completions`, zero-shot base accuracy with the same prompt, and
          the job's eval perplexity before and after training.
+4. zeroshot: SST-2 dev with `minilm-l6` and no training; accuracy of zero-shot `labels: ["positive",
+         "negative"]` via `POST /v1/classifications` (what `/api/llm` answers with no fine-tuned classifier).
 
 Usage:
-    python bench/quality.py [--only ner|sst2|gen] [--train-rows N] [--test-rows N] [--epochs N] [--home DIR]
+    python bench/quality.py [--only ner|sst2|gen|zeroshot] [--train-rows N] [--test-rows N] [--epochs N]
+                            [--home DIR]
 
-The defaults subsample so that all three runs fit in about half an hour on two shared CPU cores; every
+The defaults subsample so that all four runs fit in about half an hour on two shared CPU cores; every
 figure is printed next to the rows it used. `--train-rows/--test-rows/--epochs` override each run's
 default (use them with `--only`). With LLMOS_DATABASE_URL / LLMOS_BROKER_URL set it uses those servers (a
 fresh database, dropped at the end); otherwise embedded ones in a temp dir. `--home DIR` keeps LLMOS_HOME
@@ -72,6 +75,8 @@ DEFAULTS: dict[str, RunSpec] = {
     "ner": RunSpec(train_rows=3000, test_rows=3453, epochs=2, valid_rows=800),
     "sst2": RunSpec(train_rows=6000, test_rows=1821, epochs=1, valid_rows=872),
     "gen": RunSpec(train_rows=600, test_rows=300, epochs=1, valid_rows=200),
+    # Nothing trained: the whole dev split is scored, in well under a minute.
+    "zeroshot": RunSpec(train_rows=0, test_rows=872, epochs=0, valid_rows=0),
 }
 
 
@@ -345,7 +350,28 @@ def run_gen(http: httpx.Client, spec: RunSpec) -> Result:
     )
 
 
-RUNS: dict[str, Callable[[httpx.Client, RunSpec], Result]] = {"ner": run_ner, "sst2": run_sst2, "gen": run_gen}
+def run_zeroshot(http: httpx.Client, spec: RunSpec) -> Result:
+    rows = sample(read_sst2(SST2 / "dev.tsv"), spec.test_rows)
+    labels = [LABELS[1], LABELS[0]]
+    started = time.perf_counter()
+    correct = 0
+    said: dict[str, int] = {}
+    for chunk in batches(rows, 256):  # the most inputs one request takes
+        answer = infer(http, "/v1/classifications", {"model": "minilm-l6", "input": [s for s, _ in chunk],
+                                                     "labels": labels})
+        for (_, y), item in zip(chunk, sorted(answer["data"], key=lambda d: d["index"]), strict=True):
+            said[item["label"]] = said.get(item["label"], 0) + 1
+            correct += item["label"] == LABELS[y]
+    score_wall = time.perf_counter() - started
+    return Result(
+        "zeroshot", "SST-2", "minilm-l6 (no training)", 0, f"dev {len(rows)}/872 (no training data used)",
+        0.0, score_wall, "dev accuracy (zero-shot labels)", correct / len(rows),
+        "(no reference; vs fine-tuned sst2)", {"answers": said, "labels": labels},
+    )
+
+
+RUNS: dict[str, Callable[[httpx.Client, RunSpec], Result]] = {"ner": run_ner, "sst2": run_sst2, "gen": run_gen,
+                                                             "zeroshot": run_zeroshot}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -356,7 +382,7 @@ RUNS: dict[str, Callable[[httpx.Client, RunSpec], Result]] = {"ner": run_ner, "s
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--only", choices=list(RUNS), action="append",
-                        help="run only this one (repeatable); default all three")
+                        help="run only this one (repeatable); default all four")
     parser.add_argument("--train-rows", type=int, help="training rows (sentences) per run "
                         f"(defaults: {', '.join(f'{k} {v.train_rows}' for k, v in DEFAULTS.items())})")
     parser.add_argument("--test-rows", type=int, help="test rows scored per run "
@@ -404,6 +430,9 @@ def report(results: list[Result]) -> None:
             print(f"gen zero-shot base accuracy {r.extra['zero_shot_accuracy']} (answers "
                   f"{r.extra['zero_shot_answers']}) -> fine-tuned {r.score:.4f} (answers {r.extra['tuned_answers']}); "
                   f"eval perplexity before {r.extra['perplexity_before']} -> after {r.extra['perplexity_after']}")
+        elif r.name == "zeroshot":
+            print(f"zeroshot: cosine similarity of each sentence to 'This text is {{label}}.' for labels "
+                  f"{r.extra['labels']}, no training; answers {r.extra['answers']}")
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
