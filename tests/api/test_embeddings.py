@@ -255,3 +255,34 @@ def test_ner_takes_no_labels(api: Api) -> None:
     response = api.http.post("/v1/ner", json={"model": MINILM, "input": "Ada", "labels": ["a", "b"]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "labels"
     assert json.loads(response.text)["error"]["code"] == "invalid_value"
+
+
+def test_a_fine_tuned_classifier_embeds_with_its_trained_encoder(api: Api) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from db.models import Model
+    from db.session import transaction
+    from tests.api.test_inference_serving import _train_classifier
+
+    model_id = _train_classifier(api)
+    listed = api.http.get(f"/v1/models/{model_id}").json()
+    assert listed["tasks"] == ["classification", "embeddings"]
+    texts = ["the food was wonderful", "the service was dreadful"]
+    response = api.http.post("/v1/embeddings", json={"model": model_id, "input": texts, "encoding_format": "float"})
+    assert response.status_code == 200, response.text
+    with transaction() as session:
+        model_dir = session.get(Model, model_id).path  # type: ignore[union-attr]
+    # The reference: the classifier's own encoder body (not the base tiny-bert's), mean-pooled and normalised.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    body = AutoModelForSequenceClassification.from_pretrained(model_dir).eval().base_model
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        states = body(**encoded).last_hidden_state
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).tolist()
+    base = api.http.post("/v1/embeddings", json={"model": "tiny-bert", "input": texts,
+                                                 "encoding_format": "float"}).json()["data"]
+    for got, want, untrained in zip(response.json()["data"], expected, base, strict=True):
+        assert _cosine(got["embedding"], want) > 1 - 1e-4
+        assert _cosine(got["embedding"], untrained["embedding"]) < 1 - 1e-3

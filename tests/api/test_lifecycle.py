@@ -86,7 +86,7 @@ def test_classification_job_trains_to_success_and_serves(api: Api) -> None:
 
     models = {m["id"]: m for m in api.http.get("/v1/models").json()["data"]}
     assert done["fine_tuned_model"] in models and "tiny-bert" in models
-    assert models[done["fine_tuned_model"]]["tasks"] == ["classification"]
+    assert models[done["fine_tuned_model"]]["tasks"] == ["classification", "embeddings"]
 
     answer = api.http.post("/v1/classifications", json={"model": done["fine_tuned_model"],
                                                          "input": ["the food was wonderful", "the room was awful"]})

@@ -107,7 +107,7 @@ def test_lora_and_continued_training_from_an_own_model(api: Api) -> None:
     assert second["fine_tuned_model"] == f"ft:tiny-bert:acme:v2:{second['id']}"
     assert second["model"] == first["fine_tuned_model"]
     model = api.http.get(f"/v1/models/{second['fine_tuned_model']}").json()
-    assert model["base_model"] == "tiny-bert" and model["tasks"] == ["classification"]
+    assert model["base_model"] == "tiny-bert" and model["tasks"] == ["classification", "embeddings"]
     answer = api.http.post("/v1/classifications", json={"model": second["fine_tuned_model"],
                                                          "input": "the food was superb"}).json()
     assert answer["data"][0]["label"] == "pos"
