@@ -126,7 +126,7 @@ class StateCollector(Collector):
         try:
             conn = replies.client()
             if conn is not None:
-                for queue in (dispatch.QUEUE_GPU, dispatch.QUEUE_INFERENCE, dispatch.QUEUE_CPU):
+                for queue in dispatch.QUEUES:
                     depth.add_metric([queue], int(conn.llen(queue)))
                 recorded = conn.hgetall(batching.BATCH_SIZES_KEY)
                 counts = {(k if isinstance(k, str) else k.decode()): int(v) for k, v in recorded.items()}

@@ -45,7 +45,7 @@ import httpx
 from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parent.parent
-QUEUES = ("gpu", "cpu", "inference")
+QUEUES = ("gpu", "cpu", "inference", "webhooks")
 # Polling the job every 20 ms: each lifecycle figure is late by at most this plus one GET's latency.
 POLL_INTERVAL = 0.02
 HEALTH_TIMEOUT = 90.0

@@ -1,6 +1,6 @@
 """Benchmark: webhook delivery throughput and latency, from the outbox to a real receiver on 127.0.0.1.
 
-Real processes as `llmos up` runs them (the API, a `cpu` worker at its default concurrency, and beat), real
+Real processes as `llmos up` runs them (the API, a `webhooks` worker at its default concurrency, and beat), real
 Postgres and Redis, and an HTTP receiver in this process. Printed as tables plus one JSON line at the end:
 
 1. Throughput: one webhook endpoint (events ["*"]) registered through the HTTP API, then 1,000 outbox events
@@ -210,15 +210,15 @@ class Stack:
             self.children.pop(name).stop()
 
 
-def cpu_worker_ready() -> bool:
+def webhooks_worker_ready() -> bool:
     from infra.broker import producer
 
     replies = producer().control.ping(timeout=1.0) or []
-    return any(name.startswith("cpu-") for reply in replies for name in reply)
+    return any(name.startswith("webhooks-") for reply in replies for name in reply)
 
 
 def bring_up(exits: contextlib.ExitStack, work: Path, failure_logs: list[Child]) -> Stack:
-    """Servers, a fresh database, migrations, then the API, a `cpu` worker and beat."""
+    """Servers, a fresh database, migrations, then the API, a `webhooks` worker and beat."""
     database_server = os.environ.get("LLMOS_DATABASE_URL")
     broker_url = os.environ.get("LLMOS_BROKER_URL")
     kinds = ["external" if database_server else "embedded", "external" if broker_url else "embedded"]
@@ -258,24 +258,24 @@ def bring_up(exits: contextlib.ExitStack, work: Path, failure_logs: list[Child])
     from ops.stack import argv
 
     api = stack.start("api", argv("api"))
-    stack.start("worker-cpu", argv("worker-cpu"))
+    stack.start("worker-webhooks", argv("worker-webhooks"))
     stack.start("beat", argv("beat"))
     failure_logs.extend(stack.children.values())
     wait_http(f"{stack.api_url}/healthz", api)
-    wait_until(cpu_worker_ready, WORKERS_TIMEOUT, "a worker on the cpu queue", 0.5)
+    wait_until(webhooks_worker_ready, WORKERS_TIMEOUT, "a worker on the webhooks queue", 0.5)
     return stack
 
 
 def queue_idle(broker_url: str) -> bool:
-    """Nothing waiting on the cpu queue and no flush task running."""
+    """Nothing waiting on the webhooks queue and no flush task running."""
     import redis
 
-    from domain.dispatch import QUEUE_CPU
+    from domain.dispatch import QUEUE_WEBHOOKS
     from infra.broker import producer
 
     conn = redis.Redis.from_url(broker_url)
     try:
-        if conn.llen(QUEUE_CPU):
+        if conn.llen(QUEUE_WEBHOOKS):
             return False
     finally:
         conn.close()
@@ -468,7 +468,7 @@ def profiled(py_spy: str | None, stack: Stack, name: str) -> Iterator[Path | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     with (stack.log_dir / f"py-spy-{name}.log").open("ab") as log:
         proc = subprocess.Popen(
-            [py_spy, "record", "--pid", str(stack.children["worker-cpu"].popen.pid), "--subprocesses", "--idle",
+            [py_spy, "record", "--pid", str(stack.children["worker-webhooks"].popen.pid), "--subprocesses", "--idle",
              "--nonblocking", "--rate", "200", "--format", "raw", "-o", str(out)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -612,7 +612,7 @@ class Throughput:
 
 
 def wait_idle(stack: Stack) -> None:
-    wait_until(lambda: queue_idle(stack.broker_url), 600, "the cpu queue to drain", 0.2)
+    wait_until(lambda: queue_idle(stack.broker_url), 600, "the webhooks queue to drain", 0.2)
 
 
 def throughput(stack: Stack, rx: Receiver, label: str, endpoints: int, events: int, timeout: float,
@@ -620,7 +620,7 @@ def throughput(stack: Stack, rx: Receiver, label: str, endpoints: int, events: i
     tenant = make_tenant(f"bench-{endpoints}x", stack.api_url)
     paths = [register_endpoint(tenant, rx, i) for i in range(endpoints)]
     wait_idle(stack)
-    worker_log = stack.children["worker-cpu"].log_path
+    worker_log = stack.children["worker-webhooks"].log_path
     log_offset = worker_log.stat().st_size
     start_index = len(rx.arrivals)
     with profiled(py_spy, stack, f"throughput-{endpoints}") as profile_path:
@@ -677,7 +677,7 @@ def latency(stack: Stack, rx: Receiver, events: int, spacing: float, timeout: fl
     tenant = make_tenant(f"bench-latency-{spacing * 1000:.0f}ms", stack.api_url)
     path = register_endpoint(tenant, rx, 0)
     wait_idle(stack)
-    worker_log = stack.children["worker-cpu"].log_path
+    worker_log = stack.children["worker-webhooks"].log_path
     log_offset = worker_log.stat().st_size
     start_index = len(rx.arrivals)
 
@@ -890,11 +890,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
         try:
             started = time.perf_counter()
             stack = bring_up(exits, work, failure_logs)
-            # The pool processes the worker forked (its default concurrency, QUEUE_PROFILES in ops/cli.py).
-            facts["cpu_worker_pool_processes"] = len(psutil.Process(stack.children["worker-cpu"].popen.pid)
-                                                     .children(recursive=True))
+            # Its senders: a threads pool of webhook_concurrency (QUEUE_PROFILES in ops/cli.py).
+            from core.settings import get_settings
+
+            facts["webhooks_worker_threads"] = get_settings().webhook_concurrency
             print(f"services: {stack.mode}; stack up in {time.perf_counter() - started:.1f}s; "
-                  f"cpu worker pool processes: {facts['cpu_worker_pool_processes']}")
+                  f"webhooks worker sender threads: {facts['webhooks_worker_threads']}")
             rx = exits.enter_context(receiver())
             warm_up(stack, rx)
             py_spy = args.py_spy if args.profile else None

@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(False, description="1 lets webhooks reach loopback/private addresses.")
     webhook_timeout_seconds: float = Field(10.0, description="A webhook attempt slower than this fails.")
     webhook_dispatch_seconds: float = Field(1.0, description="How often beat sends webhook retries that are due.")
+    webhook_concurrency: int = Field(
+        8, ge=1, description="Destinations one webhooks worker sends to at once (threads; each holds a database "
+                             "connection while it sends)."
+    )
     webhook_retry_schedule: str = Field(
         "5,300,1800,7200,18000,36000,36000,36000,36000,36000,36000",
         description="Seconds between webhook attempts, comma-separated.",

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 QUEUE_GPU = "gpu"
 QUEUE_INFERENCE = "inference"
 QUEUE_CPU = "cpu"
+# Webhook senders: a slow receiver holds one of these, never a validation, a batch or the reconciler.
+QUEUE_WEBHOOKS = "webhooks"
+QUEUES = (QUEUE_GPU, QUEUE_INFERENCE, QUEUE_CPU, QUEUE_WEBHOOKS)
 
 TASK_VALIDATE = "llmos.jobs.validate"
 TASK_TRAIN = "llmos.jobs.train"

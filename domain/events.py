@@ -76,5 +76,5 @@ def redeliver(session: Session, *, tenant_id: str, event_id: str) -> dict[str, A
         session.add(WebhookDelivery(event_id=event.id, event_seq=event.seq, tenant_id=event.tenant_id,
                                     endpoint_id=endpoint_id, destination=destination, url=url, status="pending",
                                     attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
-        dispatch.enqueue_after_commit(session, TASK_FLUSH, destination, queue=dispatch.QUEUE_CPU)
+        dispatch.enqueue_after_commit(session, TASK_FLUSH, destination, queue=dispatch.QUEUE_WEBHOOKS)
     return {**event_object(event), "redelivered_to": len(earlier)}

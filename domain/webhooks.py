@@ -162,7 +162,7 @@ def fan_out(session: Session, event: OutboxEvent) -> int:
             destination=destination, url=url, status="pending", attempts=0, next_attempt_at=now,
             created_at=now, updated_at=now,
         ))
-        dispatch.enqueue_after_commit(session, TASK_FLUSH, destination, queue=dispatch.QUEUE_CPU, once=True)
+        dispatch.enqueue_after_commit(session, TASK_FLUSH, destination, queue=dispatch.QUEUE_WEBHOOKS, once=True)
     return len(targets)
 
 

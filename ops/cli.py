@@ -31,6 +31,8 @@ QUEUE_PROFILES: dict[str, tuple[int, list[str]]] = {
     "gpu": (1, ["--max-tasks-per-child=1"]),
     "inference": (0, ["--pool=threads"]),
     "cpu": (2, []),
+    # Senders wait on receivers, not the CPU: threads, `webhook_concurrency` of them.
+    "webhooks": (0, ["--pool=threads"]),
 }
 
 
@@ -100,10 +102,15 @@ def cmd_api(args: argparse.Namespace) -> None:
 def worker_argv(queues: list[str], name: str) -> list[str]:
     """Celery worker arguments for a worker serving `queues`, by their profiles."""
     settings = get_settings()
-    threaded = queues == ["inference"]
+    threaded = queues in (["inference"], ["webhooks"])
     # Beside other queues, inference shares their prefork pool (one request at a time per process).
     profiles = [QUEUE_PROFILES.get(q, (1, [])) for q in queues if threaded or q != "inference"] or [(1, [])]
-    concurrency = settings.inference_concurrency if threaded else max(c for c, _ in profiles)
+    if queues == ["webhooks"]:
+        concurrency = settings.webhook_concurrency
+    elif threaded:
+        concurrency = settings.inference_concurrency
+    else:
+        concurrency = max(c for c, _ in profiles)
     extra = [opt for _, options in profiles for opt in options]
     if "gpu" in queues:
         concurrency = settings.train_concurrency
@@ -118,7 +125,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = [q for q in queues if q not in QUEUE_PROFILES]
     if unknown:
-        raise SystemExit(f"error: unknown queue(s) {', '.join(unknown)}; choose from gpu, inference, cpu")
+        raise SystemExit(f"error: unknown queue(s) {', '.join(unknown)}; choose from {', '.join(QUEUE_PROFILES)}")
     os.environ["LLMOS_WORKER_QUEUES"] = ",".join(queues)
     if queues == ["inference"]:
         # Its models run in a model process of its own, which imports the training code itself.
@@ -334,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--workers", type=int, default=None,
                      help="API processes behind the port (default LLMOS_API_WORKERS, else one per CPU core, at most 4)")
     worker = sub.add_parser("worker", help="run a Celery worker")
-    worker.add_argument("--queues", default="gpu,inference,cpu", help="comma-separated: gpu, inference, cpu")
+    worker.add_argument("--queues", default="gpu,inference,cpu,webhooks",
+                        help="comma-separated: gpu, inference, cpu, webhooks")
     sub.add_parser("beat", help="run the scheduler (reconciler)")
     sub.add_parser("flower", help="run Flower with basic auth")
     sub.add_parser("migrate", help="upgrade the database to head and register base models")

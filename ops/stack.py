@@ -18,12 +18,13 @@ ROLES: dict[str, tuple[str, ...]] = {
     "worker-gpu": ("worker", "--queues", "gpu"),
     "worker-inference": ("worker", "--queues", "inference"),
     "worker-cpu": ("worker", "--queues", "cpu"),
+    "worker-webhooks": ("worker", "--queues", "webhooks"),
     "beat": ("beat",),
     "flower": ("flower",),
 }
 # What `llmos up` runs; the tests and benchmarks leave Flower out.
 ALL = tuple(ROLES)
-SERVICE = ("api", "worker-gpu", "worker-inference", "worker-cpu", "beat")
+SERVICE = ("api", "worker-gpu", "worker-inference", "worker-cpu", "worker-webhooks", "beat")
 
 
 def llmos(*args: str) -> list[str]:

@@ -1,4 +1,8 @@
-"""Webhook delivery on the ``cpu`` queue: one sender per destination at a time, in event order.
+"""Webhook delivery on the ``webhooks`` queue: one sender per destination at a time, in event order.
+
+The queue has workers of its own (a threads pool of `webhook_concurrency`), so receivers, however slow,
+delay neither file validation, batches nor the reconciler on the ``cpu`` queue, and up to that many
+destinations are served at once.
 
 Retries are rows with ``next_attempt_at``; beat sends what is due, so a retry hours away never sits in
 the broker, and every attempt survives restarts of every process.
@@ -29,7 +33,7 @@ from sqlalchemy.orm import Session
 from core.clock import utcnow
 from core.settings import get_settings
 from db.models import DeliveryAttempt, OutboxEvent, WebhookDelivery, WebhookEndpoint
-from db.session import session_factory, transaction
+from db.session import get_engine, session_factory, transaction
 from domain import dispatch, webhooks
 from domain.events import emit_event, event_object
 from infra import broker
@@ -64,26 +68,30 @@ def flush(destination: str) -> int:
 
     One sender per destination (a session-level advisory lock) keeps event order; each batch is read in
     one query and recorded in one transaction, with no transaction open while HTTP requests are in flight.
+    The lock lives on a connection held for the whole flush, apart from the session's: a session hands its
+    connection back to the pool at each commit, and with senders as threads of one process another
+    thread's session could pick it up, and with it the lock (Postgres' advisory locks are re-entrant).
     """
     key = _lock_key(destination)
     tried = 0
-    with session_factory()() as session:
-        if not session.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+    with get_engine().connect() as lock:
+        if not lock.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
             return 0  # another sender has this destination
-        session.commit()  # the lock is session-level: it outlives this and every later commit
+        lock.commit()  # ends the transaction; the connection, and the lock on it, stay ours until released
         try:
-            while batch := _due_batch(session, destination):
-                results = _send_batch(batch)
-                _record_batch(session, results)
-                tried += len(results)
+            with session_factory()() as session:
+                while batch := _due_batch(session, destination):
+                    results = _send_batch(batch)
+                    _record_batch(session, results)
+                    tried += len(results)
         finally:
-            session.rollback()
-            session.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            session.commit()
-        # A delivery committed while we were letting go found the lock taken: pick it up now.
+            lock.rollback()
+            lock.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            lock.commit()
+    # A delivery committed while we were letting go found the lock taken: pick it up now.
+    with session_factory()() as session:
         if _due_batch(session, destination, limit=1):
-            broker.publish(dispatch.StagedTask(webhooks.TASK_FLUSH, (destination,), None, dispatch.QUEUE_CPU))
-        session.commit()
+            broker.publish(dispatch.StagedTask(webhooks.TASK_FLUSH, (destination,), None, dispatch.QUEUE_WEBHOOKS))
     return tried
 
 
@@ -234,7 +242,7 @@ def dispatch_due() -> int:
             ).distinct()
         ).all()
     for destination in destinations:
-        broker.publish(dispatch.StagedTask(webhooks.TASK_FLUSH, (destination,), None, dispatch.QUEUE_CPU))
+        broker.publish(dispatch.StagedTask(webhooks.TASK_FLUSH, (destination,), None, dispatch.QUEUE_WEBHOOKS))
     return len(destinations)
 
 

@@ -135,7 +135,7 @@ def _purge_queues(broker_url: str) -> None:
 
     if broker_url.startswith("redis"):
         conn = redis.Redis.from_url(broker_url)
-        conn.delete("gpu", "cpu", "inference")
+        conn.delete("gpu", "cpu", "inference", "webhooks")
 
 
 class Process:

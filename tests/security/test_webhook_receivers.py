@@ -69,3 +69,21 @@ def test_an_endless_answer_is_read_to_64_kib_and_kept_as_a_clean_excerpt(api: Ap
     excerpt = attempt["response_excerpt"]
     assert excerpt.startswith("ok[31mzzz") and len(excerpt.encode()) <= 1024
     assert "\x1b" not in excerpt and "\x00" not in excerpt
+
+
+def test_slow_receivers_do_not_hold_up_file_validation(api: Api) -> None:
+    """Senders have workers of their own: with two receivers each holding a sender for its whole deadline,
+    another job's file is still validated at once, not after the deadlines."""
+    with hostile(trickle) as (first_url, first_arrivals), hostile(trickle) as (second_url, second_arrivals):
+        _endpoint(api, first_url)
+        _endpoint(api, second_url)
+        _failing_job(api)
+        wait_until(lambda: first_arrivals and second_arrivals, 30, "both slow receivers to be called")
+        event = api.http.get("/v1/events", params={"type": "fine_tuning.job.failed"}).json()["data"][0]
+
+        second_job = _failing_job(api)
+        failed = api.wait_status(second_job, {"failed", "succeeded", "cancelled"}, timeout=60)
+        assert failed["error"]["code"] == "invalid_training_file"
+        # Both attempts are still within their deadline: none has been recorded yet.
+        in_flight = api.http.get(f"/v1/events/{event['id']}/deliveries").json()["data"]
+        assert in_flight == [], in_flight

@@ -151,10 +151,10 @@ def test_retries_survive_a_restart_of_worker_and_beat(
         stack["beat"].stop()  # no retries may happen while we restart
         _bad_job(api)
         wait_until(lambda: len(rx.received) >= 1, 30, "the first, failing attempt")
-        stack["worker-cpu"].stop()
+        stack["worker-webhooks"].stop()
         env = {k: v for k, v in services.items() if k.startswith("LLMOS_")}
         logs = Path(services["home"]) / "logs"
-        stack["worker-cpu"] = Process("worker-cpu-2", argv("worker-cpu"), env, logs)
+        stack["worker-webhooks"] = Process("worker-webhooks-2", argv("worker-webhooks"), env, logs)
         stack["beat"] = Process("beat-2", argv("beat"), env, logs)
         wait_until(lambda: len(rx.received) >= 2, 60, "the retry after the restart")
         assert rx.received[0].headers["webhook-id"] == rx.received[1].headers["webhook-id"]
