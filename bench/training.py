@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     # Load reports (a new head's weights) and progress bars would drown the figures.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator")
 
     facts = {**machine_facts(), "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
              "device": str(pick_device())}

@@ -18,11 +18,11 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    DataCollatorWithPadding,
     PreTrainedModel,
     set_seed,
 )
 
+from training.batching import PaddingCollator, as_tensors, feature_lengths
 from training.callbacks import TrainingCallbacks
 from training.data import DataError, validate_classification
 from training.devices import autocast_dtype, pick_device
@@ -198,6 +198,14 @@ def _encode(
     return features
 
 
+def padding_collator(tokenizer: Any, pad_to_multiple_of: int | None = None, label_pad: int | None = None) -> Collator:
+    """A collator padding input ids with the tokenizer's pad token (and sequence labels with `label_pad`)."""
+    pad_values = {"input_ids": int(tokenizer.pad_token_id), "token_type_ids": int(tokenizer.pad_token_type_id)}
+    if label_pad is not None:
+        pad_values["labels"] = label_pad
+    return PaddingCollator(pad_values, pad_to_multiple_of)
+
+
 # --- metrics -------------------------------------------------------------------------------------
 
 
@@ -298,10 +306,11 @@ def train_classification(
     if lora is not None:
         # Only the adapter and the new head train; the checkpoints and model dir then hold just those.
         model = apply_lora(model, lora, "classification", spec.base_model_dir)
-    train_features = _encode(tokenizer, train_rows, label2id, max_length)
-    eval_features = _encode(tokenizer, eval_rows, label2id, max_length)
+    # Tensors once, here, so a step only pads and stacks them.
+    train_features = as_tensors(_encode(tokenizer, train_rows, label2id, max_length))
+    eval_features = as_tensors(_encode(tokenizer, eval_rows, label2id, max_length))
     # Multiples of 8 let tensor cores work on GPUs; on CPU they would only add padding.
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    collator = padding_collator(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
 
     def evaluate(trained: torch.nn.Module) -> dict[str, float]:
         loss, y_true, y_pred = _predict_features(trained, eval_features, collator)
@@ -326,6 +335,7 @@ def train_classification(
         evaluate=evaluate if eval_features else None,
         resume_from=resume_from,
         device=device,
+        lengths=feature_lengths(train_features),
     )
     if not outcome.completed:
         return ClassificationResult(outcome=outcome, model_dir=None, metrics={}, report={}, labels=labels)

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
-from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification, set_seed
+from transformers import AutoModelForTokenClassification, AutoTokenizer, set_seed
 
 from training import classification
+from training.batching import as_tensors, feature_lengths
 from training.callbacks import TrainingCallbacks
-from training.classification import EVAL_REPORT_FILE, _max_length
+from training.classification import EVAL_REPORT_FILE, _max_length, padding_collator
 from training.data import DataError, detect_tag_scheme, normalise_tags, random_split, validate_ner
 from training.devices import autocast_dtype, pick_device
 from training.lora import add_lora_hyperparameters, apply_lora, load_pretrained, save_model_dir
@@ -234,11 +235,15 @@ def train_ner(
         # Record the target modules actually adapted, not "auto".
         hp["lora"] = wrapped.lora
         model = wrapped
-    train_features, _ = encode_ner(tokenizer, train_rows, label2id, max_length)
-    eval_features, eval_starts = encode_ner(tokenizer, eval_rows, label2id, max_length)
+    train_lists, _ = encode_ner(tokenizer, train_rows, label2id, max_length)
+    eval_lists, eval_starts = encode_ner(tokenizer, eval_rows, label2id, max_length)
+    # Tensors once, here, so a step only pads and stacks them.
+    train_features, eval_features = as_tensors(train_lists), as_tensors(eval_lists)
     eval_truth = [row["tags"] for row in eval_rows]
     # Multiples of 8 let tensor cores work on GPUs; on CPU they would only add padding.
-    collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    collator = padding_collator(
+        tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None, label_pad=IGNORE_INDEX
+    )
 
     def evaluate(trained: torch.nn.Module) -> dict[str, float]:
         loss, predicted = _predict_tags(trained, eval_features, eval_starts, collator, id2label)
@@ -269,6 +274,7 @@ def train_ner(
         evaluate=evaluate if eval_features else None,
         resume_from=resume_from,
         device=device,
+        lengths=feature_lengths(train_features),
     )
     if not outcome.completed:
         return NerResult(outcome=outcome, model_dir=None, metrics={}, report={}, labels=labels)

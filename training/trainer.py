@@ -1,7 +1,8 @@
 """A plain training loop with exact stop, checkpoint and resume semantics.
 
-The data order of epoch ``e`` is a permutation drawn from a generator seeded with ``seed + e``, so a
-resumed run can skip straight to the batch it stopped at. A checkpoint holds everything the loop needs
+The batches of epoch ``e`` are drawn from a generator seeded with ``seed + e`` (length-grouped when the
+caller gives each row's length; see ``training.batching``), so a resumed run rebuilds the same list and
+skips straight to the batch it stopped at. A checkpoint holds everything the loop needs
 (weights, optimizer, scheduler, RNG states, counters), so a paused-then-resumed run ends with the same
 weights as an uninterrupted one.
 """
@@ -16,7 +17,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_model
 from transformers import get_linear_schedule_with_warmup, set_seed
 
+from training.batching import epoch_batches
 from training.callbacks import StepState, StopReason, TrainingCallbacks
 from training.devices import autocast_dtype, pick_device
 from training.fsutil import replace_dir
@@ -108,6 +110,8 @@ class _LoopState:
     # Losses since the last history row, so a resumed run logs the same means.
     interval_loss_sum: float = 0.0
     interval_loss_count: int = 0
+    # Checkpoints written before length grouping existed resume in the shuffled order they started with.
+    length_grouped: bool = False
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -125,12 +129,19 @@ def run_training(
     evaluate: Evaluate | None = None,
     resume_from: Path | None = None,
     device: torch.device | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> TrainOutcome:
-    """Train `model` with AdamW and a linear warmup schedule; stop, checkpoint and resume exactly."""
+    """Train `model` with AdamW and a linear warmup schedule; stop, checkpoint and resume exactly.
+
+    With `lengths` (each row's token count) batches hold rows of similar length, so little compute goes to
+    padding; the batches stay a function of (seed, epoch), so resuming is still exact.
+    """
     _check_args(args)
     n_rows = len(train_dataset)
     if n_rows == 0:
         raise ValueError("the training set is empty")
+    if lengths is not None and len(lengths) != n_rows:
+        raise ValueError(f"{len(lengths)} lengths for {n_rows} training rows")
     device = device or pick_device()
     if device.type == "cpu":
         torch.set_flush_denormal(True)
@@ -139,7 +150,14 @@ def run_training(
     logging_steps = args.logging_steps or max(1, total_steps // 100)
 
     model.to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, args.weight_decay),
+        lr=args.learning_rate,
+        # One kernel over each parameter instead of a dozen elementwise passes: on this CPU the step of
+        # MiniLM's 22.7M parameters fell from 340-990 ms (as long as forward and backward together) to
+        # 30-90 ms. A checkpoint stores the flag, so runs resumed from older checkpoints keep their kernel.
+        fused=True if device.type in ("cpu", "cuda") else None,
+    )
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     amp_dtype = autocast_dtype(device)
     # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
@@ -149,9 +167,12 @@ def run_training(
 
     if resume_from is not None:
         state = _restore(resume_from, model, optimizer, scheduler, scaler, args, n_rows)
+        if state.length_grouped and lengths is None:
+            raise ValueError(f"cannot resume from {resume_from}: it trained on length-grouped batches, "
+                             "and no row lengths were given")
         log.info("resumed from %s at step %d of %d", resume_from, state.global_step, total_steps)
     else:
-        state = _LoopState()
+        state = _LoopState(length_grouped=lengths is not None)
         # Dropout masks then depend only on the seed, not on what ran before in this process.
         set_seed(args.seed)
 
@@ -178,7 +199,8 @@ def run_training(
     started = time.perf_counter()
     samples_this_run = 0
     while state.epoch_index < args.n_epochs:
-        order = _epoch_order(n_rows, args.seed, state.epoch_index)
+        batches = epoch_batches(n_rows, args.batch_size, args.seed, state.epoch_index,
+                                lengths if state.length_grouped else None)
         while state.step_in_epoch < steps_per_epoch:
             reason = callbacks.should_stop()
             if reason is not None:
@@ -186,8 +208,7 @@ def run_training(
                 if reason in ("cancel", "lost"):
                     return outcome(False, reason, None)
                 return outcome(False, reason, checkpoint({"stop_reason": reason}))
-            start = state.step_in_epoch * args.batch_size
-            indices = order[start : start + args.batch_size]
+            indices = batches[state.step_in_epoch]
             batch = collator([train_dataset[i] for i in indices])
             tokens = _count_tokens(batch)
             learning_rate = float(optimizer.param_groups[0]["lr"])
@@ -261,13 +282,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def _epoch_order(n_rows: int, seed: int, epoch_index: int) -> list[int]:
-    generator = torch.Generator()
-    generator.manual_seed(seed + epoch_index)
-    order: list[int] = torch.randperm(n_rows, generator=generator).tolist()
-    return order
 
 
 def _count_tokens(batch: Mapping[str, Any]) -> int:
@@ -368,6 +382,7 @@ def _save_checkpoint(
             "history": state.history,
             "interval_loss_sum": state.interval_loss_sum,
             "interval_loss_count": state.interval_loss_count,
+            "batch_order": "length_grouped" if state.length_grouped else "shuffled",
             "n_rows": n_rows,
             "batch_size": args.batch_size,
             "n_epochs": args.n_epochs,
@@ -481,4 +496,5 @@ def _restore(
         history=list(saved["history"]),
         interval_loss_sum=float(saved["interval_loss_sum"]),
         interval_loss_count=int(saved["interval_loss_count"]),
+        length_grouped=saved.get("batch_order", "shuffled") == "length_grouped",
     )
