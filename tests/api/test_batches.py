@@ -196,7 +196,7 @@ def test_create_refuses_bad_requests_and_hides_other_tenants(api: Api, api_url: 
                                                  "completion_window": "24h"})
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "file_not_found"
     batch_file = api.upload("{}\n", purpose="batch").json()["id"]
-    for field, value in (("endpoint", "/v1/embeddings"), ("completion_window", "48h")):
+    for field, value in (("endpoint", "/v1/moderations"), ("completion_window", "48h")):
         body = {"input_file_id": batch_file, "endpoint": "/v1/ner", "completion_window": "24h", field: value}
         refused = api.http.post("/v1/batches", json=body)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text
