@@ -14,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+import tempfile
+from typing import IO
 
-from fastapi import Request, Response
+from fastapi import Response
 from sqlalchemy.orm import Session
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.boundary import transaction
 from api.deps import Principal, bearer_token, principal_for
@@ -28,20 +31,69 @@ HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
 
 
+# Of a keyed request's body, this much is held in memory; the rest waits on disk until the route reads it.
+SPOOL_IN_MEMORY = 1024 * 1024
+REPLAY_CHUNK = 64 * 1024
+
+
+class BodyDigest:
+    """The request's fingerprint, computed as the body streams by, never from a second copy of it.
+
+    JSON is compared as JSON (key order and whitespace do not make two bodies different), so a JSON body
+    (at most 8 MiB) is kept to be parsed once whole. A multipart body has its boundary replaced as it
+    passes: clients draw a fresh random boundary per request, which is framing, not content. Anything else
+    is hashed as it comes.
+    """
+
+    def __init__(self, method: str, path: str, content_type: str) -> None:
+        self._hash = hashlib.sha256(method.encode() + b" " + path.encode() + b"\n")
+        self._json: bytearray | None = bytearray() if content_type.startswith("application/json") else None
+        self._boundary = b""
+        if content_type.startswith("multipart/form-data") and "boundary=" in content_type:
+            self._boundary = content_type.split("boundary=", 1)[1].split(";", 1)[0].strip('"').encode()
+        self._carry = b""
+
+    def update(self, chunk: bytes) -> None:
+        if self._json is not None:
+            self._json += chunk
+        elif self._boundary:
+            self._replace(chunk)
+        else:
+            self._hash.update(chunk)
+
+    def _replace(self, chunk: bytes) -> None:
+        data, boundary, position = self._carry + chunk, self._boundary, 0
+        while (found := data.find(boundary, position)) != -1:
+            self._hash.update(data[position:found])
+            self._hash.update(b"BOUNDARY")
+            position = found + len(boundary)
+        # Any occurrence starting before `keep` ends within `data` and was found; the tail may begin one.
+        keep = max(position, len(data) - (len(boundary) - 1))
+        self._hash.update(data[position:keep])
+        self._carry = data[keep:]
+
+    def hexdigest(self) -> str:
+        if self._json is not None:
+            body = bytes(self._json)
+            with contextlib.suppress(ValueError):
+                body = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
+            self._hash.update(body)
+            self._json = None
+        elif self._carry:
+            self._hash.update(self._carry)
+            self._carry = b""
+        return self._hash.hexdigest()
+
+
 def _request_hash(method: str, path: str, body: bytes, content_type: str) -> str:
-    if content_type.startswith("application/json"):
-        # Compared as JSON: key order and whitespace do not make two bodies different.
-        with contextlib.suppress(ValueError):
-            body = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
-    elif content_type.startswith("multipart/form-data") and "boundary=" in content_type:
-        # Clients draw a fresh random boundary per request: it is framing, not content.
-        boundary = content_type.split("boundary=", 1)[1].split(";", 1)[0].strip('"').encode()
-        body = body.replace(boundary, b"BOUNDARY")
-    return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + body).hexdigest()
+    """The fingerprint of a whole body at once (the same as BodyDigest's of it in any chunks)."""
+    digest = BodyDigest(method, path, content_type)
+    digest.update(body)
+    return digest.hexdigest()
 
 
-async def _principal(request: Request) -> Principal | None:
-    token = bearer_token(request.headers)
+async def _principal(headers: Headers) -> Principal | None:
+    token = bearer_token(headers)
     return None if token is None else await principal_for(token)
 
 
@@ -59,44 +111,101 @@ def _claim(session: Session, *, tenant_id: str, key: str, digest: str, method: s
             row.response_body, row.response_content_type)
 
 
-async def idempotency_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    key = request.headers.get(HEADER)
-    if request.method != "POST" or key is None:
-        return await call_next(request)
+async def keyed_request(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """A POST carrying `Idempotency-Key`: replay, refuse, or run it once and keep its answer.
+
+    The body is read once, into the fingerprint and a spool (in memory up to 1 MiB, then on disk), and
+    handed on to the route from there, so an upload is never held in memory whole, let alone twice.
+    """
+    headers = Headers(scope=scope)
+    key = headers.get(HEADER) or ""
     if not key or len(key) > MAX_KEY_LENGTH:
-        return error_response(400, f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters", "invalid_request_error",
-                              "Idempotency-Key", "invalid_idempotency_key")
-    principal = await _principal(request)
+        refusal = error_response(400, f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters",
+                                 "invalid_request_error", "Idempotency-Key", "invalid_idempotency_key")
+        await refusal(scope, receive, send)
+        return
+    principal = await _principal(headers)
     if principal is None:
-        return await call_next(request)  # the route answers 401 itself
+        await app(scope, receive, send)  # the route answers 401 itself
+        return
     tenant_id, key = principal.tenant_id, _scoped(principal, key)
-    body = await request.body()
-    digest = _request_hash(request.method, request.url.path, body, request.headers.get("content-type", ""))
-    earlier = await transaction(_claim, tenant_id=tenant_id, key=key, digest=digest, method=request.method,
-                                path=request.url.path)
-    if earlier is not None:
-        state, status, stored, content_type = earlier
-        if state == "mismatch":
-            return error_response(422, "This Idempotency-Key was used with a different request body",
+    path = scope["path"]
+    digest = BodyDigest("POST", path, headers.get("content-type", ""))
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its whole body: nothing ran, nothing to keep
+            chunk = message.get("body", b"")
+            digest.update(chunk)
+            spool.write(chunk)
+            more = message.get("more_body", False)
+        earlier = await transaction(_claim, tenant_id=tenant_id, key=key, digest=digest.hexdigest(), method="POST",
+                                    path=path)
+        if earlier is not None:
+            await _answer_earlier(earlier, scope, receive, send)
+            return
+        spool.seek(0)
+        await _run_once(app, scope, _replay(spool, receive), send, tenant_id=tenant_id, key=key)
+
+
+async def _answer_earlier(earlier: tuple[str, int | None, bytes | None, str | None], scope: Scope,
+                          receive: Receive, send: Send) -> None:
+    state, status, stored, content_type = earlier
+    response: Response
+    if state == "mismatch":
+        response = error_response(422, "This Idempotency-Key was used with a different request body",
                                   "invalid_request_error", "Idempotency-Key", "idempotency_key_reused")
-        if state == "in_flight":
-            return error_response(409, "A request with this Idempotency-Key is still in progress; retry later",
+    elif state == "in_flight":
+        response = error_response(409, "A request with this Idempotency-Key is still in progress; retry later",
                                   "invalid_request_error", "Idempotency-Key", "idempotency_key_in_use")
-        return Response(content=stored or b"", status_code=status or 200, media_type=content_type,
-                        headers={"Idempotent-Replayed": "true"})
+    else:
+        response = Response(content=stored or b"", status_code=status or 200, media_type=content_type,
+                            headers={"Idempotent-Replayed": "true"})
+    await response(scope, receive, send)
+
+
+def _replay(spool: IO[bytes], receive: Receive) -> Receive:
+    """The body again, from the spool, in chunks; then whatever the client sends next (a disconnect)."""
+    done = False
+
+    async def replay() -> Message:
+        nonlocal done
+        if done:
+            return await receive()
+        chunk = spool.read(REPLAY_CHUNK)
+        done = len(chunk) < REPLAY_CHUNK
+        return {"type": "http.request", "body": chunk, "more_body": not done}
+
+    return replay
+
+
+async def _run_once(app: ASGIApp, scope: Scope, receive: Receive, send: Send, *, tenant_id: str, key: str) -> None:
+    """Run the route and store its answer before the client gets it: a client that retries the moment it
+    has the answer must find it stored (a replay), not still in flight (409). POST answers are small."""
+    status = 500
+    content_type: str | None = None
+    messages: list[Message] = []
+
+    async def keep(message: Message) -> None:
+        nonlocal status, content_type
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            content_type = Headers(raw=message["headers"]).get("content-type")
+        messages.append(message)
 
     try:
-        response = await call_next(request)
+        await app(scope, receive, keep)
     except BaseException:
         await transaction(idempotency.release, tenant_id=tenant_id, key=key)
         raise
-    chunks = [chunk async for chunk in response.body_iterator]  # type: ignore[attr-defined]
-    content = b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks)
-    if response.status_code >= 500:
+    if status >= 500:
+        # Our failure, not the request's: a retry runs again.
         await transaction(idempotency.release, tenant_id=tenant_id, key=key)
     else:
-        await transaction(idempotency.finish, tenant_id=tenant_id, key=key, status=response.status_code,
-                          body=content, content_type=response.headers.get("content-type"))
-    return Response(content=content, status_code=response.status_code, headers=dict(response.headers),
-                    background=response.background)
-
+        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+        await transaction(idempotency.finish, tenant_id=tenant_id, key=key, status=status, body=body,
+                          content_type=content_type)
+    for message in messages:
+        await send(message)

@@ -13,13 +13,12 @@ import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors, health
 from api.deps import RATE_HEADERS, bearer_token, key_refused, principal_for
-from api.idempotency import HEADER, idempotency_middleware
+from api.idempotency import HEADER, keyed_request
 
 # JSON bodies beyond this are refused before parsing; uploads get the file cap plus form overhead.
 MAX_JSON_BODY = 8 * 1024 * 1024
@@ -167,11 +166,9 @@ class Idempotency:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        # Keyed requests buffer and store their response; that path keeps the simpler request/response form.
-        self.keyed = BaseHTTPMiddleware(app, dispatch=idempotency_middleware)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and HEADER.encode() in dict(scope["headers"]):
-            await self.keyed(scope, receive, send)
+            await keyed_request(self.app, scope, receive, send)
         else:
             await self.app(scope, receive, send)

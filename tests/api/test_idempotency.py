@@ -84,3 +84,36 @@ def test_keyed_upload_is_stored_once(api: Api) -> None:
     assert first.status_code == 200, first.text
     assert second.headers["idempotent-replayed"] == "true" and second.json()["id"] == first.json()["id"]
     assert [f["id"] for f in api.http.get("/v1/files").json()["data"]] == [first.json()["id"]]
+
+
+def test_the_streamed_fingerprint_is_the_whole_bodys_in_any_chunking() -> None:
+    """The fingerprint is computed as the body streams by; wherever the chunks break (boundaries split across
+    them included), it is the one the whole body gives, so stored keys keep matching."""
+    import random
+
+    from api.idempotency import BodyDigest, _request_hash
+
+    rng = random.Random(3)
+    boundary = "----llmos" + "x" * 20
+    for content_type, body in (
+        (f"multipart/form-data; boundary={boundary}",
+         b"".join(f"--{boundary}\r\nfield {i}\r\n{'y' * rng.randint(0, 90)}\r\n".encode() for i in range(40))
+         + f"--{boundary}--\r\n".encode()),
+        ("application/json", b'{"b": 1,   "a": [1, 2]}'),
+        ("application/octet-stream", bytes(rng.randrange(256) for _ in range(5000))),
+    ):
+        whole = _request_hash("POST", "/v1/files", body, content_type)
+        for _ in range(50):
+            digest = BodyDigest("POST", "/v1/files", content_type)
+            position = 0
+            while position < len(body):
+                step = rng.randint(1, 60)
+                digest.update(body[position:position + step])
+                position += step
+            assert digest.hexdigest() == whole
+    # Boundaries do not count; content does.
+    other = "----other" + "z" * 20
+    assert _request_hash("POST", "/p", f"--{boundary}\r\nA\r\n".encode(), f"multipart/form-data; boundary={boundary}") \
+        == _request_hash("POST", "/p", f"--{other}\r\nA\r\n".encode(), f"multipart/form-data; boundary={other}")
+    assert _request_hash("POST", "/p", b'{"a":1,"b":2}', "application/json") \
+        == _request_hash("POST", "/p", b'{ "b": 2, "a": 1 }', "application/json")
