@@ -3,6 +3,7 @@ controls, the playground, and tenant isolation."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -147,6 +148,18 @@ def test_the_playground_classifies_finds_entities_and_generates(ui: UI, api: Api
     found = {(m.get_attribute("data-entity"), m.evaluate("m => m.firstChild.textContent"))
              for m in marks.all()}
     assert {("PER", "Mary Jones"), ("LOC", "Berlin")} <= found, found
+
+    # A base encoder: zero-shot labels, and embeddings.
+    page.get_by_test_id("playground-model").select_option("tiny-bert")
+    page.get_by_test_id("playground-mode").select_option("classification")
+    page.get_by_test_id("playground-labels").fill("sunny, rainy")
+    page.get_by_test_id("playground-input").fill("the sky is clear today")
+    page.get_by_test_id("playground-submit").click()
+    expect(page.get_by_test_id("playground-label")).to_have_text(re.compile("^(sunny|rainy)$"), timeout=60_000)
+    page.get_by_test_id("playground-mode").select_option("embeddings")
+    page.get_by_test_id("playground-submit").click()
+    expect(page.get_by_test_id("playground-dimensions")).to_have_text(re.compile(r"^[1-9]\d*$"), timeout=60_000)
+    expect(page.get_by_test_id("playground-output")).to_contain_text("norm 1")
 
     page.get_by_test_id("playground-model").select_option("tiny-gpt2")
     page.get_by_test_id("playground-mode").select_option("generation")

@@ -6,6 +6,7 @@ import { h, clear, action, number, table, when } from "../dom.js";
 
 const MODES = {
   classification: { label: "Classify", placeholder: "A sentence to classify", run: classify },
+  embeddings: { label: "Embed", placeholder: "A sentence to embed", run: embed },
   ner: { label: "Find entities", placeholder: "Barack Obama visited Paris with Angela Merkel.", run: ner },
   generation: { label: "Complete", placeholder: "Once upon a time", run: complete },
   chat: { label: "Chat", placeholder: "Say hello in French.", run: chat },
@@ -33,6 +34,11 @@ export async function render(main, { query }, signal) {
   const input = h("textarea", { id: "playground-input", "data-testid": "playground-input" });
   const maxTokens = h("input", { id: "playground-max-tokens", type: "number", min: 1, max: 512, value: 32 });
   const tokensField = h("div", {}, h("label", { for: "playground-max-tokens" }, "Max tokens"), maxTokens);
+  const labels = h("input", { id: "playground-labels", "data-testid": "playground-labels", size: 28,
+                              placeholder: "positive, negative", "aria-describedby": "playground-labels-help" });
+  const labelsField = h("div", {}, h("label", { for: "playground-labels" }, "Labels (zero-shot)"), labels,
+    h("span", { id: "playground-labels-help", class: "visually-hidden" },
+      "Comma-separated; leave empty to use the model's trained labels."));
   const submit = h("button", { type: "submit", class: "primary", "data-testid": "playground-submit" }, "Run");
   const output = h("div", { class: "output", "data-testid": "playground-output", "aria-live": "polite" });
   const form = h("form", { class: "panel", "aria-labelledby": "h-playground" },
@@ -40,7 +46,7 @@ export async function render(main, { query }, signal) {
     h("div", { class: "row" },
       h("div", {}, h("label", { for: "playground-model" }, "Model"), modelSelect),
       h("div", {}, h("label", { for: "playground-mode" }, "Task"), modeSelect),
-      tokensField),
+      tokensField, labelsField),
     h("p"),
     h("label", { for: "playground-input" }, "Input"), input,
     h("div", { class: "row" }, submit),
@@ -57,6 +63,7 @@ export async function render(main, { query }, signal) {
     const mode = MODES[modeSelect.value];
     input.placeholder = mode ? mode.placeholder : "";
     tokensField.hidden = !["generation", "chat"].includes(modeSelect.value);
+    labelsField.hidden = modeSelect.value !== "classification";
   };
   modelSelect.addEventListener("change", syncModes);
   modeSelect.addEventListener("change", syncMode);
@@ -64,7 +71,9 @@ export async function render(main, { query }, signal) {
     const text = input.value.trim() || input.placeholder;
     clear(output).append(h("p", { class: "muted" }, "Running…"));
     try {
-      const result = await MODES[modeSelect.value].run(modelSelect.value, text, Number(maxTokens.value) || 32, signal);
+      const options = { maxTokens: Number(maxTokens.value) || 32,
+                        labels: labels.value.split(",").map((l) => l.trim()).filter(Boolean) };
+      const result = await MODES[modeSelect.value].run(modelSelect.value, text, options, signal);
       clear(output).append(result);
     } catch (error) {
       clear(output).append(h("p", { class: "error-text", role: "alert" },
@@ -108,8 +117,9 @@ export async function render(main, { query }, signal) {
   }));
 }
 
-async function classify(model, text, _maxTokens, signal) {
-  const result = await infer("/v1/classifications", { model, input: text }, signal);
+async function classify(model, text, { labels }, signal) {
+  const body = { model, input: text, ...(labels.length ? { labels } : {}) };
+  const result = await infer("/v1/classifications", body, signal);
   const item = result.data[0];
   const scores = Object.entries(item.scores || { [item.label]: item.score }).sort((a, b) => b[1] - a[1]);
   return h("div", {},
@@ -121,7 +131,7 @@ async function classify(model, text, _maxTokens, signal) {
     })));
 }
 
-async function ner(model, text, _maxTokens, signal) {
+async function ner(model, text, _options, signal) {
   const result = await infer("/v1/ner", { model, input: text }, signal);
   const entities = [...result.data[0].entities].sort((a, b) => a.start - b.start);
   const parts = [];
@@ -139,20 +149,33 @@ async function ner(model, text, _maxTokens, signal) {
     h("p", { class: "muted" }, entities.length ? `${entities.length} entit${entities.length === 1 ? "y" : "ies"}` : "No entities found."));
 }
 
-async function complete(model, prompt, maxTokens, signal) {
+async function complete(model, prompt, { maxTokens }, signal) {
   const result = await infer("/v1/completions", { model, prompt, max_tokens: maxTokens }, signal);
   return h("div", {},
     h("div", { class: "generated" }, h("span", { class: "muted" }, prompt), result.choices[0].text),
     usage(result));
 }
 
-async function chat(model, content, maxTokens, signal) {
+async function chat(model, content, { maxTokens }, signal) {
   const result = await infer("/v1/chat/completions",
     { model, messages: [{ role: "user", content }], max_tokens: maxTokens }, signal);
   return h("div", {}, h("div", { class: "generated" }, result.choices[0].message.content), usage(result));
 }
 
+async function embed(model, text, _options, signal) {
+  const result = await infer("/v1/embeddings", { model, input: text, encoding_format: "float" }, signal);
+  const vector = result.data[0].embedding;
+  const norm = Math.sqrt(vector.reduce((sum, v) => sum + v * v, 0));
+  return h("div", {},
+    h("p", {}, h("strong", { "data-testid": "playground-dimensions" }, String(vector.length)), " dimensions, norm ",
+      number(norm, 4)),
+    h("p", { class: "generated mono" }, `[${vector.slice(0, 8).map((v) => v.toFixed(4)).join(", ")}, …]`),
+    usage(result));
+}
+
 function usage(result) {
   const u = result.usage;
-  return u ? h("p", { class: "muted" }, `${u.prompt_tokens} prompt + ${u.completion_tokens} completion tokens`) : null;
+  if (!u) return null;
+  return h("p", { class: "muted" }, u.completion_tokens === undefined ? `${u.prompt_tokens} tokens`
+    : `${u.prompt_tokens} prompt + ${u.completion_tokens} completion tokens`);
 }
