@@ -170,7 +170,7 @@ def test_the_playground_classifies_finds_entities_and_generates(ui: UI, api: Api
 
 
 def test_every_page_renders_from_our_origin_alone(ui: UI, api: Api) -> None:
-    _failing_job(api)
+    job = _failing_job(api)
     requested: list[str] = []
     blocked: set[str] = set()
     ui.page.on("request", lambda request: requested.append(request.url))
@@ -191,6 +191,12 @@ def test_every_page_renders_from_our_origin_alone(ui: UI, api: Api) -> None:
         page.get_by_role("link", name=section.capitalize()).click()
         expect(page.get_by_test_id(testid)).to_be_visible()
     expect(page.get_by_test_id("queues-table")).to_contain_text("training")
+    # Ticking a job and comparing opens its curves on one chart.
+    page.get_by_role("link", name="Jobs").click()
+    page.get_by_label(f"Compare {job['id']}").check()
+    page.get_by_test_id("compare-button").click()
+    expect(page.get_by_test_id("compare-table")).to_contain_text(job["id"])
+    expect(page.get_by_test_id("loss-chart")).to_be_attached()
     # The theme button flips between light and dark and the page stays readable (its colours change).
     before = page.evaluate("getComputedStyle(document.body).backgroundColor")
     page.get_by_label("Switch colour theme").click()
