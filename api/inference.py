@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import orjson
 import redis
 from fastapi import APIRouter, Depends, Request, Response
 
@@ -29,8 +30,8 @@ from domain.requests import (
     NerRequest,
     estimated_tokens,
 )
-from domain.serving import EMBEDDINGS, ZERO_SHOT, serving_refusal
-from infra import broker, ratelimit, replies
+from domain.serving import EMBEDDINGS, ZERO_SHOT, complete_answer, deterministic, serving_refusal
+from infra import broker, cache, ratelimit, replies
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["inference"])
@@ -153,22 +154,58 @@ async def run_inference(
     return response, {}
 
 
+CACHE_HEADER = "x-llmos-cache"
+
+
+def _cache_refused(request: Request) -> bool:
+    """`Cache-Control: no-cache` or `no-store` on the request: the model answers it, and its answer is not kept
+    (HTTP's meaning of both, close enough: a client that asks for a fresh answer wants the model's)."""
+    directives = request.headers.get("cache-control", "").lower()
+    return "no-cache" in directives or "no-store" in directives
+
+
 async def submit(
     request: Request, principal: Principal, endpoint: str, model: str, payload: dict[str, Any],
     shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Response:
     """The response of the online endpoints: the answer (through ``shape``, for the seed routes), or 202 with
-    a handle past the caller's wait."""
+    a handle past the caller's wait.
+
+    A deterministic request (`domain.serving.deterministic`) is looked up in the tenant's response cache
+    first, unless the client refuses it (`Cache-Control: no-cache`): a hit answers with the stored body,
+    its tokens still counted against the tenant's limits as the model's answer would be.
+    """
     estimate = estimated_tokens(endpoint, payload)
+    found, key = None, ""
+    if deterministic(endpoint, payload) and cache.enabled() and not _cache_refused(request):
+        key = cache.digest(endpoint, payload)
+        found = await cache.lookup(principal.tenant_id, model, key)
+        if found is not None and found.body is not None:
+            # Charged as a miss would be (the estimate, then the answer's own count), so a hit's headers and
+            # refusals read exactly as the model's answer would have.
+            await charge(request, principal.tenant_id, "tpm", principal.tpm, estimate)
+            if principal.tpm is not None and found.tokens is not None:
+                await ratelimit.adjust(principal.tenant_id, "tpm", principal.tpm, found.tokens - estimate)
+            headers = {CACHE_HEADER: "hit"}
+            if shape is None:
+                return Response(found.body, media_type="application/json", headers=headers)
+            return JSONBody(shape(orjson.loads(found.body)), headers=headers)
+    missed = {CACHE_HEADER: "miss"}
     await charge(request, principal.tenant_id, "tpm", principal.tpm, estimate)
     response, handle = await run_inference(request, principal, endpoint, model, payload)
     if response is None:
-        return JSONBody(handle, status_code=202)
+        return JSONBody(handle, status_code=202, headers=missed)
     used = (response.get("usage") or {}).get("total_tokens")
     if principal.tpm is not None and isinstance(used, int):
         # The estimate counted every token the request might generate; count what it did.
         await ratelimit.adjust(principal.tenant_id, "tpm", principal.tpm, used - estimate)
-    return JSONBody(response if shape is None else shape(response))
+    if found is not None and complete_answer(endpoint, payload, response):
+        body = orjson.dumps(response)
+        await cache.store(principal.tenant_id, model, key, found.generation, body,
+                          used if isinstance(used, int) else None)
+        if shape is None:
+            return Response(body, media_type="application/json", headers=missed)
+    return JSONBody(response if shape is None else shape(response), headers=missed)
 
 
 @router.post("/v1/classifications", responses=ACCEPTED, response_model=objects.Classifications,

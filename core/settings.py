@@ -157,6 +157,17 @@ class Settings(BaseSettings):
     inference_max_wait_seconds: float = Field(
         120.0, gt=0, description="Cap on `Prefer: wait=N`: past it a request answers 202 and is polled."
     )
+    response_cache_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Bytes of deterministic inference answers kept in Redis per tenant "
+                                            "(least recently used evicted first); 0 turns the response cache off."
+    )
+    response_cache_seconds: float = Field(
+        3600.0, gt=0, description="How long a cached inference answer lives after its last use, seconds."
+    )
+    cpu_int8: bool = Field(
+        False, description="1 serves encoders and generation models on CPU with dynamic int8 quantisation of "
+                           "their Linear layers (faster, slightly different answers); never on CUDA."
+    )
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

@@ -10,8 +10,8 @@ from core.clock import unix, utcnow
 from core.errors import ServiceError, not_found
 from db import registry
 from db.models import Model
-from domain import audit
-from domain.serving import served_tasks
+from domain import audit, dispatch
+from domain.serving import TASK_FORGET_MODEL, served_tasks
 
 
 def model_object(row: Model) -> dict[str, Any]:
@@ -67,4 +67,7 @@ def files_of(session: Session, *, tenant_id: str, model_id: str) -> str:
 def delete_model(session: Session, *, tenant_id: str, model_id: str) -> dict[str, Any]:
     row = _own_model(session, tenant_id, model_id, "deleted")
     row.deleted_at = utcnow()
+    # Its cached answers stop being found (serving refuses a deleted model anyway; this frees their keys
+    # from every lookup, including those of requests already past that check).
+    dispatch.enqueue_after_commit(session, TASK_FORGET_MODEL, model_id, queue=dispatch.QUEUE_CPU)
     return {"id": model_id, "object": "model", "deleted": True}

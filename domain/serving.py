@@ -46,6 +46,34 @@ def serving_refusal(conn: Connection, tenant_id: str, model_id: str, task: str) 
     return None
 
 
+# Sent after a model's deletion commits: the worker moves the model's response-cache generation on.
+TASK_FORGET_MODEL = "llmos.inference.forget_model"
+GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+CACHEABLE_ENDPOINTS = ("/v1/classifications", "/v1/ner", "/v1/embeddings", *GENERATION_ENDPOINTS)
+
+
+def deterministic(endpoint: str, payload: dict[str, Any]) -> bool:
+    """Whether the same request always gets the same answer from the same model, so it may be cached:
+    classification, NER and embeddings always; generation only when greedy (temperature 0)."""
+    if endpoint in GENERATION_ENDPOINTS:
+        return payload.get("temperature") == 0
+    return endpoint in CACHEABLE_ENDPOINTS
+
+
+def complete_answer(endpoint: str, payload: dict[str, Any], response: dict[str, Any]) -> bool:
+    """Whether an answer is the model's whole answer: a generation cut short by the worker's wall-clock limit
+    (`finish_reason` length with fewer than `max_tokens` tokens) would answer differently next time."""
+    if endpoint not in GENERATION_ENDPOINTS:
+        return True
+    choices = response.get("choices") or []
+    cut = [c for c in choices if c.get("finish_reason") == "length"]
+    if not cut:
+        return True
+    # Tokens are counted per answer, not per choice: only when every choice ran to max_tokens is it certain.
+    used = (response.get("usage") or {}).get("completion_tokens")
+    return len(cut) == len(choices) and used == len(choices) * payload.get("max_tokens", 0)
+
+
 def inference_object(row: Inference) -> dict[str, Any]:
     return {"id": row.id, "object": "inference", "status": row.status, "endpoint": row.endpoint,
             "model": row.model, "created_at": unix(row.created_at), "finished_at": unix(row.finished_at),

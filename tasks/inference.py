@@ -24,8 +24,8 @@ from db import inferences
 from db.session import relaxed_engine
 from domain import dispatch
 from domain.batching import BatcherRegistry
-from domain.serving import EMBEDDINGS
-from infra import replies
+from domain.serving import EMBEDDINGS, TASK_FORGET_MODEL
+from infra import cache, replies
 from tasks import serving
 from tasks.app import celery_app
 
@@ -209,3 +209,9 @@ def run_inference(inference_ids: list[str] | str) -> None:
         done, _ = wait(running, return_when=FIRST_COMPLETED)
         finished = [(running.pop(future), future) for future in done]
         ROWS.call("finish", _finish_rows, [(claim.id, _reply(claim, future)) for claim, future in finished])
+
+
+@celery_app.task(name=TASK_FORGET_MODEL, send_events=False)
+def forget_model(model_id: str) -> None:
+    """A deleted model's cached answers: unreachable from now on (idempotent enough: a redelivery bumps again)."""
+    cache.forget_model(model_id)
