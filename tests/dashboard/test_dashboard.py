@@ -231,3 +231,45 @@ def test_the_dashboard_is_served_with_a_strict_content_security_policy(api_url: 
     assert httpx.get(f"{api_url}/dashboard/assets/%2e%2e/%2e%2e/app.py").status_code == 404
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js"):
         assert httpx.get(f"{api_url}/docs/assets/{asset}").status_code == 200, asset
+
+
+def test_every_page_passes_an_accessibility_audit_in_light_and_dark(ui: UI, api: Api) -> None:
+    """axe-core's WCAG 2.1 A and AA rules (labels, names, contrast, landmarks) on every page, both themes."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    job = _failing_job(api)
+    api.wait_status(job["id"], {"failed"}, timeout=60)
+    key = api.http.headers["authorization"].split()[-1]
+    page = ui.page
+    axe = Axe()
+    options = {"runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]},
+               "resultTypes": ["violations"]}
+    ui.open("#/jobs")
+    expect(page.get_by_test_id("api-key-input")).to_be_visible()
+    pages = {"sign-in": ("", "api-key-input")}
+    found: list[str] = []
+
+    def audit(name: str, theme: str) -> None:
+        results = axe.run(page, options=options)
+        for violation in results.response["violations"]:
+            if violation["impact"] in ("serious", "critical"):
+                targets = [node["target"] for node in violation["nodes"]][:3]
+                found.append(f"{name} ({theme}): {violation['id']}: {violation['help']} {targets}")
+
+    for theme in ("light", "dark"):
+        page.evaluate(f"localStorage.setItem('llmos.theme', '{theme}')")
+        page.evaluate("sessionStorage.clear()")
+        ui.open("#/jobs")
+        page.reload()
+        expect(page.get_by_test_id(pages["sign-in"][1])).to_be_visible()
+        audit("sign-in", theme)
+        page.get_by_test_id("api-key-input").fill(key)
+        page.get_by_test_id("api-key-submit").click()
+        for name, fragment, testid in (
+                ("jobs", "#/jobs", "job-row"), ("job", f"#/jobs/{job['id']}", "events-list"),
+                ("models", "#/models", "models-table"), ("batches", "#/batches", "batches-table"),
+                ("webhooks", "#/webhooks", "webhook-endpoints-table"), ("queues", "#/queues", "queues-table")):
+            ui.open(fragment)
+            expect(page.get_by_test_id(testid).first).to_be_visible()
+            audit(name, theme)
+    assert not found, "\n".join(found)
