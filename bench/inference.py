@@ -9,10 +9,16 @@ load average, since the machine's cores are shared:
 2. Generation: tokens/s of 16 concurrent /v1/completions requests (same sampling parameters, so they may
    share batches) as a ratio of the predictor's `generate` on the same 16 prompts in one padded batch.
 3. Batch-file throughput: `bench/batch_file.py`'s `run_batch_benchmark`, when that module exists.
+4. Response cache: latency p50/p99 of /v1/embeddings (minilm-l6) misses (distinct texts) and hits (one
+   repeated body) at concurrency 1, hits/s at --concurrency, and the API's CPU time per hit.
+5. int8 on CPU (`LLMOS_CPU_INT8`): `minilm-l6` fine-tuned through the service on SST-2 train rows, then
+   loaded in this process as the model process loads it, float32 and int8 side by side: SST-2 dev accuracy
+   (all 872 sentences) and texts/s at batch 32 (rounds alternating float and int8, medians).
 
 Usage:
     python bench/inference.py [--requests 200] [--concurrency 32] [--gen-model tiny-gpt2] [--home DIR]
     python bench/inference.py --home DIR --gen-model smollm2-135m-instruct
+    python bench/inference.py --sections cache,int8 [--int8-train-rows 2000]
 
 With LLMOS_DATABASE_URL / LLMOS_BROKER_URL set it uses those servers (a fresh database, dropped at the end);
 otherwise embedded ones in a temp dir. `--home DIR` keeps LLMOS_HOME there, so `--gen-model
@@ -104,8 +110,8 @@ def model_path(model_id: str) -> Path:
 
 
 def raw_closed_loop(api_url: str, headers: dict[str, str], bodies: list[bytes], requests: int,
-                    concurrency: int) -> tuple[list[float], float, int]:
-    """Like `closed_loop` for POST /v1/classifications, on bench/lifecycle.py's cheap raw HTTP client.
+                    concurrency: int, path: str = "/v1/classifications") -> tuple[list[float], float, int]:
+    """Like `closed_loop` for POST `path`, on bench/lifecycle.py's cheap raw HTTP client.
 
     The load generator shares the servers' two cores: this client costs far less CPU per request than
     httpx from 32 threads (see `Connection`), so the figures measure the service, not the client.
@@ -127,10 +133,10 @@ def raw_closed_loop(api_url: str, headers: dict[str, str], bodies: list[bytes], 
                 body = bodies[issued % len(bodies)]
                 issued += 1
                 started = time.perf_counter()
-                status, content = await connection.request("POST", "/v1/classifications", body)
+                status, content = await connection.request("POST", path, body)
                 latencies.append(time.perf_counter() - started)
                 if status != 200:
-                    raise RuntimeError(f"classification answered {status}: {content[:500]!r}")
+                    raise RuntimeError(f"{path} answered {status}: {content[:500]!r}")
 
         started = time.perf_counter()
         try:
@@ -276,6 +282,92 @@ def generation(http: httpx.Client, args: argparse.Namespace) -> dict[str, Any]:
             "ratio": round(online_median / offline_median, 3)}
 
 
+def response_cache(http: httpx.Client, args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
+    """Misses and hits of the response cache on /v1/embeddings with minilm-l6, measured by the raw client."""
+    url = str(http.base_url).rstrip("/")
+    headers = {"Authorization": http.headers["authorization"], "Prefer": WAIT}
+    path = "/v1/embeddings"
+    sample = texts(args.cache_requests)
+    warm = http.post(path, json={"model": "minilm-l6", "input": "warm up"}, headers={"Prefer": WAIT})
+    if warm.status_code != 200:
+        raise RuntimeError(f"embeddings answered {warm.status_code}: {warm.text}")
+    out: dict[str, Any] = {"model": "minilm-l6", "endpoint": path}
+    hit_body = json.dumps({"model": "minilm-l6", "input": sample[0]}).encode()
+    runs = (("miss_c1", [json.dumps({"model": "minilm-l6", "input": t}).encode() for t in sample], 1),
+            ("hit_c1", [hit_body], 1), (f"hit_c{args.concurrency}", [hit_body], args.concurrency))
+    for name, bodies, concurrency in runs:
+        requests = len(bodies) if name.startswith("miss") else args.cache_requests * (1 if concurrency == 1 else 5)
+        before = cpu_seconds(pids)
+        latencies, wall, items = raw_closed_loop(url, headers, bodies, requests, concurrency, path)
+        after = cpu_seconds(pids)
+        out[name] = {"requests": items, "p50_ms": round(percentile(latencies, 50) * 1000, 2),
+                     "p99_ms": round(percentile(latencies, 99) * 1000, 2), "requests_per_s": round(items / wall, 1),
+                     "api_cpu_ms_per_request": round((after["api"] - before["api"]) / items * 1000, 2),
+                     "load": load_average()}
+    answer = http.post(path, json={"model": "minilm-l6", "input": sample[0]})
+    out["hit_header"] = answer.headers.get("x-llmos-cache")
+    return out
+
+
+def int8_accuracy_and_speed(http: httpx.Client, args: argparse.Namespace) -> dict[str, Any]:
+    """minilm-l6 fine-tuned on SST-2 rows through the service; float32 and int8 side by side in this process."""
+    from bench.quality import LABELS, SST2, read_sst2, sample
+    from core.settings import get_settings
+    from tasks.serving import load_predictor
+    from tests.data import jsonl
+    from training.devices import configure_cpu
+
+    train_rows = sample(read_sst2(SST2 / "train.tsv"), args.int8_train_rows)
+    dev = read_sst2(SST2 / "dev.tsv")
+    content = jsonl([{"text": t, "label": LABELS[y]} for t, y in train_rows]).encode()
+    file_id = http.post("/v1/files", data={"purpose": "fine-tune"},
+                        files={"file": ("sst2.jsonl", content)}).json()["id"]
+    hp = {"n_epochs": 1, "batch_size": 32, "learning_rate": 1e-4, "max_seq_length": 128, "warmup_ratio": 0.1}
+    started = time.perf_counter()
+    created = http.post("/v1/fine_tuning/jobs", json={"model": "minilm-l6", "training_file": file_id, "seed": 0,
+                                                      "task": "classification", "hyperparameters": hp})
+    if created.status_code != 200:
+        raise RuntimeError(f"job creation answered {created.status_code}: {created.text}")
+    job_id = created.json()["id"]
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while True:
+        job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] == "succeeded":
+            break
+        if job["status"] in ("failed", "cancelled") or time.monotonic() > deadline:
+            raise RuntimeError(f"job {job_id}: {job['status']} {job.get('error')}")
+        time.sleep(1)
+    model_id = job["fine_tuned_model"]
+    print(f"int8: fine-tuned {model_id} on {len(train_rows)} SST-2 train rows {hp} in "
+          f"{time.perf_counter() - started:.0f}s", flush=True)
+
+    configure_cpu(get_settings().torch_threads)
+    path = model_path(model_id)
+    # Loaded as the model process loads them (`LLMOS_CPU_INT8` off and on).
+    predictors = {"float32": load_predictor("classification", path),
+                  "int8": load_predictor("classification", path, int8=True)}
+    sentences = [t for t, _ in dev]
+    out: dict[str, Any] = {"model": model_id, "train_rows": len(train_rows), "dev_rows": len(dev),
+                           "torch_threads": get_settings().torch_threads}
+    speeds: dict[str, list[float]] = {name: [] for name in predictors}
+    for predictor in predictors.values():
+        predictor.predict(sentences[:64], batch_size=32)  # warm
+    for _ in range(args.int8_rounds):
+        for name, predictor in predictors.items():  # alternating, as the shared machine's load drifts
+            round_started = time.perf_counter()
+            answers = predictor.predict(sentences, batch_size=32)
+            speeds[name].append(len(sentences) / (time.perf_counter() - round_started))
+            accuracy = sum(a["label"] == LABELS[y] for a, (_, y) in zip(answers, dev, strict=True)) / len(dev)
+            out[name] = {"dev_accuracy": round(accuracy, 4)}
+    for name in predictors:
+        out[name]["texts_per_s"] = round(statistics.median(speeds[name]), 1)
+        out[name]["texts_per_s_rounds"] = [round(v, 1) for v in speeds[name]]
+    out["speedup"] = round(out["int8"]["texts_per_s"] / out["float32"]["texts_per_s"], 2)
+    out["accuracy_points"] = round((out["int8"]["dev_accuracy"] - out["float32"]["dev_accuracy"]) * 100, 2)
+    out["load"] = load_average()
+    return out
+
+
 def log_size(log: Path) -> int:
     return log.stat().st_size if log.exists() else 0
 
@@ -311,6 +403,51 @@ def batch_file_section(api_url: str, key: str, model_id: str, lines: int) -> dic
     return result
 
 
+def earlier_sections(http: httpx.Client, args: argparse.Namespace, sections: set[str], pids: dict[str, int],
+                     worker_log: Path, api_url: str, key: str
+                     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """Sections 1-3: classification and the batch file (on a model fine-tuned here), and generation."""
+    cls = gen = batch_file = None
+    model_id = None
+    if sections & {"classification", "batch-file"}:
+        started = time.perf_counter()
+        model_id = fine_tune(http)
+        print(f"fine-tuned {model_id} ({TRAIN_ROWS} rows, {HYPERPARAMETERS}) in "
+              f"{time.perf_counter() - started:.0f}s", flush=True)
+    if "classification" in sections and model_id is not None:
+        cls = classification(http, model_id, args, pids, worker_log)
+        c1, cn = cls["c1"], cls[f"c{args.concurrency}"]
+        print(table([
+            ["minilm-l6 classification", "p50 ms", "p99 ms", "texts/s", "load 1/5 min"],
+            ["concurrency 1", str(c1["p50_ms"]), str(c1["p99_ms"]), str(c1["items_per_s"]), c1["load"]],
+            [f"concurrency {args.concurrency}", str(cn["p50_ms"]), str(cn["p99_ms"]),
+             str(cn["items_per_s"]), cn["load"]],
+            ["in-process, batches of 32 (before/after)", "", "",
+             "/".join(map(str, cls["in_process_batch32_items_per_s_before_after"])), cls["in_process_load"]],
+        ]))
+        print(f"classification throughput at concurrency {args.concurrency} / in-process batch 32: "
+              f"{cls['throughput_ratio']:.2f} (target >= 0.7); p50 at concurrency 1: {c1['p50_ms']} ms "
+              f"(target < 100); worker batches at concurrency {args.concurrency}: {cn['batches']}")
+        print(f"CPU ms per request at concurrency {args.concurrency} (Postgres, Redis: their local processes): "
+              f"{cn['cpu_ms_per_request']}; in-process forward pass per text: "
+              f"{1000 / cls['in_process_batch32_items_per_s']:.1f} ms")
+    if "generation" in sections:
+        gen_start = log_size(worker_log)
+        gen = generation(http, args)
+        gen["batches"] = batch_sizes(worker_log, args.gen_model, gen_start)
+        print(f"generation ({gen['model']}, {GEN_PROMPTS} concurrent requests, max_tokens {gen['max_tokens']}, "
+              f"greedy; median of {gen['rounds']} rounds): online {gen['online_tokens_per_s']} tokens/s "
+              f"(load {', '.join(gen['online_load'])}), in-process one padded batch "
+              f"{gen['in_process_padded_batch_tokens_per_s']} tokens/s (load {gen['in_process_load']}); "
+              f"ratio {gen['ratio']:.2f}; worker batches: {gen['batches']}", flush=True)
+    if "batch-file" in sections and model_id is not None:
+        batch_file = batch_file_section(api_url, key, model_id, args.batch_lines)
+    return cls, gen, batch_file
+
+
+SECTIONS = ("classification", "generation", "batch-file", "cache", "int8")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     # Long enough that the closed loop's ramp-up and drain (fewer than 32 clients in flight) weigh little.
@@ -321,6 +458,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gen-tokens", type=int, default=32, help="max_tokens per completion (32)")
     parser.add_argument("--gen-rounds", type=int, default=3, help="rounds of 16 concurrent completions (3)")
     parser.add_argument("--batch-lines", type=int, default=2000, help="lines of the batch-file section (2000)")
+    parser.add_argument("--cache-requests", type=int, default=500,
+                        help="response-cache misses and hits at concurrency 1; five times as many hits at "
+                             "--concurrency (500)")
+    parser.add_argument("--int8-train-rows", type=int, default=2000, help="SST-2 train rows of the int8 run (2000)")
+    parser.add_argument("--int8-rounds", type=int, default=3, help="alternating float/int8 rounds over SST-2 dev (3)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS)} (all)")
     parser.add_argument("--home", type=Path, help="persistent LLMOS_HOME (reuses converted models); default temp")
     return parser.parse_args(argv)
 
@@ -337,6 +481,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
         (work / "home").symlink_to(args.home.resolve())
     os.environ["LLMOS_CONVERT_GGUF_MODELS"] = "1" if args.gen_model.startswith("smollm2") else "0"
     failure_logs: list[Child] = []
+    cls: dict[str, Any] | None = None
+    gen: dict[str, Any] | None = None
+    batch_file: dict[str, Any] | None = None
+    cached: dict[str, Any] | None = None
+    int8: dict[str, Any] | None = None
     with contextlib.ExitStack() as exits:
         try:
             stack = bring_up(exits, work, failure_logs)
@@ -350,43 +499,49 @@ def run(args: argparse.Namespace, work: Path) -> None:
             key = create_key("inference-bench", ["files", "fine_tuning", "inference", "batches"])[1]
             with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
                               limits=httpx.Limits(max_connections=args.concurrency + 8)) as http:
-                started = time.perf_counter()
-                model_id = fine_tune(http)
-                print(f"fine-tuned {model_id} ({TRAIN_ROWS} rows, {HYPERPARAMETERS}) in "
-                      f"{time.perf_counter() - started:.0f}s", flush=True)
+                sections = {name.strip() for name in args.sections.split(",") if name.strip()}
+                unknown = sections - set(SECTIONS)
+                if unknown:
+                    raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
                 pids = {name: stack.children[name].popen.pid for name in ("api", "worker-inference")}
                 worker_log = stack.children["worker-inference"].log_path
-                cls = classification(http, model_id, args, pids, worker_log)
-                gen_start = log_size(worker_log)
-                gen = generation(http, args)
-                gen["batches"] = batch_sizes(worker_log, args.gen_model, gen_start)
-                c1, cn = cls["c1"], cls[f"c{args.concurrency}"]
-                print(table([
-                    ["minilm-l6 classification", "p50 ms", "p99 ms", "texts/s", "load 1/5 min"],
-                    ["concurrency 1", str(c1["p50_ms"]), str(c1["p99_ms"]), str(c1["items_per_s"]), c1["load"]],
-                    [f"concurrency {args.concurrency}", str(cn["p50_ms"]), str(cn["p99_ms"]),
-                     str(cn["items_per_s"]), cn["load"]],
-                    ["in-process, batches of 32 (before/after)", "", "",
-                     "/".join(map(str, cls["in_process_batch32_items_per_s_before_after"])), cls["in_process_load"]],
-                ]))
-                print(f"classification throughput at concurrency {args.concurrency} / in-process batch 32: "
-                      f"{cls['throughput_ratio']:.2f} (target >= 0.7); p50 at concurrency 1: {c1['p50_ms']} ms "
-                      f"(target < 100); worker batches at concurrency {args.concurrency}: {cn['batches']}")
-                print(f"CPU ms per request at concurrency {args.concurrency} (Postgres, Redis: their local processes): "
-                      f"{cn['cpu_ms_per_request']}; in-process forward pass per text: "
-                      f"{1000 / cls['in_process_batch32_items_per_s']:.1f} ms")
-                print(f"generation ({gen['model']}, {GEN_PROMPTS} concurrent requests, max_tokens {gen['max_tokens']}, "
-                      f"greedy; median of {gen['rounds']} rounds): online {gen['online_tokens_per_s']} tokens/s "
-                      f"(load {', '.join(gen['online_load'])}), in-process one padded batch "
-                      f"{gen['in_process_padded_batch_tokens_per_s']} tokens/s (load {gen['in_process_load']}); "
-                      f"ratio {gen['ratio']:.2f}; worker batches: {gen['batches']}", flush=True)
-                batch_file = batch_file_section(stack.api_url, key, model_id, args.batch_lines)
+                if sections & {"classification", "generation", "batch-file"}:
+                    cls, gen, batch_file = earlier_sections(http, args, sections, pids, worker_log, stack.api_url,
+                                                            key)
+                if "cache" in sections:
+                    cached = response_cache(http, args, pids)
+                    miss, hit1, hitn = cached["miss_c1"], cached["hit_c1"], cached[f"hit_c{args.concurrency}"]
+                    print(table([
+                        ["response cache, /v1/embeddings minilm-l6", "p50 ms", "p99 ms", "requests/s",
+                         "API CPU ms/request", "load 1/5 min"],
+                        *([label, str(r["p50_ms"]), str(r["p99_ms"]), str(r["requests_per_s"]),
+                           str(r["api_cpu_ms_per_request"]), r["load"]]
+                          for label, r in (("misses (distinct texts), concurrency 1", miss),
+                                           ("hits, concurrency 1", hit1),
+                                           (f"hits, concurrency {args.concurrency}", hitn))),
+                    ]))
+                    print(f"cache hit p50 {hit1['p50_ms']} ms at concurrency 1, client included (target < 2 ms "
+                          f"in the API); hits/misses throughput at concurrency 1: "
+                          f"{hit1['requests_per_s'] / miss['requests_per_s']:.1f}x", flush=True)
+                if "int8" in sections:
+                    int8 = int8_accuracy_and_speed(http, args)
+                    f32, q8 = int8["float32"], int8["int8"]
+                    print(table([
+                        [f"{int8['model']} on SST-2 dev ({int8['dev_rows']} rows)", "accuracy", "texts/s (median)",
+                         "rounds", "torch threads"],
+                        ["float32", str(f32["dev_accuracy"]), str(f32["texts_per_s"]),
+                         str(f32["texts_per_s_rounds"]), str(int8["torch_threads"])],
+                        ["int8 (LLMOS_CPU_INT8=1)", str(q8["dev_accuracy"]), str(q8["texts_per_s"]),
+                         str(q8["texts_per_s_rounds"]), str(int8["torch_threads"])],
+                    ]))
+                    print(f"int8 / float32 texts/s: {int8['speedup']}x (target >= 1.5); accuracy change "
+                          f"{int8['accuracy_points']:+.2f} points (target within 0.5); load {int8['load']}", flush=True)
         except BaseException:
             for child in failure_logs:
                 print(f"--- last lines of {child.name} ({child.log_path}) ---\n{child.tail()}", file=sys.stderr)
             raise
     print(json.dumps({"command": command, "services": stack.mode, "classification": cls, "generation": gen,
-                      "batch_file": batch_file}))
+                      "batch_file": batch_file, "response_cache": cached, "int8": int8}))
 
 
 def main(argv: list[str] | None = None) -> None:
