@@ -165,8 +165,9 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="How long a cached inference answer lives after its last use, seconds."
     )
     cpu_int8: bool = Field(
-        False, description="1 serves encoders and generation models on CPU with dynamic int8 quantisation of "
-                           "their Linear layers (faster, slightly different answers); never on CUDA."
+        False, description="1 serves classifiers, NER taggers and generation models on CPU with dynamic int8 "
+                           "Linear layers (faster, slightly different answers); embeddings and zero-shot labels "
+                           "stay float32; never on CUDA."
     )
 
     @model_validator(mode="after")
