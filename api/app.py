@@ -25,7 +25,7 @@ from api import (
 from api.middleware import Idempotency, RequestContext
 from core.settings import get_settings
 from db import aio
-from infra import ratelimit, replies
+from infra import cache, ratelimit, replies
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
         await client.aclose()
     replies.async_client.cache_clear()
     await ratelimit.close()
+    await cache.close()
 
 
 def create_app() -> FastAPI:

@@ -159,6 +159,8 @@ def run_workload(base: str, heavy: dict[str, str], light: dict[str, str], counts
 
 
 COMPLETION = {"model": "tiny-gpt2", "prompt": "the weather today is", "max_tokens": 8, "temperature": 0}
+# The same greedy request each time: it must reach the model, not the response cache.
+NO_CACHE = {"Cache-Control": "no-cache"}
 LIGHT_REQUESTS = 40
 
 
@@ -168,7 +170,7 @@ def light_latencies(base: str, headers: dict[str, str]) -> list[float]:
     with httpx.Client(base_url=base, headers=headers, timeout=120) as http:
         for _ in range(LIGHT_REQUESTS):
             started = time.perf_counter()
-            response = http.post("/v1/completions", json=COMPLETION)
+            response = http.post("/v1/completions", json=COMPLETION, headers=NO_CACHE)
             if response.status_code != 200:
                 raise RuntimeError(f"completion answered {response.status_code}: {response.text}")
             out.append(time.perf_counter() - started)
@@ -184,7 +186,7 @@ def beside_flood(base: str, flood: dict[str, str], light: dict[str, str], caller
     def flood_caller(index: int) -> None:
         with httpx.Client(base_url=base, headers=flood, timeout=120) as http:
             while not stop.is_set():
-                if http.post("/v1/completions", json=COMPLETION).status_code == 200:
+                if http.post("/v1/completions", json=COMPLETION, headers=NO_CACHE).status_code == 200:
                     answered[index] += 1
 
     threads = [threading.Thread(target=flood_caller, args=(i,), daemon=True) for i in range(callers)]

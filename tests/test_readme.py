@@ -26,7 +26,7 @@ def quickstart_block(name: str) -> str:
 
 
 def test_settings_table_lists_every_setting() -> None:
-    documented = set(re.findall(r"^\| `(LLMOS_[A-Z_]+)` \|", README, re.M))
+    documented = set(re.findall(r"^\| `(LLMOS_[A-Z0-9_]+)` \|", README, re.M))
     actual = {f"LLMOS_{name.upper()}" for name in Settings.model_fields}
     assert documented == actual
 

@@ -44,6 +44,9 @@ def concurrently(calls: Sequence[Any], workers: int) -> list[Any]:
         return list(pool.map(start, calls))
 
 
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+
 def _train_classifier(api: Api) -> str:
     # As the lifecycle test trains it: enough rows and epochs that the random-init model learns with any
     # batch order (length-grouped batches of this data hold few lengths, so often one label each).
@@ -71,7 +74,8 @@ def test_concurrent_classification_callers_get_their_own_answers_from_shared_bat
     log = stack["worker-inference"].log_path
 
     def classify(inputs: list[str]) -> Any:
-        return http.post("/v1/classifications", json={"model": model_id, "input": inputs})
+        # `no-cache`: the answers alone must come from the model too, not from the cache the batch filled.
+        return http.post("/v1/classifications", json={"model": model_id, "input": inputs}, headers=NO_CACHE)
 
     answers = concurrently([lambda inputs=inputs: classify(inputs) for inputs in requests], 32)
     concurrent_log = log.read_text(errors="replace")
@@ -175,7 +179,8 @@ def test_a_killed_model_process_is_replaced_and_serves_the_next_requests(
 ) -> None:
     worker = stack["worker-inference"]
     body = {"model": "tiny-gpt2", "prompt": "the food", "max_tokens": 4, "temperature": 0}
-    before = api.http.post("/v1/completions", json=body)
+    # `no-cache`: each request must reach a model process, not the response cache.
+    before = api.http.post("/v1/completions", json=body, headers=NO_CACHE)
     assert before.status_code == 200, before.text
     first = wait_until(lambda: _model_process(worker), 30, "the worker's model process")
     assert worker.popen.poll() is None
@@ -184,7 +189,7 @@ def test_a_killed_model_process_is_replaced_and_serves_the_next_requests(
     first.wait(10)
 
     # The worker outlives it: the next requests start a fresh model process and get the same answers.
-    after = [api.http.post("/v1/completions", json=body) for _ in range(3)]
+    after = [api.http.post("/v1/completions", json=body, headers=NO_CACHE) for _ in range(3)]
     assert [r.status_code for r in after] == [200] * 3, [r.text for r in after]
     assert {r.json()["choices"][0]["text"] for r in after} == {before.json()["choices"][0]["text"]}
     second = wait_until(lambda: _model_process(worker), 30, "a new model process")
@@ -197,7 +202,7 @@ def test_a_stopped_inference_worker_exits_with_its_model_process(api: Api, stack
     import subprocess
 
     body = {"model": "tiny-gpt2", "prompt": "the food", "max_tokens": 2, "temperature": 0}
-    assert api.http.post("/v1/completions", json=body).status_code == 200
+    assert api.http.post("/v1/completions", json=body, headers=NO_CACHE).status_code == 200
     worker = stack["worker-inference"]
     model_process = wait_until(lambda: _model_process(worker), 30, "the worker's model process")
 
@@ -214,7 +219,7 @@ def test_a_stopped_inference_worker_exits_with_its_model_process(api: Api, stack
     stack["worker-inference"] = worker.respawn("worker-inference-2")
     assert exited, f"the inference worker did not exit within 15 s of SIGTERM:\n{log_tail}"
     assert not model_process.is_running() or model_process.status() == "zombie"
-    assert api.http.post("/v1/completions", json=body).status_code == 200
+    assert api.http.post("/v1/completions", json=body, headers=NO_CACHE).status_code == 200
 
 
 def test_prefer_wait_0_answers_202_then_the_poll_has_the_response(api: Api) -> None:
