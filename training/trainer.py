@@ -110,6 +110,8 @@ class _LoopState:
     # Losses since the last history row, so a resumed run logs the same means.
     interval_loss_sum: float = 0.0
     interval_loss_count: int = 0
+    # Sums of the extra training metrics a model returns beside its loss (DPO's rewards), over the same steps.
+    interval_metric_sums: dict[str, float] = field(default_factory=dict)
     # Checkpoints written before length grouping existed resume in the shuffled order they started with.
     length_grouped: bool = False
 
@@ -212,7 +214,7 @@ def run_training(
             batch = collator([train_dataset[i] for i in indices])
             tokens = _count_tokens(batch)
             learning_rate = float(optimizer.param_groups[0]["lr"])
-            loss = _train_step(model, batch, optimizer, scheduler, scaler, device, amp_dtype, args)
+            loss, extra = _train_step(model, batch, optimizer, scheduler, scaler, device, amp_dtype, args)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"the training loss became {loss} at step {state.global_step + 1}; try a lower learning rate"
@@ -222,6 +224,8 @@ def run_training(
             state.trained_tokens += tokens
             state.interval_loss_sum += loss
             state.interval_loss_count += 1
+            for name, value in extra.items():
+                state.interval_metric_sums[name] = state.interval_metric_sums.get(name, 0.0) + value
             samples_this_run += len(indices)
             epoch = state.epoch_index + state.step_in_epoch / steps_per_epoch
             elapsed = max(time.perf_counter() - started, 1e-9)
@@ -301,11 +305,13 @@ def _train_step(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     args: TrainArgs,
-) -> float:
+) -> tuple[float, Metrics]:
+    """One optimizer step; returns the loss and any `metrics` the model's output carries beside it."""
     inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         outputs = model(**inputs)
     loss = outputs["loss"] if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    extra = outputs.get("metrics") if isinstance(outputs, Mapping) else None
     if loss is None:
         raise ValueError("the model returned no loss; the batch must carry labels")
     if scaler is not None:
@@ -322,14 +328,16 @@ def _train_step(
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach().float().item())
+    return float(loss.detach().float().item()), {k: float(v) for k, v in (extra or {}).items()}
 
 
 def _history_row(state: _LoopState, epoch: float, learning_rate: float) -> dict[str, Any]:
     row: dict[str, Any] = {"step": state.global_step, "epoch": round(epoch, 6), "learning_rate": learning_rate}
     if state.interval_loss_count:
         row["train_loss"] = state.interval_loss_sum / state.interval_loss_count
+        row.update({k: v / state.interval_loss_count for k, v in state.interval_metric_sums.items()})
     state.interval_loss_sum = 0.0
+    state.interval_metric_sums = {}
     state.interval_loss_count = 0
     return row
 
@@ -382,6 +390,7 @@ def _save_checkpoint(
             "history": state.history,
             "interval_loss_sum": state.interval_loss_sum,
             "interval_loss_count": state.interval_loss_count,
+            "interval_metric_sums": state.interval_metric_sums,
             "batch_order": "length_grouped" if state.length_grouped else "shuffled",
             "n_rows": n_rows,
             "batch_size": args.batch_size,
@@ -496,5 +505,6 @@ def _restore(
         history=list(saved["history"]),
         interval_loss_sum=float(saved["interval_loss_sum"]),
         interval_loss_count=int(saved["interval_loss_count"]),
+        interval_metric_sums={k: float(v) for k, v in saved.get("interval_metric_sums", {}).items()},
         length_grouped=saved.get("batch_order", "shuffled") == "length_grouped",
     )
