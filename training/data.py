@@ -437,3 +437,57 @@ def validate_generation(rows: Sequence[Row], max_problems: int = 20) -> list[str
         if len(problems) >= max_problems:
             return problems[:max_problems]
     return problems
+
+
+# --- preference pairs (DPO) ----------------------------------------------------------------------
+
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+
+
+def is_preference_row(row: dict[str, Any]) -> bool:
+    """True for a line in OpenAI's DPO format (it has at least one of its keys)."""
+    return any(key in row for key in PREFERENCE_KEYS)
+
+
+def _check_output(line: int, row: dict[str, Any], key: str) -> list[str]:
+    output = row.get(key)
+    if (not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict)
+            or output[0].get("role") != "assistant"):
+        return [f'line {line}: "{key}" must be a list with one assistant message']
+    if not isinstance(output[0].get("content"), str) or not output[0]["content"]:
+        return [f'line {line}: "{key}"[0].content must be a non-empty string']
+    return []
+
+
+def _check_preference_row(line: int, row: dict[str, Any]) -> list[str]:
+    missing = [key for key in PREFERENCE_KEYS if key not in row]
+    if missing:
+        return [f'line {line}: a DPO line needs "input", "preferred_output" and "non_preferred_output"; '
+                f"missing {', '.join(repr(k) for k in missing)}"]
+    problems: list[str] = []
+    prompt = row["input"]
+    if not isinstance(prompt, dict) or "messages" not in prompt:
+        problems.append(f'line {line}: "input" must be an object with "messages"')
+    else:
+        messages = prompt["messages"]
+        found = _check_messages(line, messages)
+        # The prompt needs no assistant turn: the outputs are the replies being compared.
+        problems.extend(p.replace('"messages"', '"input.messages"').replace("messages[", "input.messages[")
+                        for p in found if "no assistant message" not in p)
+    problems.extend(_check_output(line, row, "preferred_output"))
+    problems.extend(_check_output(line, row, "non_preferred_output"))
+    if not problems and row["preferred_output"][0]["content"] == row["non_preferred_output"][0]["content"]:
+        problems.append(f"line {line}: the preferred and non-preferred outputs are the same text")
+    return problems
+
+
+def validate_dpo(rows: Sequence[Row], max_problems: int = 20) -> list[str]:
+    """Check preference pairs in OpenAI's DPO format; return problems (empty when usable)."""
+    if not rows:
+        return ["the file has no rows"]
+    problems: list[str] = []
+    for line, row in rows:
+        problems.extend(_check_preference_row(line, row))
+        if len(problems) >= max_problems:
+            return problems[:max_problems]
+    return problems

@@ -37,6 +37,8 @@ LIMITS: dict[str, Limit] = {
     "weight_decay": Limit(0.0, 1.0),
     "max_runtime_seconds": Limit(1, 30 * 24 * 3600),
 }
+# DPO's alone, so apart from the limits every task resolves.
+BETA_LIMIT = Limit(0.0, 10.0, low_inclusive=False)
 
 Auto = Literal["auto"]
 
@@ -76,3 +78,30 @@ class Hyperparameters(BaseModel):
     def requested(self) -> dict[str, Any]:
         """The values given, as stored on the job before resolution."""
         return self.model_dump(exclude_none=True)
+
+
+class DpoHyperparameters(Hyperparameters):
+    """`method.dpo.hyperparameters`: the supervised ones plus DPO's `beta`; a stored `beta` marks a DPO job."""
+
+    beta: float | Auto | None = Field(
+        None, description="How far the policy may move from the reference model (above 0, at most 10); "
+                          "lower lets it move further.")
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_within_limits(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            try:
+                BETA_LIMIT.check("beta", value)
+            except ValueError as exc:
+                raise ValueError(str(exc).removeprefix("beta ")) from None
+        return value
+
+    def requested(self) -> dict[str, Any]:
+        # "auto" rather than absent, so the stored hyperparameters always say the job is DPO.
+        return {**super().requested(), "beta": "auto" if self.beta is None else self.beta}
+
+
+def method_of(hyperparameters: dict[str, Any]) -> str:
+    """"dpo" for a job whose hyperparameters carry `beta`, otherwise "supervised"."""
+    return "dpo" if "beta" in hyperparameters else "supervised"
