@@ -8,10 +8,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from domain.requests import Strict
-from training.hyperparameters import Hyperparameters
+from training.hyperparameters import DpoHyperparameters, Hyperparameters
 
 __all__ = ["CreateBatch", "CreateJob", "Hyperparameters"]
 
@@ -23,9 +23,22 @@ class Supervised(Strict):
     hyperparameters: Hyperparameters | None = None
 
 
+class Dpo(Strict):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(Strict):
-    type: Literal["supervised"] = "supervised"
+    type: Literal["supervised", "dpo"] = "supervised"
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
+
+    @model_validator(mode="after")
+    def _matches_type(self) -> Method:
+        if self.type == "supervised" and self.dpo is not None:
+            raise ValueError('"dpo" settings need type "dpo"')
+        if self.type == "dpo" and self.supervised is not None:
+            raise ValueError('"supervised" settings need type "supervised"')
+        return self
 
 
 class CreateJob(Strict):
@@ -69,6 +82,12 @@ class CreateJob(Strict):
         return v
 
     def resolved_hyperparameters(self) -> dict[str, Any]:
+        if self.method and self.method.type == "dpo":
+            # A stored `beta` is what marks the job as DPO (training.hyperparameters.method_of).
+            dpo = (self.method.dpo.hyperparameters if self.method.dpo else None) or DpoHyperparameters()
+            if self.hyperparameters is not None:
+                dpo = DpoHyperparameters(**{**self.hyperparameters.requested(), **dpo.model_dump(exclude_none=True)})
+            return dpo.requested()
         chosen = self.hyperparameters
         if chosen is None and self.method and self.method.supervised:
             chosen = self.method.supervised.hyperparameters

@@ -23,6 +23,7 @@ from db.models import Checkpoint, File, FineTuningJob, JobEvent, Model
 from domain import dispatch, quotas
 from domain.events import emit_event
 from domain.listing import page
+from training.hyperparameters import method_of
 
 VALIDATING = "validating_files"
 QUEUED = "queued"
@@ -70,6 +71,12 @@ class InvalidTransition(Exception):
         self.target = target
 
 
+def method_object(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `method`: a stored `beta` marks a DPO job (see `training.hyperparameters.method_of`)."""
+    kind = method_of(hyperparameters)
+    return {"type": kind, kind: {"hyperparameters": hyperparameters}}
+
+
 def job_object(job: FineTuningJob | Row[Any], queue_position: int | None = None) -> dict[str, Any]:
     """The public ``fine_tuning.job`` shape: every field present, unset ones null."""
     return {
@@ -82,7 +89,7 @@ def job_object(job: FineTuningJob | Row[Any], queue_position: int | None = None)
         "training_file": job.training_file,
         "validation_file": job.validation_file,
         "hyperparameters": job.hyperparameters,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
+        "method": method_object(job.hyperparameters or {}),
         "fine_tuned_model": job.fine_tuned_model,
         "organization_id": job.tenant_id,
         "finished_at": unix(job.finished_at),
@@ -229,6 +236,12 @@ def create_job(
     base = registry.get_visible_model(session, tenant_id, model)
     if base is None:
         raise ServiceError(400, f"model: no model named '{model}'", param="model", code="model_not_found")
+    if method_of(hyperparameters or {}) == "dpo" and "generation" not in base.tasks:
+        raise ServiceError(400, f"method: DPO trains generation models; '{model}' supports "
+                           f"{', '.join(base.tasks)}", param="method", code="unsupported_method")
+    if method_of(hyperparameters or {}) == "dpo" and task not in (None, "generation"):
+        raise ServiceError(400, f"method: DPO trains generation models, not {task}", param="task",
+                           code="unsupported_method")
     if task and task not in base.tasks:
         raise ServiceError(400, f"model '{model}' cannot be fine-tuned for {task}; it supports "
                            f"{', '.join(base.tasks)}", param="task", code="unsupported_task")

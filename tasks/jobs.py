@@ -26,6 +26,7 @@ from domain.storage import job_dir
 from tasks import recipes
 from tasks.app import celery_app
 from tasks.progress import OUTAGE_WAIT_SECONDS, JobReporter
+from training.hyperparameters import method_of
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,16 @@ def validate_job(job_id: str) -> None:
             which = "training_file"
             train_path = _file_path(session, job, job.training_file)
             assert train_path is not None
-            task, rows = recipes.load_rows(train_path, job.task, model_tasks)
+            method = method_of(job.hyperparameters or {})
+            task, rows = recipes.load_rows(train_path, job.task, model_tasks, method)
             which = "validation_file"
             valid_path = _file_path(session, job, job.validation_file)
             if valid_path is not None:
-                recipes.load_rows(valid_path, task, model_tasks)
+                recipes.load_rows(valid_path, task, model_tasks, method)
             which = "hyperparameters"
             requested = dict(job.hyperparameters or {})
             max_runtime = int(requested.pop("max_runtime_seconds", None) or get_settings().max_job_runtime_seconds)
-            hyperparameters = recipes.recipe(task).resolve(requested, len(rows))
+            hyperparameters = recipes.recipe(task, method).resolve(requested, len(rows))
             # A service limit, not a training knob: resolved and shown with the rest, enforced by the worker.
             hyperparameters["max_runtime_seconds"] = max_runtime
         except DataError as exc:
@@ -192,8 +194,9 @@ def _run_training(job_id: str, base_path: Path, train_path: Path | None, valid_p
     configure_cpu(get_settings().torch_threads)
     assert train_path is not None
     task = snapshot["task"]
-    _, train_rows = recipes.load_rows(train_path, task, [task])
-    eval_rows = recipes.load_rows(valid_path, task, [task])[1] if valid_path else None
+    method = method_of(snapshot["hyperparameters"])
+    _, train_rows = recipes.load_rows(train_path, task, [task], method)
+    eval_rows = recipes.load_rows(valid_path, task, [task], method)[1] if valid_path else None
     root = job_dir(job_id)
     checkpoint_dir = root / "checkpoints"
     resume_from = latest_checkpoint(checkpoint_dir)
@@ -203,7 +206,7 @@ def _run_training(job_id: str, base_path: Path, train_path: Path | None, valid_p
             job = jobs_repo.get_job_by_id(session, job_id)
             assert job is not None
             jobs.add_job_event(session, job, f"resumed from checkpoint at step {step}")
-    steps = recipes.recipe(task)
+    steps = recipes.recipe(task, method)
     training_hyperparameters = {k: v for k, v in snapshot["hyperparameters"].items() if k != "max_runtime_seconds"}
     spec = steps.spec(
         base_model_dir=base_path, output_dir=root / "model", checkpoint_dir=checkpoint_dir,

@@ -24,9 +24,13 @@ class Recipe:
     train: Callable[..., Any]
 
 
-def recipe(task: str) -> Recipe:
-    from training import classification, data, generation, ner
+def recipe(task: str, method: str = "supervised") -> Recipe:
+    """The steps of ``task``; ``method`` "dpo" (generation only) trains on preference pairs instead."""
+    from training import classification, data, dpo, generation, ner
     from training.lora import add_lora_hyperparameters
+
+    if method == "dpo":
+        return Recipe(data.validate_dpo, dpo.resolve_hyperparameters, generation.GenerationSpec, dpo.train_dpo)
 
     def classification_hyperparameters(hp: dict[str, Any], n: int) -> dict[str, Any]:
         return add_lora_hyperparameters(classification.resolve_hyperparameters(hp, n), hp)
@@ -49,15 +53,26 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return read_conll(path) if looks_like_conll(path) else read_jsonl(path)
 
 
-def load_rows(path: Path, task: str | None, model_tasks: list[str]) -> tuple[str, list[dict[str, Any]]]:
+def load_rows(path: Path, task: str | None, model_tasks: list[str],
+              method: str = "supervised") -> tuple[str, list[dict[str, Any]]]:
     """Read, infer the task when not given, and validate; raises DataError with the first problems by line."""
-    from training.data import DataError, infer_task
+    from training.data import DataError, infer_task, is_preference_row
 
     numbered = read_rows(path)
-    task = task or infer_task(numbered)
+    if method == "dpo":
+        # Preference pairs train a generation model; no other task reads them.
+        task = task or "generation"
+        if task != "generation":
+            raise DataError([f"DPO trains generation models, not {task}"])
+    else:
+        pairs = [line for line, row in numbered if is_preference_row(row)]
+        if pairs:
+            raise DataError([f"line {pairs[0]}: this is a DPO preference pair (\"input\", \"preferred_output\", "
+                             '"non_preferred_output"); create the job with method {"type": "dpo"} to train on it'])
+        task = task or infer_task(numbered)
     if task not in model_tasks:
         raise DataError([f"the file holds {task} data, but the model serves {', '.join(model_tasks)}"])
-    problems = recipe(task).validate(numbered)
+    problems = recipe(task, method).validate(numbered)
     if problems:
         raise DataError(problems)
     return task, [row for _, row in numbered]
