@@ -247,13 +247,17 @@ def pair_length(feature: PairFeature) -> int:
 
 
 def evaluate_pairs(model: DpoModule, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean DPO loss and reward metrics over pre-collated batches, weighted by pairs."""
+    """Mean DPO loss and reward metrics over pre-collated batches, weighted by pairs; win rates (the share
+    of pairs whose preferred reply is the likelier one) of the policy and of the reference."""
     device = next(model.parameters()).device
     amp_dtype = autocast_dtype(device)
     was_training = model.training
     model.eval()
     chosen: list[torch.Tensor] = []
     rejected: list[torch.Tensor] = []
+    # Which reply each model finds likelier: the policy's choices now, the reference's before training.
+    policy_wins: list[torch.Tensor] = []
+    reference_wins: list[torch.Tensor] = []
     with torch.inference_mode():
         for batch in batches:
             inputs = {k: v.to(device) for k, v in batch.items()}
@@ -263,10 +267,14 @@ def evaluate_pairs(model: DpoModule, batches: Sequence[dict[str, torch.Tensor]])
             half = policy.shape[0] // 2
             chosen.append(model.beta * (policy[:half] - reference[:half]))
             rejected.append(model.beta * (policy[half:] - reference[half:]))
+            policy_wins.append(policy[:half] > policy[half:])
+            reference_wins.append(reference[:half] > reference[half:])
     model.train(was_training)
     chosen_rewards, rejected_rewards = torch.cat(chosen), torch.cat(rejected)
     loss = float(-F.logsigmoid(chosen_rewards - rejected_rewards).mean())
-    return {"eval_loss": loss, **{f"eval_{k}": v for k, v in reward_metrics(chosen_rewards, rejected_rewards).items()}}
+    return {"eval_loss": loss, **{f"eval_{k}": v for k, v in reward_metrics(chosen_rewards, rejected_rewards).items()},
+            "eval_win_rate": float(torch.cat(policy_wins).float().mean()),
+            "eval_win_rate_before": float(torch.cat(reference_wins).float().mean())}
 
 
 def train_dpo(

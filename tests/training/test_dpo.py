@@ -111,6 +111,7 @@ def test_dpo_raises_the_margin_over_the_reference(tiny_gpt2: Path, tmp_path: Pat
     # eval_rewards/margins = beta * ((policy chosen - rejected) - (reference chosen - rejected)).
     assert result.metrics["eval_rewards/margins"] > 0
     assert result.metrics["eval_rewards/accuracies"] > 0.5
+    assert result.metrics["eval_win_rate"] >= result.metrics["eval_win_rate_before"]
     last = recorder.evaluations[-1][2]
     assert {"train_loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"} <= set(last)
     # At the start policy and reference agree, so the loss is log 2; training brought it below.
