@@ -336,7 +336,11 @@ def train_dpo(
                            lengths=[pair_length(f) for f in train_features])
     if not outcome.completed:
         return GenerationResult(outcome=outcome, model_dir=None, metrics={})
-    metrics = evaluate_pairs(model, eval_batches) if eval_batches else {}
+    # The last epoch's evaluation saw these very weights: reuse it rather than score every pair twice more.
+    last = outcome.history[-1] if outcome.history else {}
+    metrics = {k: float(v) for k, v in last.items() if k.startswith("eval_")}
+    if eval_batches and not metrics:
+        metrics = evaluate_pairs(model, eval_batches)
     eval_report = {"metrics": metrics, "n_train": len(train_features), "n_eval": len(eval_features),
                    "hyperparameters": hp, "max_length": max_length, "method": "dpo"}
     save_model_dir(model.policy, tokenizer, spec.output_dir, {EVAL_REPORT_FILE: json.dumps(eval_report, indent=2)})
