@@ -11,14 +11,19 @@ rows used, wall time and score:
 3. gen:  SST-2 cast as prompt -> completion with `smollm2-135m-instruct` and LoRA; accuracy of the greedy
          two-token completion via `POST /v1/completions`, zero-shot base accuracy with the same prompt, and
          the job's eval perplexity before and after training.
-4. zeroshot: SST-2 dev with `minilm-l6` and no training; accuracy of zero-shot `labels: ["positive",
+4. dpo:  preference pairs from SST-2 (the review's right sentiment preferred over the wrong one, as a chat
+         reply) with `smollm2-135m-instruct`, `method: dpo` and LoRA; the win rate (share of held-out pairs
+         whose preferred reply the model finds likelier) of the base model before and of the tuned one after,
+         from the job's metrics on the validation file, plus the reward accuracy and margin.
+5. zeroshot: SST-2 dev with `minilm-l6` and no training; accuracy of zero-shot `labels: ["positive",
          "negative"]` via `POST /v1/classifications` (what `/api/llm` answers with no fine-tuned classifier).
 
 Usage:
-    python bench/quality.py [--only ner|sst2|gen|zeroshot] [--train-rows N] [--test-rows N] [--epochs N]
+    python bench/quality.py [--only ner|sst2|gen|dpo|zeroshot] [--train-rows N] [--test-rows N] [--epochs N]
                             [--home DIR]
 
-The defaults subsample so that all four runs fit in about half an hour on two shared CPU cores; every
+The defaults subsample so that ner, sst2, gen and zeroshot fit in about half an hour on two shared CPU cores
+(dpo adds about 15 minutes: each pair is two replies through the policy and the reference); every
 figure is printed next to the rows it used. `--train-rows/--test-rows/--epochs` override each run's
 default (use them with `--only`). With LLMOS_DATABASE_URL / LLMOS_BROKER_URL set it uses those servers (a
 fresh database, dropped at the end); otherwise embedded ones in a temp dir. `--home DIR` keeps LLMOS_HOME
@@ -75,6 +80,8 @@ DEFAULTS: dict[str, RunSpec] = {
     "ner": RunSpec(train_rows=3000, test_rows=3453, epochs=2, valid_rows=800),
     "sst2": RunSpec(train_rows=6000, test_rows=1821, epochs=1, valid_rows=872),
     "gen": RunSpec(train_rows=600, test_rows=300, epochs=1, valid_rows=200),
+    # Scored on the validation pairs by the job itself; test_rows is that count.
+    "dpo": RunSpec(train_rows=300, test_rows=200, epochs=1, valid_rows=200),
     # Nothing trained: the whole dev split is scored, in well under a minute.
     "zeroshot": RunSpec(train_rows=0, test_rows=872, epochs=0, valid_rows=0),
 }
@@ -165,7 +172,7 @@ def train(http: httpx.Client, tag: str, body: dict[str, Any]) -> tuple[dict[str,
     if response.status_code != 200:
         raise RuntimeError(f"[{tag}] job creation answered {response.status_code}: {response.text}")
     job_id = response.json()["id"]
-    print(f"[{tag}] job {job_id} created: {json.dumps(body['hyperparameters'])}", flush=True)
+    print(f"[{tag}] job {job_id} created: {json.dumps(body.get('method') or body['hyperparameters'])}", flush=True)
     last_print = 0.0
     last_status = ""
     while True:
@@ -350,6 +357,43 @@ def run_gen(http: httpx.Client, spec: RunSpec) -> Result:
     )
 
 
+def dpo_pairs(rows: list[tuple[str, int]]) -> bytes:
+    """OpenAI's DPO lines: asked for a review's sentiment, the right word preferred over the wrong one."""
+    return jsonl([{
+        "input": {"messages": [{"role": "user", "content": f"Is this review positive or negative? Answer with one "
+                                                           f"word.\nReview: {s}"}]},
+        "preferred_output": [{"role": "assistant", "content": LABELS[y]}],
+        "non_preferred_output": [{"role": "assistant", "content": LABELS[1 - y]}],
+    } for s, y in rows])
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def run_dpo(http: httpx.Client, spec: RunSpec) -> Result:
+    base = "smollm2-135m-instruct"
+    train_rows = sample(read_sst2(SST2 / "train.tsv"), spec.train_rows)
+    valid_rows = sample(read_sst2(SST2 / "dev.tsv"), spec.test_rows)
+    train_id = upload(http, "sst2-dpo-train.jsonl", dpo_pairs(train_rows))
+    valid_id = upload(http, "sst2-dpo-dev.jsonl", dpo_pairs(valid_rows))
+    hp: dict[str, Any] = {"beta": 0.1, "n_epochs": spec.epochs, "batch_size": 8, "learning_rate": 5e-4,
+                          "max_seq_length": 128, "warmup_ratio": 0.1, "lora": True}
+    job, train_wall = train(http, "dpo", {"model": base, "training_file": train_id, "validation_file": valid_id,
+                                          "method": {"type": "dpo", "dpo": {"hyperparameters": hp}}})
+    metrics = job.get("metrics") or {}
+    return Result(
+        "dpo", "SST-2 as preference pairs", f"{base} + LoRA (DPO)", spec.epochs,
+        f"train {len(train_rows)}/67349 pairs, dev {len(valid_rows)}/872 pairs as validation (scored)",
+        train_wall, 0.0, "dev win rate (preferred reply likelier)", float(metrics.get("eval_win_rate", 0.0)),
+        "(vs the base model's win rate)",
+        {"win_rate_before": _rounded(metrics.get("eval_win_rate_before")),
+         "reward_accuracy": _rounded(metrics.get("eval_rewards/accuracies")),
+         "reward_margin": _rounded(metrics.get("eval_rewards/margins")),
+         "eval_loss": _rounded(metrics.get("eval_loss")), "hyperparameters": hp},
+    )
+
+
 def run_zeroshot(http: httpx.Client, spec: RunSpec) -> Result:
     rows = sample(read_sst2(SST2 / "dev.tsv"), spec.test_rows)
     labels = [LABELS[1], LABELS[0]]
@@ -371,7 +415,7 @@ def run_zeroshot(http: httpx.Client, spec: RunSpec) -> Result:
 
 
 RUNS: dict[str, Callable[[httpx.Client, RunSpec], Result]] = {"ner": run_ner, "sst2": run_sst2, "gen": run_gen,
-                                                             "zeroshot": run_zeroshot}
+                                                             "dpo": run_dpo, "zeroshot": run_zeroshot}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -382,7 +426,7 @@ RUNS: dict[str, Callable[[httpx.Client, RunSpec], Result]] = {"ner": run_ner, "s
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--only", choices=list(RUNS), action="append",
-                        help="run only this one (repeatable); default all four")
+                        help="run only this one (repeatable); default all")
     parser.add_argument("--train-rows", type=int, help="training rows (sentences) per run "
                         f"(defaults: {', '.join(f'{k} {v.train_rows}' for k, v in DEFAULTS.items())})")
     parser.add_argument("--test-rows", type=int, help="test rows scored per run "
@@ -430,6 +474,10 @@ def report(results: list[Result]) -> None:
             print(f"gen zero-shot base accuracy {r.extra['zero_shot_accuracy']} (answers "
                   f"{r.extra['zero_shot_answers']}) -> fine-tuned {r.score:.4f} (answers {r.extra['tuned_answers']}); "
                   f"eval perplexity before {r.extra['perplexity_before']} -> after {r.extra['perplexity_after']}")
+        elif r.name == "dpo":
+            print(f"dpo win rate on the validation pairs: base {r.extra['win_rate_before']} -> tuned {r.score:.4f}; "
+                  f"reward accuracy {r.extra['reward_accuracy']}, margin {r.extra['reward_margin']}, "
+                  f"eval DPO loss {r.extra['eval_loss']} (log 2 = 0.693 before training)")
         elif r.name == "zeroshot":
             print(f"zeroshot: cosine similarity of each sentence to 'This text is {{label}}.' for labels "
                   f"{r.extra['labels']}, no training; answers {r.extra['answers']}")
