@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.secret_files import generated_secret
 
 PLACEHOLDER_SECRETS = {"", "change-me", "changeme", "admin", "password", "secret"}
 # Shortest secret `LLMOS_ENV=production` accepts.
@@ -235,25 +235,8 @@ class Settings(BaseSettings):
         return self.secret_key or self._generated("secret_key", 32)
 
     def _generated(self, name: str, nbytes: int) -> str:
-        """A random secret kept in ``run/<name>`` (mode 0600), made by whichever process asks first.
-
-        Every process of a deployment may get here at once and all must agree: the secret is written whole to
-        a file of its own, then linked into place, which only the first process succeeds at.
-        """
-        path = self.run_dir / name
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            draft = path.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}")
-            descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(secrets.token_urlsafe(nbytes))
-            try:
-                os.link(draft, path)
-            except FileExistsError:
-                pass
-            finally:
-                draft.unlink()
-        return path.read_text().strip()
+        """A random secret kept in ``run/<name>`` (mode 0600), made by whichever process asks first."""
+        return generated_secret(self.run_dir / name, nbytes)
 
     def _embedded(self, key: str) -> str:
         try:

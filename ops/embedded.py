@@ -25,7 +25,6 @@ import importlib.util
 import logging
 import os
 import pwd
-import secrets
 import signal
 import socket
 import stat
@@ -43,6 +42,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from core.secret_files import generated_secret
 from ops.supervisor import parent_death_preexec, stop_process, wait_gone
 
 logger = logging.getLogger(__name__)
@@ -187,25 +187,9 @@ def _ensure_system_user(username: str) -> pwd.struct_passwd:
 
 
 def server_password(data_dir: Path) -> str:
-    """The password of the server in ``data_dir``: generated on first use into ``<data_dir>.password``.
-
-    Written whole to a file of its own (mode 0600, whatever the umask) and linked into place, so two
-    starts racing on a fresh directory still agree on one password.
-    """
-    path = data_dir.parent / f"{data_dir.name}.password"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_urlsafe(24))
-        try:
-            os.link(draft, path)
-        except FileExistsError:
-            pass
-        finally:
-            draft.unlink()
-    return path.read_text().strip()
+    """The password of the server in ``data_dir``: generated on first use into ``<data_dir>.password`` (0600)
+    and the same for every later start."""
+    return generated_secret(data_dir.parent / f"{data_dir.name}.password", 24)
 
 
 def _ensure_traversable(path: Path) -> None:
