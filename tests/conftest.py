@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
 import time
@@ -71,6 +72,30 @@ def _drop_database(db_url: str) -> None:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """Scratch dir for embedded servers, directly under the system temp dir, removed afterwards.
+
+    Not tmp_path: each pytest session resets /tmp/pytest-of-<user> to 0700, which would lock the
+    unprivileged postgres user out of its data dir whenever another pytest session starts meanwhile.
+    """
+    path = Path(tempfile.mkdtemp(prefix="llmos-ops-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Any]]:
+    """Collects embedded servers a test starts and stops any still running at teardown."""
+    from ops.embedded import stop_server
+
+    started: list[Any] = []
+    yield started
+    for server in started:
+        if server.process.poll() is None:
+            stop_server(server, timeout=5.0)
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -40,28 +38,6 @@ def tree(server: EmbeddedServer) -> list[int]:
 def connect(server: EmbeddedServer) -> psycopg2.extensions.connection:
     """psycopg2 connection to the server's URL (SQLAlchemy's driver suffix removed)."""
     return psycopg2.connect(server.url.replace("postgresql+psycopg2://", "postgresql://"), connect_timeout=5)
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """Scratch dir directly under the system temp dir, removed afterwards.
-
-    Not tmp_path: each pytest session resets /tmp/pytest-of-<user> to 0700, which would lock the
-    unprivileged postgres user out of its data dir whenever another pytest session starts meanwhile.
-    """
-    path = Path(tempfile.mkdtemp(prefix="llmos-ops-test-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[EmbeddedServer]]:
-    """Collects servers started by a test and stops any still running at teardown."""
-    started: list[EmbeddedServer] = []
-    yield started
-    for server in started:
-        if server.process.poll() is None:
-            stop_server(server, timeout=5.0)
 
 
 def test_postgres_and_redis_roundtrip(workdir: Path, servers: list[EmbeddedServer]) -> None:

@@ -5,9 +5,6 @@ Any local user can reach 127.0.0.1; before, both servers trusted whoever connect
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -16,23 +13,6 @@ import pytest
 import redis
 
 from ops.embedded import EmbeddedServer, start_postgres, start_redis, stop_server
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Not tmp_path: pytest makes it 0700, which the unprivileged postgres user could not enter.
-    path = Path(tempfile.mkdtemp(prefix="llmos-auth-test-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[EmbeddedServer]]:
-    started: list[EmbeddedServer] = []
-    yield started
-    for server in started:
-        if server.process.poll() is None:
-            stop_server(server, timeout=5.0)
 
 
 def _connect(port: int, password: str | None) -> None:
