@@ -23,16 +23,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from training.callbacks import TrainingCallbacks
-from training.classification import EVAL_REPORT_FILE, _max_length
+from training.classification import EVAL_REPORT_FILE
 from training.data import DataError, random_split, validate_dpo
 from training.devices import autocast_dtype, pick_device
-from training.generation import GenerationResult, GenerationSpec, chat_segments, ensure_chat_template
+from training.generation import GenerationResult, GenerationSpec, chat_segments, load_for_training
 from training.generation import resolve_hyperparameters as resolve_generation
 from training.hyperparameters import BETA_LIMIT
-from training.lora import LoraModule, apply_lora, load_pretrained, save_model_dir
+from training.lora import LoraModule, apply_lora, save_model_dir
 from training.trainer import TrainArgs, run_training
 
 log = logging.getLogger(__name__)
@@ -296,20 +295,8 @@ def train_dpo(
     else:
         train_rows, eval_rows = spec.train_rows, spec.eval_rows
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"{spec.base_model_dir}: the tokenizer has no end-of-sequence token")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    ensure_chat_template(tokenizer)
-    set_seed(spec.seed)
-    base = load_pretrained(AutoModelForCausalLM, spec.base_model_dir, dtype=torch.float32)
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    if base.generation_config.pad_token_id is None:
-        base.generation_config.pad_token_id = tokenizer.pad_token_id
+    tokenizer, base, max_length = load_for_training(spec, int(hp["max_seq_length"]))
     _disable_dropout(base)
-    max_length = _max_length(tokenizer, base, int(hp["max_seq_length"]))
     if "lora" in hp:
         policy: torch.nn.Module = apply_lora(base, hp["lora"], "generation", spec.base_model_dir)
         _disable_dropout(policy)

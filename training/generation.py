@@ -284,6 +284,26 @@ def evaluate_loss(model: torch.nn.Module, batches: Sequence[Mapping[str, torch.T
 # --- training ------------------------------------------------------------------------------------
 
 
+def load_for_training(spec: GenerationSpec, max_seq_length: int) -> tuple[Any, Any, int]:
+    """The tokenizer (with a pad token and a chat template) and the base model in float32, seeded; and the
+    sequence length to train at. Shared by supervised and preference (DPO) training."""
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{spec.base_model_dir}: the tokenizer has no end-of-sequence token")
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out and unlabelled, so any id will do; EOS is always there.
+        tokenizer.pad_token = tokenizer.eos_token
+    ensure_chat_template(tokenizer)
+    set_seed(spec.seed)
+    # Train in float32 whatever the checkpoint's dtype; autocast gives the speed on GPUs.
+    base = load_pretrained(AutoModelForCausalLM, spec.base_model_dir, dtype=torch.float32)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    if base.generation_config.pad_token_id is None:
+        base.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, base, _max_length(tokenizer, base, max_seq_length)
+
+
 def train_generation(
     spec: GenerationSpec,
     callbacks: TrainingCallbacks,
@@ -304,21 +324,7 @@ def train_generation(
     else:
         train_rows, eval_rows = spec.train_rows, spec.eval_rows
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"{spec.base_model_dir}: the tokenizer has no end-of-sequence token")
-    if tokenizer.pad_token_id is None:
-        # Padding is masked out and unlabelled, so any id will do; EOS is always there.
-        tokenizer.pad_token = tokenizer.eos_token
-    ensure_chat_template(tokenizer)
-    set_seed(spec.seed)
-    # Train in float32 whatever the checkpoint's dtype; autocast gives the speed on GPUs.
-    base = load_pretrained(AutoModelForCausalLM, spec.base_model_dir, dtype=torch.float32)
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    if base.generation_config.pad_token_id is None:
-        base.generation_config.pad_token_id = tokenizer.pad_token_id
-    max_length = _max_length(tokenizer, base, int(hp["max_seq_length"]))
+    tokenizer, base, max_length = load_for_training(spec, int(hp["max_seq_length"]))
     model: torch.nn.Module = base
     if "lora" in hp:
         wrapped = apply_lora(base, hp["lora"], "generation", spec.base_model_dir)
