@@ -96,3 +96,17 @@ def color_rows(repeat: int) -> list[dict[str, Any]]:
     return [
         {"prompt": f"what color is the {k} ?", "completion": f" the {k} is {v} ."} for k, v in COLORS.items()
     ] * repeat
+
+
+def preference_rows(repeat: int = 1) -> list[dict[str, Any]]:
+    """Each thing's right colour preferred over the next thing's colour."""
+    colors = list(COLORS.items())
+    rows = []
+    for i, (thing, color) in enumerate(colors):
+        wrong = colors[(i + 1) % len(colors)][1]
+        rows.append({
+            "input": {"messages": [{"role": "user", "content": f"what color is the {thing} ?"}]},
+            "preferred_output": [{"role": "assistant", "content": f"the {thing} is {color} ."}],
+            "non_preferred_output": [{"role": "assistant", "content": f"the {thing} is {wrong} ."}],
+        })
+    return rows * repeat

@@ -5,21 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.conftest import Api
-from tests.data import COLORS, color_rows, jsonl
-
-
-def preference_rows(repeat: int = 1) -> list[dict[str, Any]]:
-    """Each thing's right colour preferred over the next thing's colour."""
-    colors = list(COLORS.items())
-    rows = []
-    for i, (thing, color) in enumerate(colors):
-        wrong = colors[(i + 1) % len(colors)][1]
-        rows.append({
-            "input": {"messages": [{"role": "user", "content": f"what color is the {thing} ?"}]},
-            "preferred_output": [{"role": "assistant", "content": f"the {thing} is {color} ."}],
-            "non_preferred_output": [{"role": "assistant", "content": f"the {thing} is {wrong} ."}],
-        })
-    return rows * repeat
+from tests.data import color_rows, jsonl, preference_rows
 
 
 def dpo_method(**hyperparameters: Any) -> dict[str, Any]:

@@ -37,6 +37,18 @@ def sentiment_rows(n: int, seed: int, int_labels: bool = False) -> list[dict[str
     return rows
 
 
+def assert_same_weights(left_dir: Path, right_dir: Path) -> None:
+    """Two saved models hold the same tensors (to float rounding): what an exact resume must give."""
+    import torch
+    from safetensors.torch import load_file
+
+    left = load_file(left_dir / "model.safetensors")
+    right = load_file(right_dir / "model.safetensors")
+    assert left.keys() == right.keys()
+    for name, tensor in left.items():
+        assert torch.allclose(tensor, right[name], atol=1e-6, rtol=1e-5), name
+
+
 class Recorder:
     """Callbacks that record every call and can ask to stop at a given step."""
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from tests.data import COLORS
-from tests.training.conftest import Recorder
+from tests.data import preference_rows
+from tests.training.conftest import Recorder, assert_same_weights
 from training.base_models import BaseModelInfo
 from training.data import validate_dpo
 from training.dpo import PairCollator, dpo_loss, encode_pairs, sequence_logps, train_dpo
@@ -21,20 +21,6 @@ from training.trainer import latest_checkpoint
 
 # A randomly initialised tiny decoder needs a large step to move within a few epochs.
 FAST_HP: dict[str, Any] = {"learning_rate": 1e-3, "n_epochs": 4, "batch_size": 4, "beta": 0.5}
-
-
-def preference_rows(repeat: int = 1) -> list[dict[str, Any]]:
-    """Each thing's right colour preferred over the next thing's colour."""
-    colors = list(COLORS.items())
-    rows = []
-    for i, (thing, color) in enumerate(colors):
-        wrong = colors[(i + 1) % len(colors)][1]
-        rows.append({
-            "input": {"messages": [{"role": "user", "content": f"what color is the {thing} ?"}]},
-            "preferred_output": [{"role": "assistant", "content": f"the {thing} is {color} ."}],
-            "non_preferred_output": [{"role": "assistant", "content": f"the {thing} is {wrong} ."}],
-        })
-    return rows * repeat
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +121,7 @@ def test_pause_and_resume_match_an_uninterrupted_run(tiny_gpt2: Path, tmp_path: 
     resumed = train_dpo(spec, second, resume_from=checkpoint)
     assert second.steps[0].step == 4 and resumed.outcome.global_step == reference.outcome.global_step
     assert resumed.model_dir is not None and reference.model_dir is not None
-    left = load_file(resumed.model_dir / "model.safetensors")
-    right = load_file(reference.model_dir / "model.safetensors")
-    assert left.keys() == right.keys()
-    for name, tensor in left.items():
-        assert torch.allclose(tensor, right[name], atol=1e-6, rtol=1e-5), name
+    assert_same_weights(resumed.model_dir, reference.model_dir)
     assert resumed.metrics == pytest.approx(reference.metrics, abs=1e-5)
     # The reward metrics of the loss curve, averaged across the pause, too.
     assert len(resumed.outcome.history) == len(reference.outcome.history)

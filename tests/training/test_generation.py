@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from tests.data import COLORS, color_rows
-from tests.training.conftest import Recorder
+from tests.training.conftest import Recorder, assert_same_weights
 from training.base_models import BaseModelInfo
 from training.data import DataError
 from training.generation import (
@@ -274,11 +273,7 @@ def test_stop_and_resume_matches_uninterrupted_run(tiny_gpt2: Path, tmp_path: Pa
     resumed = train_generation(spec, second, resume_from=checkpoint)
     assert second.steps[0].step == 9 and resumed.outcome.global_step == 18
     assert resumed.model_dir is not None and reference.model_dir is not None
-    left = load_file(resumed.model_dir / "model.safetensors")
-    right = load_file(reference.model_dir / "model.safetensors")
-    assert left.keys() == right.keys()
-    for name, tensor in left.items():
-        assert torch.allclose(tensor, right[name], atol=1e-6, rtol=1e-5), name
+    assert_same_weights(resumed.model_dir, reference.model_dir)
     assert resumed.metrics == pytest.approx(reference.metrics, abs=1e-5)
     assert resumed.outcome.trained_tokens == reference.outcome.trained_tokens
 
