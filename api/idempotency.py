@@ -85,13 +85,6 @@ class BodyDigest:
         return self._hash.hexdigest()
 
 
-def _request_hash(method: str, path: str, body: bytes, content_type: str) -> str:
-    """The fingerprint of a whole body at once (the same as BodyDigest's of it in any chunks)."""
-    digest = BodyDigest(method, path, content_type)
-    digest.update(body)
-    return digest.hexdigest()
-
-
 async def _principal(headers: Headers) -> Principal | None:
     token = bearer_token(headers)
     return None if token is None else await principal_for(token)

@@ -91,7 +91,12 @@ def test_the_streamed_fingerprint_is_the_whole_bodys_in_any_chunking() -> None:
     them included), it is the one the whole body gives, so stored keys keep matching."""
     import random
 
-    from api.idempotency import BodyDigest, _request_hash
+    from api.idempotency import BodyDigest
+
+    def _request_hash(method: str, path: str, body: bytes, content_type: str) -> str:
+        digest = BodyDigest(method, path, content_type)
+        digest.update(body)
+        return digest.hexdigest()
 
     rng = random.Random(3)
     boundary = "----llmos" + "x" * 20
