@@ -24,6 +24,11 @@ def _key(request_id: str) -> str:
     return f"llmos:reply:{request_id}"
 
 
+def stream_key(request_id: str) -> str:
+    """The list a streamed request's text goes to as it grows, chunk by chunk, before its reply."""
+    return f"llmos:stream:{request_id}"
+
+
 def _redis_url() -> str | None:
     """The broker's URL when it is a Redis (the reply lists live there), else None."""
     url = get_settings().resolved_broker_url()
@@ -60,6 +65,18 @@ def push_replies(replies: list[tuple[str, dict[str, Any]]]) -> None:
     pipe.execute()
 
 
+def push_chunks(chunks: list[tuple[str, dict[str, Any]]]) -> None:
+    """Append each (stream key, chunk) to its stream, all in one round trip."""
+    conn = client()
+    if conn is None or not chunks:
+        return
+    pipe = conn.pipeline(transaction=False)
+    for key in dict.fromkeys(key for key, _ in chunks):
+        pipe.rpush(key, *[json.dumps(chunk) for k, chunk in chunks if k == key])
+        pipe.expire(key, REPLY_TTL_SECONDS)
+    pipe.execute()
+
+
 def wait_reply(request_id: str, timeout: float) -> dict[str, Any] | None:
     """Block up to ``timeout`` seconds for the answer; None when it did not come in time."""
     conn = client()
@@ -85,3 +102,19 @@ async def wait_reply_async(request_id: str, timeout: float) -> dict[str, Any] | 
     if conn is None or timeout <= 0:
         return None
     return _answer(await conn.blpop([_key(request_id)], timeout=max(timeout, 0.01)))
+
+
+async def next_streamed(request_id: str, timeout: float) -> tuple[str, dict[str, Any]] | None:
+    """The next item of a streamed request: ("chunk", text) or, after its last chunk, ("reply", answer).
+
+    Both lists in one BLPOP, the stream first: the worker pushes every chunk before the reply, so a chunk is
+    never read after the reply. None when nothing came within `timeout` seconds.
+    """
+    conn = async_client()
+    if conn is None:
+        return None
+    item = await conn.blpop([stream_key(request_id), _key(request_id)], timeout=max(timeout, 0.01))
+    if item is None:
+        return None
+    key = item[0].decode() if isinstance(item[0], bytes) else item[0]
+    return ("chunk" if key == stream_key(request_id) else "reply"), json.loads(item[1])

@@ -42,8 +42,9 @@ def model_call(endpoint: str, model_id: str, model_path: str, request: dict[str,
                request_id: str, tenant_id: str | None = None) -> serving.ModelCall:
     """The model work of one request to `endpoint`.
 
-    Generation requests share a forward pass only when their sampling parameters are equal; a seeded one
-    runs alone (`solo`), so its answer depends on its seed and not on what it happened to be batched with.
+    Generation requests join the model's decode loop, where each keeps its own sampling parameters (a seeded
+    one draws from its own generator, so its answer depends on its seed and not on its batch-mates); with
+    `stream: true` their text goes to the request's stream as it grows.
     """
     if endpoint == "/v1/embeddings":
         return serving.ModelCall(model_id, model_path, EMBEDDINGS, "embed", list(request["input"]), lane=tenant_id)
@@ -60,8 +61,8 @@ def model_call(endpoint: str, model_id: str, model_path: str, request: dict[str,
     method, inputs = ("generate", list(request["prompt"])) if endpoint == "/v1/completions" else (
         "chat", [request["messages"]])
     return serving.ModelCall(model_id, model_path, "generation", method, inputs, params,
-                             solo=request_id if sampling["seed"] is not None else None,
-                             size=len(inputs) * int(sampling["n"] or 1), lane=tenant_id)
+                             size=len(inputs) * int(sampling["n"] or 1), lane=tenant_id,
+                             stream=replies.stream_key(request_id) if request.get("stream") else None)
 
 
 def _usage(results: list[list[dict[str, Any]]]) -> dict[str, int]:
@@ -125,7 +126,9 @@ def response_body(endpoint: str, model_id: str, request_id: str, results: list[A
 def respond(endpoint: str, model_id: str, model_path: str, request: dict[str, Any], request_id: str
             ) -> dict[str, Any]:
     """One request's response, computed on the calling thread (a batch file's generation lines)."""
-    results = serving.runner().run(model_call(endpoint, model_id, model_path, request, request_id))
+    # A batch file's line is answered whole: no one reads a stream of it.
+    results = serving.runner().run(model_call(endpoint, model_id, model_path, {**request, "stream": False},
+                                              request_id))
     return response_body(endpoint, model_id, request_id, results, request)
 
 

@@ -51,14 +51,14 @@ class ModelCall:
     inputs: list[Any]
     # Sampling parameters of generate/chat, sorted: requests share a forward pass only when these are equal.
     params: tuple[tuple[str, Any], ...] = ()
-    # Set for a seeded generation: it runs alone, so its answer depends on its seed, not on its batch-mates.
-    solo: str | None = None
     # Rows the request adds to a forward pass (generation: prompts times n); None: one per input.
     size: int | None = None
     # False for a batch file's lines: one call of their own, beside the online batches, not queued among them.
     batched: bool = True
     # Whose request this is: batches take requests from each tenant in turn (`domain.batching`).
     lane: str | None = None
+    # Online generation with `stream: true`: the reply-channel key its text goes to as it grows.
+    stream: str | None = None
 
 
 class Runner(Protocol):
@@ -239,6 +239,13 @@ class LocalRunner:
         self.cache = ModelCache(settings.model_cache_mb * MIB, partial(load_predictor, int8=settings.cpu_int8))
         self.batchers = BatcherRegistry(settings.inference_batch_window_ms / 1000, settings.inference_max_batch_size)
         self.batch_sizes = BatchSizeRecorder()
+        from training.decoding import DecodeLoops  # torch: paid by the model process, not the worker
+
+        # Online generation: one continuously batched decode loop per model.
+        self.decoders = DecodeLoops(settings.inference_max_batch_size, publish=_publish_chunks)
+        # Where generation requests are tokenised and checked, and their model loaded, before they join a
+        # decode loop: not on the thread that hands in calls, which must not stall behind a model load.
+        self._admissions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admit")
         # Unbatched calls (batch files' lines) when they come through `submit`, whose caller must not block.
         self._alone = ThreadPoolExecutor(max_workers=4, thread_name_prefix="unbatched")
 
@@ -253,6 +260,8 @@ class LocalRunner:
         """The future results of `call`, one per input in order."""
         if not call.batched:
             return self._alone.submit(self.run_alone, call)
+        if call.method in GENERATION_METHODS:
+            return self._generate(call)
         max_size = self.batchers.max_size
 
         def forward(inputs: list[Any], group: Hashable) -> list[Any]:
@@ -264,9 +273,36 @@ class LocalRunner:
             self.batch_sizes.add(len(inputs))
             return results
 
-        group = (call.params, call.solo) if call.method != "predict" else None
+        group = call.params if call.method != "predict" else None
         return self.batchers.submit((call.task, call.method, call.model_id), forward, call.inputs, group=group,
                                     size=call.size, lane=call.lane)
+
+    def _generate(self, call: ModelCall) -> Future[list[Any]]:
+        """The future choices of a generation call, from the model's decode loop."""
+        outer: Future[list[Any]] = Future()
+
+        def admit() -> None:
+            from training.decoding import GenerationRequest
+
+            try:
+                predictor = self._predictor(call)
+                params = dict(call.params)
+                with predictor.lock:  # the tokenizer is shared with the decode loop's thread
+                    encoded = (predictor.encode_prompts(call.inputs) if call.method == "generate"
+                               else predictor.encode_chats(call.inputs))
+                request = GenerationRequest(
+                    encoded, int(params.get("max_tokens") or 16), float(params.get("temperature", 1.0)),
+                    float(params.get("top_p") or 1.0), [s for s in params.get("stop") or () if s],
+                    params.get("seed"), int(params.get("n") or 1), lane=call.lane, stream=call.stream)
+                predictor.check_request(encoded, request.max_tokens, request.temperature, request.top_p, request.n)
+                inner = self.decoders.submit(call.model_id, predictor, request)
+            except Exception as exc:
+                outer.set_exception(exc)
+                return
+            inner.add_done_callback(partial(_settle, outer))
+
+        self._admissions.submit(admit)
+        return outer
 
     def run_alone(self, call: ModelCall) -> list[Any]:
         results: list[Any] = getattr(self._predictor(call), call.method)(call.inputs, **dict(call.params))
@@ -275,6 +311,22 @@ class LocalRunner:
     def run(self, call: ModelCall) -> list[Any]:
         """Run `call` (an unbatched one on the calling thread) and return its results."""
         return self.run_alone(call) if not call.batched else self.submit(call).result()
+
+
+GENERATION_METHODS = ("generate", "chat")
+
+
+def _settle(outer: Future[list[Any]], inner: Future[Any]) -> None:
+    exc = inner.exception()
+    if exc is not None:
+        outer.set_exception(exc)
+    else:
+        outer.set_result(inner.result())
+
+
+def _publish_chunks(chunks: list[tuple[str, dict[str, Any]]]) -> None:
+    """Streamed text to its callers' channels, one Redis round trip per decode step."""
+    replies.push_chunks(chunks)
 
 
 class EngineLost(RuntimeError):

@@ -270,7 +270,7 @@ class GenerationPredictor:
         Prompts go through the model `batch_size` at a time, left-padded; all share the sampling settings.
         """
         with self.lock:
-            encoded = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]
+            encoded = self.encode_prompts(prompts)
             return self._complete(encoded, max_tokens, temperature, top_p, stop, seed, n, batch_size)
 
     def chat(
@@ -285,23 +285,50 @@ class GenerationPredictor:
         batch_size: int = 8,
     ) -> list[list[dict[str, Any]]]:
         """Answer each conversation (rendered with the chat template) `n` times, like `generate`."""
+        with self.lock:
+            encoded = self.encode_chats(messages_list)
+            return self._complete(encoded, max_tokens, temperature, top_p, stop, seed, n, batch_size)
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        """Completion prompts as token IDs (call with the lock held: the tokenizer is not thread-safe)."""
+        return [prompt_ids(self.tokenizer, prompt) for prompt in prompts]
+
+    def encode_chats(self, messages_list: list[list[dict[str, str]]]) -> list[list[int]]:
+        """Conversations rendered with the chat template, as token IDs ending where the answer starts."""
         for messages in messages_list:
             if not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages
             ):
                 raise ValueError("each conversation must be a non-empty list of {role, content} messages")
-        with self.lock:
-            encoded = []
-            for messages in messages_list:
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": m["role"], "content": m["content"]} for m in messages],
-                    tokenize=False,
-                    add_generation_prompt=True,
+        encoded = []
+        for messages in messages_list:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m["role"], "content": m["content"]} for m in messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            # The template writes any BOS itself.
+            encoded.append(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        return encoded
+
+    def check_request(self, encoded: list[list[int]], max_tokens: int, temperature: float, top_p: float,
+                      n: int) -> None:
+        """Refuse (ValueError) what the model cannot serve as asked: bad sampling values, too long a prompt."""
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not 0.0 <= temperature <= 2.0:
+            raise ValueError("temperature must be between 0 and 2")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError("top_p must be greater than 0 and at most 1")
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        for ids in encoded:
+            if self.context_length is not None and len(ids) + max_tokens > self.context_length:
+                raise ValueError(
+                    f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}; together they exceed "
+                    f"the model's context of {self.context_length} tokens"
                 )
-                # The template writes any BOS itself.
-                encoded.append(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
-            return self._complete(encoded, max_tokens, temperature, top_p, stop, seed, n, batch_size)
 
     def _complete(
         self,
@@ -314,21 +341,10 @@ class GenerationPredictor:
         n: int,
         batch_size: int,
     ) -> list[list[dict[str, Any]]]:
-        if max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if not 0.0 <= temperature <= 2.0:
-            raise ValueError("temperature must be between 0 and 2")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError("top_p must be greater than 0 and at most 1")
-        if n < 1 or batch_size < 1:
-            raise ValueError("n and batch_size must be at least 1")
+        self.check_request(encoded, max_tokens, temperature, top_p, n)
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
         stops = [s for s in (stop or []) if s]
-        for ids in encoded:
-            if self.context_length is not None and len(ids) + max_tokens > self.context_length:
-                raise ValueError(
-                    f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}; together they exceed "
-                    f"the model's context of {self.context_length} tokens"
-                )
         config = self._generation_config(max_tokens, temperature, top_p, stops, n)
         deadline = None if self.max_seconds is None else time.monotonic() + self.max_seconds
         # Batching prompts of similar length wastes less compute on padding.
@@ -387,7 +403,7 @@ class GenerationPredictor:
         end = next((k for k, token in enumerate(generated) if token in ended), None)
         hit_eos = end is not None and generated[end] in self.stop_ids
         kept = generated if end is None else generated[:end]
-        text = self._decode_continuation(prompt, kept)
+        text = self.decode_continuation(prompt, kept)
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
             text = text[:cut]
@@ -401,7 +417,7 @@ class GenerationPredictor:
             "completion_tokens": len(kept) + (1 if hit_eos and cut < 0 else 0),
         }
 
-    def _decode_continuation(self, prompt: list[int], generated: list[int]) -> str:
+    def decode_continuation(self, prompt: list[int], generated: list[int]) -> str:
         # Decoding prompt and continuation together keeps a leading space that some tokenizers drop alone.
         whole: str = self.tokenizer.decode(prompt + generated, skip_special_tokens=True)
         head: str = self.tokenizer.decode(prompt, skip_special_tokens=True)
