@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
 import orjson
 import redis
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 
 from api import objects
 from api.boundary import read, read_rows
@@ -131,10 +133,7 @@ async def run_inference(
     in time; a failed inference raises its APIError. While it waits the request holds no thread and no
     database connection: only its coroutine and a Redis connection blocked in BLPOP.
     """
-    inference_id = ids.new_id(ids.INFERENCE)
-    new = inferences.NewRequest(inference_id, principal.tenant_id, endpoint, model, payload, utcnow())
-    if not await SENDS.send(new):
-        raise APIError(503, BROKER_DOWN, type_="server_error", code="broker_unavailable", headers={"Retry-After": "5"})
+    inference_id = await _enqueue(principal, endpoint, model, payload)
     try:
         reply = await replies.wait_reply_async(inference_id, _wait_seconds(request))
     except redis.RedisError:
@@ -146,12 +145,26 @@ async def run_inference(
         if row["status"] not in ("succeeded", "failed"):
             return None, row
         reply = {"status": row["status"], "response": row["response"], "error": row["error"]}
+    _raise_failure(reply)
+    response: dict[str, Any] = reply["response"]
+    return response, {}
+
+
+async def _enqueue(principal: Principal, endpoint: str, model: str, payload: dict[str, Any]) -> str:
+    """Persist the request and send it to the inference queue; its ID (503 when the broker is down)."""
+    inference_id = ids.new_id(ids.INFERENCE)
+    new = inferences.NewRequest(inference_id, principal.tenant_id, endpoint, model, payload, utcnow())
+    if not await SENDS.send(new):
+        raise APIError(503, BROKER_DOWN, type_="server_error", code="broker_unavailable", headers={"Retry-After": "5"})
+    return inference_id
+
+
+def _raise_failure(reply: dict[str, Any]) -> None:
+    """The APIError of a failed inference's reply (none for a success)."""
     if reply["status"] == "failed":
         err = reply["error"] or {}
         raise APIError(int(err.get("status", 500)), err.get("message", "inference failed"),
                        type_=err.get("type", "server_error"), param=err.get("param"), code=err.get("code"))
-    response: dict[str, Any] = reply["response"]
-    return response, {}
 
 
 CACHE_HEADER = "x-llmos-cache"
@@ -175,6 +188,8 @@ async def submit(
     first, unless the client refuses it (`Cache-Control: no-cache`): a hit answers with the stored body,
     its tokens still counted against the tenant's limits as the model's answer would be.
     """
+    if payload.get("stream"):
+        return await stream(request, principal, endpoint, model, payload)
     estimate = estimated_tokens(endpoint, payload)
     found, key = None, ""
     if deterministic(endpoint, payload) and cache.enabled() and not _cache_refused(request):
@@ -206,6 +221,125 @@ async def submit(
         if shape is None:
             return Response(body, media_type="application/json", headers=missed)
     return JSONBody(response if shape is None else shape(response), headers=missed)
+
+
+# Documented on the generation routes: what `stream: true` answers instead of the JSON body.
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+          "description": "With `stream: true`: server-sent events, one `data:` line per chunk in OpenAI's shape "
+                         "(`text_completion` or `chat.completion.chunk`), then `data: [DONE]`."},
+    **ACCEPTED,
+}
+
+
+async def stream(request: Request, principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
+                 ) -> Response:
+    """A generation request answered as server-sent events, chunk by chunk as its text grows.
+
+    The worker pushes each decode step's new text to the request's stream list and then, as for any request,
+    writes the whole answer to its row and reply list. Errors known before the first chunk (a prompt too long
+    for the model, an unknown model) answer with their HTTP status like an unstreamed request; a request that
+    has not started within the caller's wait answers 202 with the handle to poll.
+    """
+    estimate = estimated_tokens(endpoint, payload)
+    await charge(request, principal.tenant_id, "tpm", principal.tpm, estimate)
+    inference_id = await _enqueue(principal, endpoint, model, payload)
+    wait = _wait_seconds(request)
+    first = await _next_streamed(inference_id, wait)
+    if first is None:
+        row = await read(serving.get_inference, tenant_id=principal.tenant_id, inference_id=inference_id)
+        if row["status"] not in ("succeeded", "failed"):
+            return JSONBody(row, status_code=202)
+        first = ("reply", {"status": row["status"], "response": row["response"], "error": row["error"]})
+    if first[0] == "reply":
+        _raise_failure(first[1])
+    chunks = Chunks(endpoint, inference_id, model, bool(payload.get("include_usage")))
+
+    async def events() -> AsyncIterator[bytes]:
+        item: tuple[str, dict[str, Any]] | None = first
+        while item is not None:
+            kind, data = item
+            if kind == "chunk":
+                yield chunks.text(data["index"], data["text"], data.get("finish_reason"))
+            else:
+                if data["status"] == "failed":
+                    yield _sse({"error": data["error"]})
+                    break
+                response = data["response"]
+                for event in chunks.rest(response):
+                    yield event
+                used = (response.get("usage") or {}).get("total_tokens")
+                if principal.tpm is not None and isinstance(used, int):
+                    await ratelimit.adjust(principal.tenant_id, "tpm", principal.tpm, used - estimate)
+                break
+            # Between chunks the caller's wait bounds a stall (a lost worker, say): the answer, if it comes
+            # later, is in the inference's row.
+            item = await _next_streamed(inference_id, wait)
+            if item is None:
+                yield _sse({"error": {"message": f"no progress for {wait:g} s; poll GET /v1/inferences/"
+                                                 f"{inference_id} for the answer", "type": "server_error",
+                                      "code": "stream_stalled", "param": None}})
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                      "x-llmos-inference-id": inference_id})
+
+
+async def _next_streamed(inference_id: str, wait: float) -> tuple[str, dict[str, Any]] | None:
+    try:
+        return await replies.next_streamed(inference_id, wait)
+    except redis.RedisError:
+        log.warning("stream channel of %s unavailable", inference_id)
+        return None
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class Chunks:
+    """One streamed answer's SSE events, in OpenAI's chunk shapes, keeping what each choice has been sent."""
+
+    def __init__(self, endpoint: str, inference_id: str, model: str, include_usage: bool) -> None:
+        self.chat = endpoint == "/v1/chat/completions"
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{inference_id}"
+        self.model = model
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self.sent: dict[int, str] = {}
+        self.finished: set[int] = set()
+
+    def text(self, index: int, text: str, finish_reason: str | None = None) -> bytes:
+        first = index not in self.sent
+        self.sent[index] = self.sent.get(index, "") + text
+        if finish_reason is not None:
+            self.finished.add(index)
+        if not self.chat:
+            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+            return _sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                         "choices": [choice], "system_fingerprint": None})
+        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                     "system_fingerprint": None,
+                     "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+
+    def rest(self, response: dict[str, Any]) -> list[bytes]:
+        """What the whole answer holds that the chunks did not carry (chunks lost on the way, a finish
+        reason), then the usage chunk when asked for."""
+        events = []
+        for choice in response["choices"]:
+            index = choice["index"]
+            text = choice["message"]["content"] if self.chat else choice["text"]
+            sent = self.sent.get(index, "")
+            missing = text[len(sent):] if text.startswith(sent) else ""
+            if missing or index not in self.finished:
+                events.append(self.text(index, missing, choice["finish_reason"]))
+        if self.include_usage:
+            events.append(_sse({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                                "created": self.created, "model": self.model, "system_fingerprint": None,
+                                "choices": [], "usage": response["usage"]}))
+        return events
 
 
 @router.post("/v1/classifications", responses=ACCEPTED, response_model=objects.Classifications,
@@ -241,7 +375,7 @@ async def ner(
     return await submit(request, principal, "/v1/ner", body.model, {"model": body.model, "input": body.inputs()})
 
 
-@router.post("/v1/completions", responses=ACCEPTED, response_model=objects.Completion,
+@router.post("/v1/completions", responses=STREAMED, response_model=objects.Completion,
              summary="Complete prompts (OpenAI Completions)")
 async def completions(
     body: CompletionRequest,
@@ -251,10 +385,10 @@ async def completions(
     await check_serveable(principal, body.model, "generation")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     return await submit(request, principal, "/v1/completions", body.model,
-                        {"model": body.model, "prompt": prompts, **body.sampling()})
+                        {"model": body.model, "prompt": prompts, **body.sampling(), **body.streaming()})
 
 
-@router.post("/v1/chat/completions", responses=ACCEPTED, response_model=objects.ChatCompletion,
+@router.post("/v1/chat/completions", responses=STREAMED, response_model=objects.ChatCompletion,
              summary="Answer a conversation (OpenAI Chat Completions)")
 async def chat_completions(
     body: ChatRequest,
@@ -264,7 +398,7 @@ async def chat_completions(
     await check_serveable(principal, body.model, "generation")
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     return await submit(request, principal, "/v1/chat/completions", body.model,
-                        {"model": body.model, "messages": messages, **body.sampling()})
+                        {"model": body.model, "messages": messages, **body.sampling(), **body.streaming()})
 
 
 @router.get("/v1/inferences/{inference_id}", summary="Poll an online inference request (extension)",

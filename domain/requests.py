@@ -148,6 +148,10 @@ def _check_budget(model: str, prompts: int, sampling: dict[str, Any], field: str
                            sampling["max_tokens"])
 
 
+class StreamOptions(Strict):
+    include_usage: bool | None = Field(None, description="A last chunk, before `[DONE]`, carries the usage.")
+
+
 class SamplingFields(Strict):
     max_tokens: int | None = Field(None, ge=1, le=4096, description="Tokens to generate at most.")
     temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy.")
@@ -155,7 +159,10 @@ class SamplingFields(Strict):
     n: int | None = Field(None, ge=1, le=8)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool | None = Field(None, description="Streaming is not offered; false or absent.")
+    stream: bool | None = Field(None, description="Send the answer as it is generated, as server-sent events in "
+                                                  "OpenAI's chunk shape, ending with `data: [DONE]`. Ignored in "
+                                                  "batch files, whose output lines hold whole answers.")
+    stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, description="Accepted for compatibility.")
     presence_penalty: float | None = Field(None, description="Accepted for compatibility; must be 0 or absent.")
     frequency_penalty: float | None = Field(None, description="Accepted for compatibility; must be 0 or absent.")
@@ -164,13 +171,6 @@ class SamplingFields(Strict):
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         return _stop_list(v)
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("streaming responses are not offered; omit stream or set it to false")
-        return v
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -184,6 +184,12 @@ class SamplingFields(Strict):
         temperature = 1.0 if self.temperature is None else self.temperature
         return {"max_tokens": self.max_tokens or 16, "temperature": temperature, "top_p": self.top_p or 1.0,
                 "n": self.n or 1, "stop": stop or None, "seed": self.seed}
+
+    def streaming(self) -> dict[str, Any]:
+        """The payload's streaming fields, only when streamed: stored requests otherwise keep their shape."""
+        if not self.stream:
+            return {}
+        return {"stream": True, "include_usage": bool(self.stream_options and self.stream_options.include_usage)}
 
 
 class CompletionRequest(SamplingFields):

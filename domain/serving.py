@@ -54,9 +54,10 @@ CACHEABLE_ENDPOINTS = ("/v1/classifications", "/v1/ner", "/v1/embeddings", *GENE
 
 def deterministic(endpoint: str, payload: dict[str, Any]) -> bool:
     """Whether the same request always gets the same answer from the same model, so it may be cached:
-    classification, NER and embeddings always; generation only when greedy (temperature 0)."""
+    classification, NER and embeddings always; generation only when greedy (temperature 0) and not streamed
+    (a stream is its chunks as they are generated)."""
     if endpoint in GENERATION_ENDPOINTS:
-        return payload.get("temperature") == 0
+        return payload.get("temperature") == 0 and not payload.get("stream")
     return endpoint in CACHEABLE_ENDPOINTS
 
 
