@@ -164,6 +164,19 @@ class Settings(BaseSettings):
     response_cache_seconds: float = Field(
         3600.0, gt=0, description="How long a cached inference answer lives after its last use, seconds."
     )
+    storage_url: str | None = Field(
+        None, description="`s3://BUCKET/PREFIX` keeps uploaded files, batch files, checkpoints and fine-tuned models "
+                          "in S3-compatible object storage (credentials from the standard `AWS_*` variables); "
+                          "unset keeps them under HOME."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of a non-AWS object store (MinIO, Ceph), e.g. `http://minio:9000`; unset means AWS."
+    )
+    storage_cache_mb: int = Field(
+        10240, ge=1, description="Disk budget of the objects (files, models) a machine keeps downloaded from "
+                                 "`LLMOS_STORAGE_URL`, MiB, shared by the processes of one HOME (least recently "
+                                 "used evicted first)."
+    )
     cpu_int8: bool = Field(
         False, description="1 serves classifiers, NER taggers and generation models on CPU with dynamic int8 "
                            "Linear layers (faster, slightly different answers); embeddings and zero-shot labels "
@@ -192,6 +205,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"LLMOS_API_HOST={self.api_host} without TLS would send keys in clear text: set "
                                  "LLMOS_TLS_CERTFILE and LLMOS_TLS_KEYFILE, or put a TLS-terminating reverse proxy "
                                  "in front and set LLMOS_BEHIND_TLS_PROXY=1 (LLMOS_ENV=production)")
+        if self.storage_url is not None and not self.storage_url.startswith("s3://"):
+            raise ValueError(f"LLMOS_STORAGE_URL={self.storage_url!r} is not an s3://BUCKET/PREFIX URL; leave it "
+                             "unset to keep files under LLMOS_HOME")
         if self.broker_visibility_timeout <= self.task_time_limit:
             raise ValueError("LLMOS_BROKER_VISIBILITY_TIMEOUT must exceed LLMOS_TASK_TIME_LIMIT")
         return self
@@ -212,6 +228,10 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.home / "artifacts"
+
+    @property
+    def storage_cache_dir(self) -> Path:
+        return self.home / "cache" / "storage"
 
     @property
     def run_dir(self) -> Path:

@@ -55,9 +55,23 @@ def _parse_scopes(values: list[str] | None) -> list[str]:
     return scopes
 
 
+def check_storage() -> None:
+    """With LLMOS_STORAGE_URL set, open the bucket now: a missing bucket or refused credentials stop start-up
+    with the setting named, instead of failing the first upload or job."""
+    from domain import storage
+    from infra import objectstore  # noqa: F401  (installs the boto3 adapter)
+
+    if storage.remote():
+        try:
+            storage.object_store()
+        except storage.StorageError as exc:
+            raise SystemExit(f"error: {exc}") from None
+
+
 def cmd_migrate(_: argparse.Namespace) -> None:
     from ops.bootstrap import migrate, register_base_models
 
+    check_storage()
     migrate()
     names = register_base_models(get_settings().models_dir)
     print(f"database at head; base models: {', '.join(names)}")
@@ -78,6 +92,7 @@ def cmd_api(args: argparse.Namespace) -> None:
     import uvicorn
 
     settings = get_settings()
+    check_storage()
     workers = api_workers(args.workers)
     metrics_dir: Path | None = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -127,6 +142,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"error: unknown queue(s) {', '.join(unknown)}; choose from {', '.join(QUEUE_PROFILES)}")
     os.environ["LLMOS_WORKER_QUEUES"] = ",".join(queues)
+    check_storage()
     if queues == ["inference"]:
         # Its models run in a model process of its own, which imports the training code itself.
         serve_only_inference()
