@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -17,9 +17,11 @@ from api.errors import APIError
 from api.pages import After, Limit
 from core import ids
 from core.settings import get_settings
-from domain import files
+from domain import files, storage
 from domain.storage import NotUtf8, TooLarge, file_path, store_upload
+from infra import objectstore  # noqa: F401  (installs the object store for LLMOS_STORAGE_URL)
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/files", tags=["files"])
 files_scope = require("files")
 CHUNK = 1024 * 1024
@@ -50,10 +52,17 @@ async def upload_file(
         dest.unlink(missing_ok=True)
         raise APIError(400, "file is empty", param="file", code="empty_file")
     try:
+        # With object storage, the upload goes to the bucket before its row exists (and the staging copy goes).
+        location = await anyio.to_thread.run_sync(storage.publish, dest, storage.file_key(principal.tenant_id,
+                                                                                           file_id))
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    try:
         return await transaction(files.record_upload, tenant_id=principal.tenant_id, file_id=file_id,
                                  filename=file.filename or "upload", purpose=purpose, size=size, sha256=digest)
     except BaseException:
-        dest.unlink(missing_ok=True)
+        await anyio.to_thread.run_sync(storage.delete, location)
         raise
 
 
@@ -71,7 +80,8 @@ async def get_file(file_id: str, principal: Principal = Depends(files_scope)) ->
 @router.get("/{file_id}/content", summary="Download a file's content", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
 async def file_content(file_id: str, principal: Principal = Depends(files_scope)) -> FileResponse:
-    path, filename = await read(files.content_of, tenant_id=principal.tenant_id, file_id=file_id)
+    location, filename = await read(files.content_of, tenant_id=principal.tenant_id, file_id=file_id)
+    path = await anyio.to_thread.run_sync(storage.materialize, location)
     return FileResponse(path, filename=filename, media_type="application/octet-stream")
 
 
@@ -79,5 +89,9 @@ async def file_content(file_id: str, principal: Principal = Depends(files_scope)
 async def delete_file(file_id: str, principal: Principal = Depends(files_scope)) -> dict[str, Any]:
     deleted, stored_at = await transaction(files.delete_file, tenant_id=principal.tenant_id, file_id=file_id)
     # Where the row says: a job's results and a batch's output live beside the job or batch, not with uploads.
-    await anyio.to_thread.run_sync(lambda: Path(stored_at).unlink(missing_ok=True))
+    try:
+        await anyio.to_thread.run_sync(storage.delete, stored_at)
+    except Exception:
+        # The row is deleted and committed: the client's answer stands; the bytes are an operator's to sweep.
+        log.exception("file %s: its bytes at %s were not removed", file_id, stored_at)
     return deleted

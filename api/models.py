@@ -19,7 +19,8 @@ from api import objects
 from api.boundary import read, transaction
 from api.deps import Principal, authenticate, require
 from api.errors import APIError
-from domain import models
+from domain import models, storage
+from infra import objectstore  # noqa: F401  (installs the object store for LLMOS_STORAGE_URL)
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 fine_tuning = require("fine_tuning")
@@ -105,7 +106,11 @@ async def _tar_stream(source: Path, name: str) -> AsyncIterator[bytes]:
             response_class=StreamingResponse,
             responses={200: {"content": {"application/x-tar": {}}, "description": "The model's files as a tar"}})
 async def model_content(model_id: str, principal: Principal = Depends(fine_tuning)) -> StreamingResponse:
-    source = Path(await read(models.files_of, tenant_id=principal.tenant_id, model_id=model_id))
+    location = await read(models.files_of, tenant_id=principal.tenant_id, model_id=model_id)
+    try:
+        source = await anyio.to_thread.run_sync(storage.materialize, location)
+    except FileNotFoundError:
+        source = Path(location)
     if not source.is_dir():
         raise APIError(409, f"the files of '{model_id}' are not available on this server", code="model_files_missing")
     name = model_id.replace(":", "_")

@@ -33,14 +33,14 @@ def _file(session: Session, tenant_id: str, file_id: str) -> File:
 
 def record_upload(session: Session, *, tenant_id: str, file_id: str, filename: str, purpose: str, size: int,
                   sha256: str) -> dict[str, Any]:
-    """The row of a file whose bytes are already stored at `storage.file_path(tenant_id, file_id)`.
+    """The row of a file whose bytes are already stored at `storage.file_location(tenant_id, file_id)`.
 
     Refused (429) when the tenant's stored bytes would pass `max_storage_bytes`; the caller removes the bytes.
     """
     quotas.take(session, tenant_id, "max_storage_bytes", lambda: tenants_repo.stored_bytes(session, tenant_id),
                 amount=size)
     row = File(id=file_id, tenant_id=tenant_id, filename=filename[:512], purpose=purpose, bytes=size,
-               sha256=sha256, path=str(storage.file_path(tenant_id, file_id)))
+               sha256=sha256, path=storage.file_location(tenant_id, file_id))
     session.add(row)
     session.flush()
     return file_object(row)
@@ -56,7 +56,7 @@ def get_file(session: Session, *, tenant_id: str, file_id: str) -> dict[str, Any
 
 
 def content_of(session: Session, *, tenant_id: str, file_id: str) -> tuple[str, str]:
-    """(path, filename) of the file's bytes."""
+    """(location, filename) of the file's bytes (`storage.materialize` gives a local path)."""
     row = _file(session, tenant_id, file_id)
     return row.path, row.filename
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import re
 import socket
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Row
@@ -430,14 +429,15 @@ def stop_attempt(session: Session, *, job_id: str, attempt: int, reason: str | N
 
 def record_success(session: Session, *, job_id: str, attempt: int, model_name: str, base: Model,
                    model_dir: str, metrics: dict[str, Any], trained_tokens: int, step: int,
-                   results_path: Path) -> None:
-    """Training completed: the results file and the fine-tuned model are recorded, and the job succeeds."""
+                   results_location: str, results_bytes: int) -> None:
+    """Training completed: the results file and the fine-tuned model (their `domain.storage` locations) are
+    recorded, and the job succeeds."""
     job = _claimed(session, job_id, attempt)
     if job is None:
         return
     results_file = File(
         id=ids.new_id(ids.FILE), tenant_id=job.tenant_id, filename="step_metrics.csv",
-        purpose="fine-tune-results", bytes=results_path.stat().st_size, sha256="", path=str(results_path),
+        purpose="fine-tune-results", bytes=results_bytes, sha256="", path=results_location,
     )
     session.add(results_file)
     model = Model(

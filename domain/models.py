@@ -60,7 +60,7 @@ def get_model(session: Session, *, tenant_id: str, model_id: str) -> dict[str, A
 
 
 def files_of(session: Session, *, tenant_id: str, model_id: str) -> str:
-    """The directory of a fine-tuned model's `save_pretrained` output, to download."""
+    """Where a fine-tuned model's `save_pretrained` output is (a `domain.storage` location), to download."""
     return _own_model(session, tenant_id, model_id, "downloaded").path
 
 

@@ -20,9 +20,10 @@ from core.settings import get_settings
 from db import jobs as jobs_repo
 from db.models import File, FineTuningJob, Model
 from db.session import transaction, unreachable, when_reachable
-from domain import dispatch, jobs
+from domain import dispatch, jobs, storage
 from domain.events import emit_event
 from domain.storage import job_dir
+from infra import objectstore  # noqa: F401  (installs the object store for LLMOS_STORAGE_URL)
 from tasks import recipes
 from tasks.app import celery_app
 from tasks.progress import OUTAGE_WAIT_SECONDS, JobReporter
@@ -42,13 +43,17 @@ def fine_tuned_model_id(job: FineTuningJob, base: Model, tenant_name: str) -> st
     return f"ft:{root}:{tenant_name}:{job.suffix or ''}:{job.id}"
 
 
-def _file_path(session: Any, job: FineTuningJob, file_id: str | None) -> Path | None:
+def _file_location(session: Any, job: FineTuningJob, file_id: str | None) -> str | None:
     if file_id is None:
         return None
     row = session.get(File, file_id)
     if row is None or row.tenant_id != job.tenant_id or row.deleted_at is not None:
         raise FileNotFoundError(file_id)
-    return Path(row.path)
+    return row.path
+
+
+def _local(location: str | None) -> Path | None:
+    return None if location is None else storage.materialize(location)
 
 
 @celery_app.task(name=dispatch.TASK_VALIDATE)
@@ -65,12 +70,12 @@ def validate_job(job_id: str) -> None:
             base = session.get(Model, job.model)
             model_tasks = list(base.tasks) if base is not None else []
             which = "training_file"
-            train_path = _file_path(session, job, job.training_file)
+            train_path = _local(_file_location(session, job, job.training_file))
             assert train_path is not None
             method = method_of(job.hyperparameters or {})
             task, rows = recipes.load_rows(train_path, job.task, model_tasks, method)
             which = "validation_file"
-            valid_path = _file_path(session, job, job.validation_file)
+            valid_path = _local(_file_location(session, job, job.validation_file))
             if valid_path is not None:
                 recipes.load_rows(valid_path, task, model_tasks, method)
             which = "hyperparameters"
@@ -139,8 +144,9 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
             jobs_repo.release_claim(session, job.id, job.attempts, "failed")
             return
         model_name = fine_tuned_model_id(job, base, tenant.name)
-        train_path = _file_path(session, job, job.training_file)
-        valid_path = _file_path(session, job, job.validation_file)
+        # Downloaded (when in object storage) by `_run_training`, not while the claim's transaction is open.
+        train_location = _file_location(session, job, job.training_file)
+        valid_location = _file_location(session, job, job.validation_file)
         attempt = job.attempts
         base_path = Path(base.path)
         runtime_limit = float((job.hyperparameters or {}).get("max_runtime_seconds")
@@ -164,7 +170,7 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
     # instead of killing the process mid-step and waiting for the reconciler to notice.
     previous = signal.signal(signal.SIGTERM, lambda *_: reporter.shutdown_requested.set())
     try:
-        result = _run_training(job_id, base_path, train_path, valid_path, snapshot, reporter)
+        result = _run_training(job_id, base_path, train_location, valid_location, snapshot, reporter)
     except Exception as exc:
         if unreachable(exc):
             # Not the job's fault: stop this attempt; its heartbeat goes silent and the reconciler requeues
@@ -186,12 +192,13 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
                    OUTAGE_WAIT_SECONDS)
 
 
-def _run_training(job_id: str, base_path: Path, train_path: Path | None, valid_path: Path | None,
+def _run_training(job_id: str, base_path: Path, train_location: str | None, valid_location: str | None,
                   snapshot: dict[str, Any], reporter: JobReporter) -> Any:
     from training.devices import configure_cpu
-    from training.trainer import latest_checkpoint
+    from training.trainer import checkpoint_step, latest_checkpoint
 
     configure_cpu(get_settings().torch_threads)
+    train_path, valid_path = _local(train_location), _local(valid_location)
     assert train_path is not None
     task = snapshot["task"]
     method = method_of(snapshot["hyperparameters"])
@@ -199,6 +206,8 @@ def _run_training(job_id: str, base_path: Path, train_path: Path | None, valid_p
     eval_rows = recipes.load_rows(valid_path, task, [task], method)[1] if valid_path else None
     root = job_dir(job_id)
     checkpoint_dir = root / "checkpoints"
+    # Another machine may have trained this job before: its last uploaded checkpoint comes down first.
+    storage.restore_checkpoint(job_id, checkpoint_dir, checkpoint_step)
     resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
         step = int(resume_from.name.rsplit("-", 1)[-1])
@@ -241,11 +250,20 @@ def _record_outcome(job_id: str, attempt: int, model_name: str, base: Model, res
                                           step=outcome.global_step)
         if cancelled:
             shutil.rmtree(job_dir(job_id) / "checkpoints", ignore_errors=True)
+            storage.delete_key(f"{storage.job_key(job_id)}/checkpoints")
         return
     results_path = job_dir(job_id) / "results.csv"
     write_results_csv(outcome.history, getattr(result, "report", {}), results_path)
+    results_bytes = results_path.stat().st_size
+    # With object storage, the model and results are uploaded before the job is recorded as succeeded, so
+    # every machine can serve and download them from then on.
+    model_location = storage.publish(Path(result.model_dir), f"{storage.job_key(job_id)}/model")
+    results_location = storage.publish(results_path, f"{storage.job_key(job_id)}/results.csv")
     with transaction() as session:
         jobs.record_success(session, job_id=job_id, attempt=attempt, model_name=model_name, base=base,
-                            model_dir=str(result.model_dir), metrics=result.metrics,
+                            model_dir=model_location, metrics=result.metrics,
                             trained_tokens=outcome.trained_tokens, step=outcome.global_step,
-                            results_path=results_path)
+                            results_location=results_location, results_bytes=results_bytes)
+    if storage.remote():
+        # This machine's working copy: the model, results and checkpoints are all in the bucket now.
+        shutil.rmtree(job_dir(job_id), ignore_errors=True)

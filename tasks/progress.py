@@ -14,7 +14,7 @@ from core.clock import utcnow
 from db import jobs as jobs_repo
 from db.models import Checkpoint
 from db.session import transaction, unreachable, when_reachable
-from domain import jobs
+from domain import jobs, storage
 from domain.events import emit_event
 from training.callbacks import StepState, StopReason
 
@@ -176,20 +176,34 @@ class JobReporter:
                                type_="metrics", data=data)
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
-        when_reachable(lambda: self._record_checkpoint(step, path, metrics), f"checkpoint of {self.job_id}",
+        location = self._publish_checkpoint(step, path)
+        when_reachable(lambda: self._record_checkpoint(step, location, metrics), f"checkpoint of {self.job_id}",
                        OUTAGE_WAIT_SECONDS)
 
-    def _record_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+    def _publish_checkpoint(self, step: int, path: Path) -> str:
+        """Upload the checkpoint when artifacts live in object storage; its location (else its path)."""
+        if self._lost:
+            # Another attempt owns the job now; its checkpoints in the bucket are not this one's to replace.
+            return str(path)
+        try:
+            return storage.publish_checkpoint(self.job_id, path)
+        except Exception:
+            # The checkpoint is still on this disk and the next one is uploaded in its turn: an object-store
+            # hiccup costs at most a resume from an older step on another machine, not the job.
+            log.warning("checkpoint at step %d of %s not uploaded", step, self.job_id, exc_info=True)
+            return str(path)
+
+    def _record_checkpoint(self, step: int, location: str, metrics: dict[str, Any]) -> None:
         with transaction() as session:
             job = jobs_repo.get_job_by_id(session, self.job_id)
             if job is None or not jobs.holds_claim(job, self.attempt):
                 return
             existing = session.query(Checkpoint).filter_by(job_id=job.id, step_number=step).one_or_none()
             if existing is not None:
-                existing.path, existing.metrics = str(path), metrics
+                existing.path, existing.metrics = location, metrics
                 return
             session.add(Checkpoint(
                 id=ids.new_id(ids.CHECKPOINT), job_id=job.id, step_number=step, metrics=metrics,
-                path=str(path), fine_tuned_model_checkpoint=f"{self.model_name}:ckpt-step-{step}",
+                path=location, fine_tuned_model_checkpoint=f"{self.model_name}:ckpt-step-{step}",
             ))
             jobs.add_job_event(session, job, f"Checkpoint saved at step {step}")

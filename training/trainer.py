@@ -116,6 +116,12 @@ class _LoopState:
     length_grouped: bool = False
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint directory named ``name``, or None when it is not one."""
+    match = _CHECKPOINT_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """Return the complete checkpoint with the highest step under `checkpoint_dir`, or None."""
     found = _list_checkpoints(checkpoint_dir)
