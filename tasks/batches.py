@@ -31,9 +31,10 @@ from core.settings import get_settings
 from db import batches as batches_repo
 from db.models import BatchChunk, File, Model
 from db.session import relaxed_engine, transaction
-from domain import batches, dispatch
+from domain import batches, dispatch, storage
 from domain.requests import ChatRequest, ClassificationRequest, CompletionRequest, EmbeddingRequest, NerRequest
 from domain.storage import file_path
+from infra import objectstore  # noqa: F401  (installs the object store for LLMOS_STORAGE_URL)
 from tasks import serving
 from tasks.app import celery_app
 from tasks.inference import model_call, respond, response_body
@@ -50,8 +51,22 @@ STOP_TARGETS = {"cancelled": batches.CANCELLED, "expired": batches.EXPIRED, "fai
 
 
 def work_dir(batch_id: str) -> Path:
-    """Where a batch keeps its plan and chunk results until it is finalised."""
+    """Where a batch keeps its plan and chunk results on this machine until it is finalised."""
     return get_settings().artifacts_dir / "batches" / batch_id
+
+
+def work_key(batch_id: str) -> str:
+    """The storage key of `work_dir`: with object storage, the plan and each chunk's results are published
+    under it, so chunks and settling may run on any machine."""
+    return f"batches/{batch_id}"
+
+
+def _local_copy(location: str) -> Path | None:
+    """A local path of a published work file, or None when there is none (nothing of that kind was written)."""
+    try:
+        return storage.materialize(location)
+    except FileNotFoundError:
+        return None
 
 
 def _worker_name(task: Task) -> str:
@@ -268,9 +283,9 @@ def validate_batch(batch_id: str) -> None:
         batch.validation_attempts += 1
         tenant_id, endpoint = batch.tenant_id, batch.endpoint
         source = session.get(File, batch.input_file_id)
-        source_path = None
+        source_location = None
         if source is not None and source.tenant_id == tenant_id and source.deleted_at is None:
-            source_path = Path(source.path)
+            source_location = source.path
     staging = work_dir(batch_id) / f"plan-{ids.random_token(12)}"
     total = valid = 0
     errors: list[dict[str, Any]] = []
@@ -286,8 +301,9 @@ def validate_batch(batch_id: str) -> None:
             pending.clear()
 
         try:
-            if source_path is None:
+            if source_location is None:
                 raise FileNotFoundError(batch_id)
+            source_path = storage.materialize(source_location)
             with source_path.open(encoding="utf-8") as lines:
                 for number, text in enumerate(lines, start=1):
                     if not text.strip():
@@ -336,6 +352,7 @@ def validate_batch(batch_id: str) -> None:
         plan_dir = work_dir(batch_id) / PLAN_DIR
         shutil.rmtree(plan_dir, ignore_errors=True)
         staging.replace(plan_dir)  # under the row lock: exactly one validation's plan is used
+        storage.publish(plan_dir, f"{work_key(batch_id)}/{PLAN_DIR}")
         batch.total, batch.failed, batch.chunk_count = total, len(errors), len(chunk_sizes)
         for seq, size in enumerate(chunk_sizes):
             session.add(BatchChunk(batch_id=batch_id, seq=seq, line_count=size, status="pending", attempts=0,
@@ -433,6 +450,14 @@ def _load_models(tenant_id: str, entries: list[dict[str, Any]]) -> dict[str, Mod
             if usable:
                 session.expunge(row)
             found[model_id] = row if usable else None
+    for model_id, row in found.items():
+        if row is None:
+            continue
+        try:
+            # A detached row, never written back: its path now names this machine's copy of the model.
+            row.path = str(storage.materialize(row.path))
+        except FileNotFoundError:
+            found[model_id] = None
     return found
 
 
@@ -496,7 +521,8 @@ def run_chunk(self: Task, batch_id: str, seq: int, task_id: str) -> None:
             return
         batch.heartbeat_at = utcnow()
         attempt, endpoint, tenant_id = chunk.attempts, batch.endpoint, batch.tenant_id
-    entries = list(_read_jsonl(plan_file(work_dir(batch_id) / PLAN_DIR, seq)))
+    plan_location = storage.location(f"{work_key(batch_id)}/{PLAN_DIR}/{plan_file(Path(), seq).name}")
+    entries = list(_read_jsonl(storage.materialize(plan_location)))
     with Heartbeat(batch_id) as heartbeat:
         answering = time.perf_counter()
         results = run_lines(endpoint, tenant_id, entries, heartbeat.stop_requested.is_set)
@@ -507,6 +533,8 @@ def run_chunk(self: Task, batch_id: str, seq: int, task_id: str) -> None:
     # Error lines carry their line number, so the final error file can merge them in input order.
     _write_jsonl(error_path, ({"line": entries[r.entry]["line"], **r.record} for r in results if r.failed))
     failed = sum(r.failed for r in results)
+    output_location = storage.publish(output_path, f"{work_key(batch_id)}/{output_path.name}")
+    error_location = storage.publish(error_path, f"{work_key(batch_id)}/{error_path.name}")
     with transaction() as session:
         batch = batches_repo.get_batch_by_id(session, batch_id, lock=True)
         row = session.get(BatchChunk, (batch_id, seq), with_for_update=True)
@@ -517,7 +545,7 @@ def run_chunk(self: Task, batch_id: str, seq: int, task_id: str) -> None:
             return
         row.status, row.finished_at = "done", utcnow()
         row.completed, row.failed = len(results) - failed, failed
-        row.output_path, row.error_path = str(output_path), str(error_path)
+        row.output_path, row.error_path = output_location, error_location
         batch.completed += row.completed
         batch.failed += row.failed
         batch.heartbeat_at = batch.updated_at = utcnow()
@@ -556,8 +584,9 @@ def _store_output(tenant_id: str, batch_id: str, kind: str, blocks: Iterable[byt
     with dest.open("rb") as data:
         for block in iter(lambda: data.read(1 << 20), b""):
             digest.update(block)
+    location = storage.publish(dest, storage.file_key(tenant_id, file_id))
     return File(id=file_id, tenant_id=tenant_id, filename=f"{batch_id}_{kind}.jsonl", purpose="batch_output",
-                bytes=size, sha256=digest.hexdigest(), path=str(dest))
+                bytes=size, sha256=digest.hexdigest(), path=location)
 
 
 def settle(batch_id: str) -> str | None:
@@ -586,17 +615,20 @@ def settle(batch_id: str) -> str | None:
         batch.heartbeat_at = utcnow()
         tenant_id = batch.tenant_id
         done = [c for c in chunks if c.status == "done"]
-        outputs = [Path(c.output_path) for c in done if c.output_path]
-        error_paths = [work_dir(batch_id) / PLAN_DIR / VALIDATION_ERRORS] + \
-            [Path(c.error_path) for c in done if c.error_path]
-    output_file = _store_output(tenant_id, batch_id, "output", _file_blocks(outputs))
-    error_file = _store_output(tenant_id, batch_id, "error", _encoded(_merged_errors(error_paths)))
+        outputs = [c.output_path for c in done if c.output_path]
+        error_paths = [storage.location(f"{work_key(batch_id)}/{PLAN_DIR}/{VALIDATION_ERRORS}")] + \
+            [c.error_path for c in done if c.error_path]
+    # Downloaded (with object storage) after the row lock is released.
+    outputs_here = [p for p in map(_local_copy, outputs) if p is not None]
+    errors_here = [p for p in map(_local_copy, error_paths) if p is not None]
+    output_file = _store_output(tenant_id, batch_id, "output", _file_blocks(outputs_here))
+    error_file = _store_output(tenant_id, batch_id, "error", _encoded(_merged_errors(errors_here)))
     with transaction() as session:
         batch = batches_repo.get_batch_by_id(session, batch_id, lock=True)
         if batch is None or batch.status in batches.TERMINAL:
             for stored in (output_file, error_file):
                 if stored is not None:
-                    Path(stored.path).unlink(missing_ok=True)
+                    storage.delete(stored.path)
             return None
         for stored in (output_file, error_file):
             if stored is not None:
@@ -605,6 +637,10 @@ def settle(batch_id: str) -> str | None:
         batch.error_file_id = error_file.id if error_file else None
         batches.transition(session, batch, target)
     shutil.rmtree(work_dir(batch_id), ignore_errors=True)
+    if storage.remote():
+        for location in [*outputs, *error_paths]:
+            storage.delete(location)  # each also leaves this machine's cache
+        storage.delete_key(work_key(batch_id))
     log.info("batch %s %s; result files written in %.2fs", batch_id, target, time.perf_counter() - started)
     return target
 
