@@ -324,6 +324,10 @@ class _Cache:
         self.max_bytes = max_bytes
         # Entries this process found in place, so a model path resolved per request costs one stat.
         self._seen: dict[str, Path] = {}
+        # One download per location at a time in this process: concurrent first requests for a model wait for
+        # it instead of each fetching a copy.
+        self._downloading: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def _path(self, location: str) -> Path:
         digest = hashlib.sha256(location.encode()).hexdigest()[:16]
@@ -346,10 +350,16 @@ class _Cache:
             tmp.replace(path)
 
     def get(self, location: str) -> Path:
-        path = self._path(location)
         known = self._seen.get(location)
         if known is not None and known.exists():
             return known
+        with self._guard:
+            lock = self._downloading.setdefault(location, threading.Lock())
+        with lock:
+            return self._get(location)
+
+    def _get(self, location: str) -> Path:
+        path = self._path(location)
         with self._index() as index:
             entry = index.get(location)
             if entry is not None and path.exists():
