@@ -16,7 +16,9 @@ from db.models import Inference
 # Tasks a model's registry row names that mean it is an encoder (base, or fine-tuned with a head on one).
 ENCODER_TASKS = ("classification", "ner")
 EMBEDDINGS = "embeddings"
-# Not a model task of its own: `labels` on /v1/classifications, served by any model that serves embeddings.
+GENERATION = "generation"
+# Not a model task of its own: `labels` on /v1/classifications, served by any model that serves embeddings
+# (similarity to label prompts) or generation (each label's likelihood as the answer).
 ZERO_SHOT = "zero-shot"
 
 
@@ -34,9 +36,9 @@ def serving_refusal(conn: Connection, tenant_id: str, model_id: str, task: str) 
         return "model_not_found", f"no model named '{model_id}'"
     tasks = served_tasks(model.tasks)
     if task == ZERO_SHOT:
-        if EMBEDDINGS not in tasks:
-            return "unsupported_task", (f"'{model_id}' cannot classify zero-shot: labels need an encoder model; "
-                                        f"it serves {', '.join(tasks)}")
+        if EMBEDDINGS not in tasks and GENERATION not in tasks:
+            return "unsupported_task", (f"'{model_id}' cannot classify zero-shot: labels need an encoder or a "
+                                        f"generation model; it serves {', '.join(tasks)}")
         return None
     if task not in tasks:
         return "unsupported_task", f"'{model_id}' does not serve {task}; it serves {', '.join(tasks)}"

@@ -24,7 +24,7 @@ from db import inferences
 from db.session import relaxed_engine
 from domain import dispatch
 from domain.batching import BatcherRegistry
-from domain.serving import EMBEDDINGS, TASK_FORGET_MODEL
+from domain.serving import EMBEDDINGS, TASK_FORGET_MODEL, ZERO_SHOT
 from infra import cache, replies
 from tasks import serving
 from tasks.app import celery_app
@@ -49,9 +49,10 @@ def model_call(endpoint: str, model_id: str, model_path: str, request: dict[str,
     if endpoint == "/v1/embeddings":
         return serving.ModelCall(model_id, model_path, EMBEDDINGS, "embed", list(request["input"]), lane=tenant_id)
     if endpoint == "/v1/classifications" and request.get("labels") is not None:
-        # Zero-shot: each text travels with its labels, so requests with different labels share a pass.
+        # Zero-shot: each text travels with its labels, so requests with different labels share a pass. The
+        # runner picks the scorer by the model: embeddings of an encoder, answer likelihood of a causal LM.
         labels = tuple(request["labels"])
-        return serving.ModelCall(model_id, model_path, EMBEDDINGS, "zero_shot",
+        return serving.ModelCall(model_id, model_path, ZERO_SHOT, "zero_shot",
                                  [(text, labels) for text in request["input"]], lane=tenant_id)
     if endpoint in ENCODER_TASKS:
         return serving.ModelCall(model_id, model_path, ENCODER_TASKS[endpoint], "predict", list(request["input"]),

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from core.settings import Settings, get_settings
 from domain import batching
 from domain.batching import BatcherRegistry
+from domain.serving import EMBEDDINGS, GENERATION, ZERO_SHOT
 from infra import replies
 from tasks import recipes
 
@@ -49,7 +50,7 @@ class ModelCall:
     task: str  # classification | ner | generation | embeddings: which predictor the model loads as
     method: str  # predict | generate | chat | embed | zero_shot
     inputs: list[Any]
-    # Sampling parameters of generate/chat, sorted: requests share a forward pass only when these are equal.
+    # Sampling parameters of generate/chat, sorted (each request keeps its own in the model's decode batch).
     params: tuple[tuple[str, Any], ...] = ()
     # Rows the request adds to a forward pass (generation: prompts times n); None: one per input.
     size: int | None = None
@@ -242,7 +243,8 @@ class LocalRunner:
         from training.decoding import DecodeLoops  # torch: paid by the model process, not the worker
 
         # Online generation: one continuously batched decode loop per model.
-        self.decoders = DecodeLoops(settings.inference_max_batch_size, publish=_publish_chunks)
+        self.decoders = DecodeLoops(settings.inference_max_batch_size, publish=_publish_chunks,
+                                    record=self.batch_sizes.add)
         # Where generation requests are tokenised and checked, and their model loaded, before they join a
         # decode loop: not on the thread that hands in calls, which must not stall behind a model load.
         self._admissions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admit")
@@ -251,10 +253,16 @@ class LocalRunner:
 
     def _predictor(self, call: ModelCall) -> Any:
         from training.devices import configure_cpu
+        from training.predict import is_causal_lm
 
         # Thread count and denormal flushing are per thread, and calls run on whichever thread takes them.
         configure_cpu(self.torch_threads)
-        return self.cache.get(call.model_id, call.task, Path(call.path))
+        task = call.task
+        if task == ZERO_SHOT:
+            # Labels are scored by an encoder's embeddings or by a generation model's answer likelihood: the
+            # predictor the model already has warm for its own task (one copy of its weights).
+            task = GENERATION if is_causal_lm(Path(call.path)) else EMBEDDINGS
+        return self.cache.get(call.model_id, task, Path(call.path))
 
     def submit(self, call: ModelCall) -> Future[list[Any]]:
         """The future results of `call`, one per input in order."""
@@ -264,17 +272,13 @@ class LocalRunner:
             return self._generate(call)
         max_size = self.batchers.max_size
 
-        def forward(inputs: list[Any], group: Hashable) -> list[Any]:
-            # The batcher's thread runs this for every batch of the key (model, task and method are the
-            # key's); the sampling parameters are the batch's own, from its group.
-            params: tuple[tuple[str, Any], ...] = group[0] if isinstance(group, tuple) else ()
-            results: list[Any] = getattr(self._predictor(call), call.method)(
-                inputs, **dict(params), batch_size=max_size)
+        def forward(inputs: list[Any], _group: Hashable) -> list[Any]:
+            # The batcher's thread runs this for every batch of the key: model, task and method.
+            results: list[Any] = getattr(self._predictor(call), call.method)(inputs, batch_size=max_size)
             self.batch_sizes.add(len(inputs))
             return results
 
-        group = call.params if call.method != "predict" else None
-        return self.batchers.submit((call.task, call.method, call.model_id), forward, call.inputs, group=group,
+        return self.batchers.submit((call.task, call.method, call.model_id), forward, call.inputs,
                                     size=call.size, lane=call.lane)
 
     def _generate(self, call: ModelCall) -> Future[list[Any]]:

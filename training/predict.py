@@ -7,6 +7,8 @@ CPU cores best anyway.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import threading
 import time
@@ -231,6 +233,25 @@ def group_entities(text: str, words: list[tuple[str, float, int, int]]) -> list[
 
 # --- generation ----------------------------------------------------------------------------------
 
+# The question a generation model answers for zero-shot classification; the label is scored as its answer.
+ZERO_SHOT_QUESTION = "Classify the text as one of: {labels}. Answer with the label only.\n\nText: {text}"
+
+
+def is_causal_lm(model_dir: Path) -> bool:
+    """Whether a model directory (plain or adapter: both carry the model's config.json) holds a causal LM."""
+    return _is_causal_lm(str(model_dir))
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_causal_lm(model_dir: str) -> bool:
+    # Cached: asked once per zero-shot request, and a model directory never changes once written.
+    try:
+        architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
+
+
 
 class GenerationPredictor:
     """Loads a causal LM once; `generate` completes prompts and `chat` answers conversations, in batches."""
@@ -311,6 +332,63 @@ class GenerationPredictor:
             # The template writes any BOS itself.
             encoded.append(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
         return encoded
+
+    def zero_shot(self, items: list[tuple[str, tuple[str, ...]]], batch_size: int = 8) -> list[dict[str, Any]]:
+        """Label each (text, labels) by the likelihood of each label as the model's answer to a question.
+
+        The question (`ZERO_SHOT_QUESTION`, in the chat template) lists the labels; each label's score is the
+        probability of its tokens as the start of the answer, and the scores are normalised over the labels:
+        {"label", "score", "scores"}, the shape of a classifier's answer.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        with self.lock:
+            sequences: list[tuple[int, int, list[int], list[int]]] = []
+            for i, (text, labels) in enumerate(items):
+                prompt = self.encode_chats([[{"role": "user", "content": ZERO_SHOT_QUESTION.format(
+                    labels=", ".join(labels), text=text)}]])[0]
+                for j, label in enumerate(labels):
+                    answer = list(self.tokenizer(label, add_special_tokens=False)["input_ids"])
+                    if self.context_length is not None and len(prompt) + len(answer) > self.context_length:
+                        raise ValueError(f"input {i}: the text and its question have {len(prompt)} tokens, more "
+                                         f"than the model's context of {self.context_length} leaves for a label")
+                    sequences.append((i, j, prompt, answer))
+            log_likelihood = [[0.0] * len(labels) for _, labels in items]
+            for start in range(0, len(sequences), batch_size):
+                chunk = sequences[start : start + batch_size]
+                for (i, j, _, _), value in zip(chunk, self._answer_log_likelihoods(chunk), strict=True):
+                    log_likelihood[i][j] = value
+        results = []
+        for (_, labels), values in zip(items, log_likelihood, strict=True):
+            probabilities = torch.tensor(values).softmax(dim=-1).tolist()
+            best = max(range(len(labels)), key=probabilities.__getitem__)
+            results.append({"label": labels[best], "score": float(probabilities[best]),
+                            "scores": {label: float(p) for label, p in zip(labels, probabilities, strict=True)}})
+        return results
+
+    def _answer_log_likelihoods(self, chunk: list[tuple[int, int, list[int], list[int]]]) -> list[float]:
+        """log p(answer | prompt) of each (_, _, prompt, answer), in one left-padded forward pass.
+
+        Left padding puts every answer at the end, so only the last positions' logits are computed: the
+        vocabulary-wide logits of whole prompts would take gigabytes for a batch of long texts.
+        """
+        rows = [prompt + answer for _, _, prompt, answer in chunk]
+        width = max(len(row) for row in rows)
+        keep = max(len(answer) for _, _, _, answer in chunk) + 1
+        pad = int(self.tokenizer.pad_token_id)
+        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                logits_to_keep=keep).logits
+        log_probs = logits.float().log_softmax(dim=-1)
+        values = []
+        for r, (_, _, _, answer) in enumerate(chunk):
+            # The token at column c is predicted by the logits at column c - 1; the answer fills the last columns.
+            first = keep - 1 - len(answer)
+            values.append(sum(float(log_probs[r, first + t, token]) for t, token in enumerate(answer)))
+        return values
 
     def check_request(self, encoded: list[list[int]], max_tokens: int, temperature: float, top_p: float,
                       n: int) -> None:
