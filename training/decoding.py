@@ -143,8 +143,10 @@ class DecodeLoop:
     """
 
     def __init__(self, name: str, predictor: Any, max_rows: int, idle_s: float = 60.0,
-                 publish: Publish | None = None) -> None:
+                 publish: Publish | None = None, record: Callable[[int], None] | None = None) -> None:
         self.name = name
+        # Told each decode step's rows (the workers' forward-pass size histogram).
+        self.record = record
         self.predictor = predictor
         self.max_rows = max(1, max_rows)
         self.idle_s = idle_s
@@ -318,6 +320,8 @@ class DecodeLoop:
                 return
             self._select(keep)
         self.steps += 1
+        if self.record is not None:
+            self.record(len(keep))
         device = predictor.device
         last = torch.tensor([[tokens[i]] for i in keep], device=device)
         positions = torch.tensor([[len(self._rows[j].prompt) + len(self._rows[j].generated) - 1]
@@ -395,10 +399,12 @@ class DecodeLoop:
 class DecodeLoops:
     """One live `DecodeLoop` per model, started on first use and replaced after it closes for idleness."""
 
-    def __init__(self, max_rows: int, idle_s: float = 60.0, publish: Publish | None = None) -> None:
+    def __init__(self, max_rows: int, idle_s: float = 60.0, publish: Publish | None = None,
+                 record: Callable[[int], None] | None = None) -> None:
         self.max_rows = max_rows
         self.idle_s = idle_s
         self.publish = publish
+        self.record = record
         self._loops: dict[Hashable, DecodeLoop] = {}
         self._lock = threading.Lock()
 
@@ -410,7 +416,7 @@ class DecodeLoops:
                 if loop is None or loop.closed or loop.predictor is not predictor:
                     # A model reloaded since (evicted, then asked for again) gets a loop of its own; the old
                     # loop finishes what it holds and closes when idle.
-                    loop = DecodeLoop(str(key), predictor, self.max_rows, self.idle_s, self.publish)
+                    loop = DecodeLoop(str(key), predictor, self.max_rows, self.idle_s, self.publish, self.record)
                     self._loops[key] = loop
             future = loop.submit(request)
             if future is not None:
