@@ -165,7 +165,18 @@ def test_the_playground_classifies_finds_entities_and_generates(ui: UI, api: Api
     page.get_by_test_id("playground-mode").select_option("generation")
     page.get_by_test_id("playground-input").fill("once upon a time")
     page.get_by_test_id("playground-submit").click()
+    # Streamed: the usage line replaces "Generating…" once the last chunk (which carries it) arrives.
     expect(page.get_by_test_id("playground-output")).to_contain_text("completion tokens", timeout=60_000)
+    expect(page.get_by_test_id("playground-output")).not_to_contain_text("Generating")
+    page.get_by_test_id("playground-mode").select_option("chat")
+    page.get_by_test_id("playground-input").fill("tell me a story")
+    page.get_by_test_id("playground-submit").click()
+    expect(page.get_by_test_id("playground-output")).to_contain_text("completion tokens", timeout=60_000)
+    # A generation model classifies zero-shot too.
+    page.get_by_test_id("playground-mode").select_option("classification")
+    page.get_by_test_id("playground-labels").fill("happy, sad")
+    page.get_by_test_id("playground-submit").click()
+    expect(page.get_by_test_id("playground-label")).to_have_text(re.compile("^(happy|sad)$"), timeout=60_000)
     ui.assert_no_errors()
 
 

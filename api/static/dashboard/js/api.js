@@ -73,7 +73,11 @@ export async function listAll(path, params = {}, max = 1000, signal) {
  */
 export async function infer(path, body, signal) {
   const response = await send(path, { method: "POST", body, signal, headers: { Prefer: "wait=60" } });
-  let data = await parse(response);
+  return poll(response, await parse(response), signal);
+}
+
+// An inference answer: `data` itself, or, for a 202 handle, the response once the inference holds it.
+async function poll(response, data, signal) {
   const deadline = Date.now() + 10 * 60 * 1000;
   while (response.status === 202 && data && data.object === "inference" && !data.response) {
     if (data.status === "failed") throw new ApiError(500, { error: data.error || { message: "the inference failed" } });
@@ -93,6 +97,30 @@ export async function infer(path, body, signal) {
 export async function* sse(path, signal) {
   const response = await send(path, { signal, headers: { Accept: "text/event-stream" } });
   if (!response.ok) await parse(response);
+  yield* events(response);
+}
+
+/**
+ * A generation request answered as it is written (`stream: true`): yields OpenAI's chunks, the last one
+ * with the usage. A request that had not started within its wait comes back whole: yielded as {whole}.
+ */
+export async function* streamInfer(path, body, signal) {
+  const response = await send(path, {
+    method: "POST", signal, headers: { Prefer: "wait=60", Accept: "text/event-stream" },
+    body: { ...body, stream: true, stream_options: { include_usage: true } },
+  });
+  if (!response.ok || response.status === 202) {
+    yield { whole: await poll(response, await parse(response), signal) };
+    return;
+  }
+  for await (const message of events(response)) {
+    if (message.data.error) throw new ApiError(500, { error: message.data.error });
+    yield message.data;
+  }
+}
+
+// The messages of an event stream; `data: [DONE]` (OpenAI's end of a stream) ends it.
+async function* events(response) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
@@ -113,6 +141,7 @@ export async function* sse(path, signal) {
         else if (field === "id") message.id = text;
         else if (field === "data") message.data += (message.data ? "\n" : "") + text;
       }
+      if (message.data === "[DONE]") return;
       if (message.data) yield { ...message, data: JSON.parse(message.data) };
     }
   }

@@ -1,7 +1,7 @@
 // Models and the playground: classify (labels with scores), NER (entities highlighted in the text),
 // generate and chat, each through the same inference routes a client calls.
 
-import { ApiError, api, infer, listAll } from "../api.js";
+import { ApiError, api, infer, listAll, streamInfer } from "../api.js";
 import { h, clear, action, number, table, when } from "../dom.js";
 
 const MODES = {
@@ -15,7 +15,8 @@ const MODES = {
 function modesOf(model) {
   const modes = [];
   for (const task of model.tasks || []) {
-    if (task === "generation") modes.push("generation", "chat");
+    // A generation model also classifies zero-shot: each label's likelihood as its answer.
+    if (task === "generation") modes.push("generation", "chat", "classification");
     else if (MODES[task]) modes.push(task);
   }
   return modes;
@@ -73,8 +74,9 @@ export async function render(main, { query }, signal) {
     try {
       const options = { maxTokens: Number(maxTokens.value) || 32,
                         labels: labels.value.split(",").map((l) => l.trim()).filter(Boolean) };
-      const result = await MODES[modeSelect.value].run(modelSelect.value, text, options, signal);
-      clear(output).append(result);
+      // Generation streams into `output` as the model writes; the other modes return their answer.
+      const result = await MODES[modeSelect.value].run(modelSelect.value, text, options, signal, output);
+      if (result) clear(output).append(result);
     } catch (error) {
       clear(output).append(h("p", { class: "error-text", role: "alert" },
         error instanceof ApiError && error.param ? `${error.param}: ${error.message}` : error.message));
@@ -149,17 +151,35 @@ async function ner(model, text, _options, signal) {
     h("p", { class: "muted" }, entities.length ? `${entities.length} entit${entities.length === 1 ? "y" : "ies"}` : "No entities found."));
 }
 
-async function complete(model, prompt, { maxTokens }, signal) {
-  const result = await infer("/v1/completions", { model, prompt, max_tokens: maxTokens }, signal);
-  return h("div", {},
-    h("div", { class: "generated" }, h("span", { class: "muted" }, prompt), result.choices[0].text),
-    usage(result));
+async function complete(model, prompt, { maxTokens }, signal, output) {
+  await streamed(output, h("span", { class: "muted" }, prompt),
+    streamInfer("/v1/completions", { model, prompt, max_tokens: maxTokens }, signal),
+    (choice) => choice.text, (whole) => whole.choices[0].text);
 }
 
-async function chat(model, content, { maxTokens }, signal) {
-  const result = await infer("/v1/chat/completions",
-    { model, messages: [{ role: "user", content }], max_tokens: maxTokens }, signal);
-  return h("div", {}, h("div", { class: "generated" }, result.choices[0].message.content), usage(result));
+async function chat(model, content, { maxTokens }, signal, output) {
+  await streamed(output, null,
+    streamInfer("/v1/chat/completions", { model, messages: [{ role: "user", content }], max_tokens: maxTokens }, signal),
+    (choice) => choice.delta.content || "", (whole) => whole.choices[0].message.content);
+}
+
+// Shows the first choice's text growing chunk by chunk, then the usage; `textOf` reads a chunk's choice,
+// `wholeText` an answer that came whole.
+async function streamed(output, lead, chunks, textOf, wholeText) {
+  const text = h("span", { "data-testid": "playground-generated" });
+  const status = h("p", { class: "muted" }, "Generating…");
+  clear(output).append(h("div", {}, h("div", { class: "generated" }, lead, text), status));
+  for await (const chunk of chunks) {
+    const answer = chunk.whole || chunk;
+    if (chunk.whole) text.textContent = wholeText(chunk.whole);
+    for (const choice of chunk.choices || []) if (choice.index === 0) text.append(textOf(choice));
+    if (answer.usage) {
+      const line = usage(answer);
+      if (line) status.replaceWith(line);
+      else status.remove();
+    }
+  }
+  if (status.isConnected) status.remove();
 }
 
 async function embed(model, text, _options, signal) {
