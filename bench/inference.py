@@ -6,8 +6,10 @@ load average, since the machine's cores are shared:
 1. Classification with a briefly fine-tuned `minilm-l6`: latency p50/p99 of one-text requests at
    concurrency 1 and 32; throughput at concurrency 32 as a ratio of the same model called in-process
    (same torch thread count as the worker) on batches of 32 texts, in the same run.
-2. Generation: tokens/s of 16 concurrent /v1/completions requests (same sampling parameters, so they may
-   share batches) as a ratio of the predictor's `generate` on the same 16 prompts in one padded batch.
+2. Generation: tokens/s of 16 concurrent /v1/completions requests (they join the model's running decode
+   batch as they arrive: continuous batching) as a ratio of the predictor's `generate` (transformers'
+   `generate`) on the same 16 prompts in one padded batch; and with `stream: true`, one request's time to
+   its first chunk against the time to its whole answer.
 3. Batch-file throughput: `bench/batch_file.py`'s `run_batch_benchmark`, when that module exists.
 4. Response cache: latency p50/p99 of /v1/embeddings (minilm-l6) misses (distinct texts) and hits (one
    repeated body) at concurrency 1, hits/s at --concurrency, and the API's CPU time per hit.
@@ -278,10 +280,48 @@ def generation(http: httpx.Client, args: argparse.Namespace) -> dict[str, Any]:
         tokens = sum(c["completion_tokens"] for choices in results for c in choices)
         offline.append(tokens / (time.perf_counter() - started))
     online_median, offline_median = statistics.median(online), statistics.median(offline)
+    first_chunk, whole = streamed_latency(http, args.gen_model, prompts[0], args.gen_tokens)
     return {"model": args.gen_model, "max_tokens": args.gen_tokens, "rounds": args.gen_rounds,
+            "stream_first_chunk_ms": first_chunk, "stream_whole_ms": whole,
             "online_tokens_per_s": round(online_median, 1), "online_load": loads,
             "in_process_padded_batch_tokens_per_s": round(offline_median, 1), "in_process_load": load_average(),
             "ratio": round(online_median / offline_median, 3)}
+
+
+def streamed_latency(http: httpx.Client, model: str, prompt: str, max_tokens: int, rounds: int = 5
+                     ) -> tuple[float, float]:
+    """Medians over `rounds` streamed requests, one at a time: ms to the first text chunk, ms to `[DONE]`."""
+    firsts, wholes = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        first = None
+        with http.stream("POST", "/v1/completions", headers={"Prefer": WAIT, **MODEL_PATH},
+                         json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                               "stream": True}) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"streamed completion answered {response.status_code}: {response.read()!r}")
+            for line in response.iter_lines():
+                if first is None and line.startswith("data: {") and '"text":""' not in line.replace(" ", ""):
+                    first = time.perf_counter() - started
+        wholes.append(time.perf_counter() - started)
+        firsts.append(first if first is not None else wholes[-1])
+    return round(statistics.median(firsts) * 1000, 1), round(statistics.median(wholes) * 1000, 1)
+
+
+def decode_admissions(log: Path, model_id: str, since: int = 0) -> dict[str, float]:
+    """How requests joined `model_id`'s decode batch (the worker logs each admission) after byte `since`."""
+    import re
+
+    with log.open("rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    found = [(int(m[1]), int(m[2])) for m in re.finditer(
+        rf"decode {re.escape(model_id)}: (\d+) requests \(\d+ sequences\) joined (\d+) in flight", text)]
+    if not found:
+        return {}
+    return {"admissions": len(found), "mean_requests": round(statistics.mean(n for n, _ in found), 1),
+            "joined_running_batch": sum(1 for _, flight in found if flight > 0),
+            "max_in_flight_at_join": max(flight for _, flight in found)}
 
 
 def response_cache(http: httpx.Client, args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
@@ -436,12 +476,14 @@ def earlier_sections(http: httpx.Client, args: argparse.Namespace, sections: set
     if "generation" in sections:
         gen_start = log_size(worker_log)
         gen = generation(http, args)
-        gen["batches"] = batch_sizes(worker_log, args.gen_model, gen_start)
+        gen["admissions"] = decode_admissions(worker_log, args.gen_model, gen_start)
         print(f"generation ({gen['model']}, {GEN_PROMPTS} concurrent requests, max_tokens {gen['max_tokens']}, "
               f"greedy; median of {gen['rounds']} rounds): online {gen['online_tokens_per_s']} tokens/s "
               f"(load {', '.join(gen['online_load'])}), in-process one padded batch "
               f"{gen['in_process_padded_batch_tokens_per_s']} tokens/s (load {gen['in_process_load']}); "
-              f"ratio {gen['ratio']:.2f}; worker batches: {gen['batches']}", flush=True)
+              f"ratio {gen['ratio']:.2f} (target >= 0.8, goal 0.95); decode admissions: {gen['admissions']}; "
+              f"streamed, one request: first chunk {gen['stream_first_chunk_ms']} ms, whole answer "
+              f"{gen['stream_whole_ms']} ms", flush=True)
     if "batch-file" in sections and model_id is not None:
         batch_file = batch_file_section(api_url, key, model_id, args.batch_lines)
     return cls, gen, batch_file

@@ -15,8 +15,9 @@ rows used, wall time and score:
          reply) with `smollm2-135m-instruct`, `method: dpo` and LoRA; the win rate (share of held-out pairs
          whose preferred reply the model finds likelier) of the base model before and of the tuned one after,
          from the job's metrics on the validation file, plus the reward accuracy and margin.
-5. zeroshot: SST-2 dev with `minilm-l6` and no training; accuracy of zero-shot `labels: ["positive",
-         "negative"]` via `POST /v1/classifications` (what `/api/llm` answers with no fine-tuned classifier).
+5. zeroshot: SST-2 dev with no training; accuracy of zero-shot `labels: ["positive", "negative"]` via
+         `POST /v1/classifications` on `minilm-l6` (what `/api/llm` answers with no fine-tuned classifier) and on
+         `smollm2-135m-instruct` (each label's likelihood as the answer).
 
 Usage:
     python bench/quality.py [--only ner|sst2|gen|dpo|zeroshot] [--train-rows N] [--test-rows N] [--epochs N]
@@ -85,6 +86,8 @@ DEFAULTS: dict[str, RunSpec] = {
     # Nothing trained: the whole dev split is scored, in well under a minute.
     "zeroshot": RunSpec(train_rows=0, test_rows=872, epochs=0, valid_rows=0),
 }
+# The generation base model of gen, dpo and zeroshot.
+GEN_BASE = "smollm2-135m-instruct"
 
 
 @dataclass
@@ -324,7 +327,7 @@ def generated_accuracy(http: httpx.Client, model: str, rows: list[tuple[str, int
 
 
 def run_gen(http: httpx.Client, spec: RunSpec) -> Result:
-    base = "smollm2-135m-instruct"
+    base = GEN_BASE
     train_rows = sample(read_sst2(SST2 / "train.tsv"), spec.train_rows)
     valid_rows = sample(read_sst2(SST2 / "dev.tsv"), spec.valid_rows)
     test_rows = sample(read_sst2(SST2 / "test.tsv"), spec.test_rows)
@@ -372,7 +375,7 @@ def _rounded(value: float | None) -> float | None:
 
 
 def run_dpo(http: httpx.Client, spec: RunSpec) -> Result:
-    base = "smollm2-135m-instruct"
+    base = GEN_BASE
     train_rows = sample(read_sst2(SST2 / "train.tsv"), spec.train_rows)
     valid_rows = sample(read_sst2(SST2 / "dev.tsv"), spec.test_rows)
     train_id = upload(http, "sst2-dpo-train.jsonl", dpo_pairs(train_rows))
@@ -394,23 +397,35 @@ def run_dpo(http: httpx.Client, spec: RunSpec) -> Result:
     )
 
 
+def _zero_shot_accuracy(http: httpx.Client, model: str, rows: list[tuple[str, int]], labels: list[str],
+                        per_request: int) -> tuple[float, dict[str, int]]:
+    correct = 0
+    said: dict[str, int] = {}
+    for chunk in batches(rows, per_request):
+        answer = infer(http, "/v1/classifications", {"model": model, "input": [s for s, _ in chunk], "labels": labels})
+        for (_, y), item in zip(chunk, sorted(answer["data"], key=lambda d: d["index"]), strict=True):
+            said[item["label"]] = said.get(item["label"], 0) + 1
+            correct += item["label"] == LABELS[y]
+    return correct / len(rows), said
+
+
 def run_zeroshot(http: httpx.Client, spec: RunSpec) -> Result:
     rows = sample(read_sst2(SST2 / "dev.tsv"), spec.test_rows)
     labels = [LABELS[1], LABELS[0]]
     started = time.perf_counter()
-    correct = 0
-    said: dict[str, int] = {}
-    for chunk in batches(rows, 256):  # the most inputs one request takes
-        answer = infer(http, "/v1/classifications", {"model": "minilm-l6", "input": [s for s, _ in chunk],
-                                                     "labels": labels})
-        for (_, y), item in zip(chunk, sorted(answer["data"], key=lambda d: d["index"]), strict=True):
-            said[item["label"]] = said.get(item["label"], 0) + 1
-            correct += item["label"] == LABELS[y]
+    accuracy, said = _zero_shot_accuracy(http, "minilm-l6", rows, labels, 256)  # the most inputs one request takes
     score_wall = time.perf_counter() - started
+    # The instruct generation model, scored by each label's likelihood as its answer (two passes per sentence).
+    started = time.perf_counter()
+    gen_accuracy, gen_said = _zero_shot_accuracy(http, GEN_BASE, rows, labels, 16)
+    gen_wall = time.perf_counter() - started
     return Result(
         "zeroshot", "SST-2", "minilm-l6 (no training)", 0, f"dev {len(rows)}/872 (no training data used)",
-        0.0, score_wall, "dev accuracy (zero-shot labels)", correct / len(rows),
-        "(no reference; vs fine-tuned sst2)", {"answers": said, "labels": labels},
+        0.0, score_wall, "dev accuracy (zero-shot labels)", accuracy,
+        "(no reference; vs fine-tuned sst2)",
+        {"answers": said, "labels": labels, "generation_model": GEN_BASE,
+         "generation_accuracy": round(gen_accuracy, 4), "generation_answers": gen_said,
+         "generation_wall_s": round(gen_wall)},
     )
 
 
@@ -480,7 +495,9 @@ def report(results: list[Result]) -> None:
                   f"eval DPO loss {r.extra['eval_loss']} (log 2 = 0.693 before training)")
         elif r.name == "zeroshot":
             print(f"zeroshot: cosine similarity of each sentence to 'This text is {{label}}.' for labels "
-                  f"{r.extra['labels']}, no training; answers {r.extra['answers']}")
+                  f"{r.extra['labels']}, no training; answers {r.extra['answers']}. {r.extra['generation_model']} "
+                  f"(each label's likelihood as its answer): dev accuracy {r.extra['generation_accuracy']}, answers "
+                  f"{r.extra['generation_answers']} ({r.extra['generation_wall_s']} s)")
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
