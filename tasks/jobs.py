@@ -73,15 +73,16 @@ def validate_job(job_id: str) -> None:
             train_path = _local(_file_location(session, job, job.training_file))
             assert train_path is not None
             method = method_of(job.hyperparameters or {})
-            task, rows = recipes.load_rows(train_path, job.task, model_tasks, method)
+            # Streamed: validation holds one row at a time, whatever the file's size.
+            task, rows = recipes.check_rows(train_path, job.task, model_tasks, method)
             which = "validation_file"
             valid_path = _local(_file_location(session, job, job.validation_file))
             if valid_path is not None:
-                recipes.load_rows(valid_path, task, model_tasks, method)
+                recipes.check_rows(valid_path, task, model_tasks, method)
             which = "hyperparameters"
             requested = dict(job.hyperparameters or {})
             max_runtime = int(requested.pop("max_runtime_seconds", None) or get_settings().max_job_runtime_seconds)
-            hyperparameters = recipes.recipe(task, method).resolve(requested, len(rows))
+            hyperparameters = recipes.recipe(task, method).resolve(requested, rows)
             # A service limit, not a training knob: resolved and shown with the rest, enforced by the worker.
             hyperparameters["max_runtime_seconds"] = max_runtime
         except DataError as exc:
@@ -112,7 +113,7 @@ def validate_job(job_id: str) -> None:
             return
         job.task = task
         job.hyperparameters = hyperparameters
-        jobs.add_job_event(session, job, f"Files validated: {len(rows)} training examples, task {task}")
+        jobs.add_job_event(session, job, f"Files validated: {rows} training examples, task {task}")
         jobs.transition(session, job, jobs.QUEUED, "Job queued for training")
         jobs.offer_to_workers(session, job)
 

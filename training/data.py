@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -69,7 +69,15 @@ def too_long(line_number: int) -> str:
 
 def read_jsonl(path: Path, max_problems: int = 10) -> list[Row]:
     """Read one JSON object per line as `(line_number, object)` pairs; raise DataError listing problems."""
-    rows: list[Row] = []
+    rows = list(iter_jsonl(path, max_problems))
+    if not rows:
+        raise DataError(["the file has no rows"])
+    return rows
+
+
+def iter_jsonl(path: Path, max_problems: int = 10) -> Iterator[Row]:
+    """`read_jsonl` one row at a time, holding one line: the problems are raised (DataError) once the file
+    has been read, or as soon as `max_problems` are found."""
     problems: list[str] = []
     with open(path, "rb") as handle:
         for line_number, raw in numbered_lines(handle):
@@ -100,12 +108,10 @@ def read_jsonl(path: Path, max_problems: int = 10) -> list[Row]:
             if not isinstance(value, dict):
                 problems.append(f"line {line_number}: expected a JSON object")
                 continue
-            rows.append((line_number, value))
+            if not problems:  # past the first problem the rows are only read for the report
+                yield line_number, value
     if problems:
         raise DataError(problems)
-    if not rows:
-        raise DataError(["the file has no rows"])
-    return rows
 
 
 def _row_task(row: dict[str, Any]) -> str | None:
@@ -118,38 +124,62 @@ def _row_task(row: dict[str, Any]) -> str | None:
     return None
 
 
-def infer_task(rows: Sequence[Row]) -> str:
-    """Return "classification", "ner" or "generation" from the rows' keys (the majority wins)."""
-    if not rows:
-        raise DataError(["the file has no rows"])
-    counts: dict[str, int] = {}
-    for _, row in rows:
+class Survey:
+    """What one pass over a file's rows tells before validation: how many, their likely task, the first
+    DPO preference pair. Holds counts, not rows."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.first: Row | None = None
+        self.first_preference_line: int | None = None
+        self._tasks: dict[str, int] = {}
+
+    def add(self, line: int, row: dict[str, Any]) -> None:
+        self.rows += 1
+        if self.first is None:
+            self.first = (line, {key: None for key in list(row)[:8]})  # the keys, for the error message
+        if self.first_preference_line is None and is_preference_row(row):
+            self.first_preference_line = line
         task = _row_task(row)
         if task is not None:
-            counts[task] = counts.get(task, 0) + 1
-    if not counts:
-        line, first = rows[0]
-        keys = ", ".join(f'"{k}"' for k in list(first)[:8]) or "no keys"
-        raise DataError(
-            [
-                f"line {line}: cannot tell the task from the keys ({keys}); expected "
-                '"text" and "label" (classification), "tokens" and "tags" (ner), or '
-                '"prompt" and "completion", "messages" or "text" (generation)'
-            ]
-        )
-    # Ties go to the more specific task: a labelled row is also a text row.
-    priority = [TASK_CLASSIFICATION, TASK_NER, TASK_GENERATION]
-    return max(counts, key=lambda task: (counts[task], -priority.index(task)))
+            self._tasks[task] = self._tasks.get(task, 0) + 1
+
+    def task(self) -> str:
+        """"classification", "ner" or "generation" from the rows' keys (the majority wins)."""
+        if self.first is None:
+            raise DataError(["the file has no rows"])
+        if not self._tasks:
+            line, first = self.first
+            keys = ", ".join(f'"{k}"' for k in first) or "no keys"
+            raise DataError(
+                [
+                    f"line {line}: cannot tell the task from the keys ({keys}); expected "
+                    '"text" and "label" (classification), "tokens" and "tags" (ner), or '
+                    '"prompt" and "completion", "messages" or "text" (generation)'
+                ]
+            )
+        # Ties go to the more specific task: a labelled row is also a text row.
+        priority = [TASK_CLASSIFICATION, TASK_NER, TASK_GENERATION]
+        return max(self._tasks, key=lambda task: (self._tasks[task], -priority.index(task)))
 
 
-def validate_classification(rows: Sequence[Row], max_problems: int = 20) -> list[str]:
+def infer_task(rows: Iterable[Row]) -> str:
+    """Return "classification", "ner" or "generation" from the rows' keys (the majority wins)."""
+    survey = Survey()
+    for line, row in rows:
+        survey.add(line, row)
+    return survey.task()
+
+
+def validate_classification(rows: Iterable[Row], max_problems: int = 20) -> list[str]:
     """Check text/label rows; return problems (empty when the rows are usable for classification)."""
-    if not rows:
-        return ["the file has no rows"]
     problems: list[str] = []
     labels: set[str] = set()
-    seen: dict[str, list[int]] = {}
+    # Per label: its first line and how many rows have it (not every line: the rows may be millions).
+    seen: dict[str, tuple[int, int]] = {}
+    count = 0
     for line, row in rows:
+        count += 1
         row_problems: list[str] = []
         text = row.get("text")
         if "text" not in row:
@@ -168,16 +198,19 @@ def validate_classification(rows: Sequence[Row], max_problems: int = 20) -> list
             row_problems.append(f'line {line}: "label" is empty')
         else:
             labels.add(str(label))
-            seen.setdefault(str(label), []).append(line)
+            first, n = seen.get(str(label), (line, 0))
+            seen[str(label)] = (first, n + 1)
         if "text_pair" in row and not isinstance(row["text_pair"], str):
             row_problems.append(f'line {line}: "text_pair" must be a string')
         problems.extend(row_problems)
         if len(problems) >= max_problems:
             return problems[:max_problems]
+    if not count:
+        return ["the file has no rows"]
     # A label with one example can be trained on or evaluated on, never both: almost always a typo.
-    for name, lines in seen.items():
-        if len(lines) == 1 and len(labels) > 1:
-            problems.append(f'line {lines[0]}: label "{name}" appears only once; each label needs at least 2 rows')
+    for name, (first, n) in seen.items():
+        if n == 1 and len(labels) > 1:
+            problems.append(f'line {first}: label "{name}" appears only once; each label needs at least 2 rows')
     if len(labels) == 1:
         (only,) = labels
         problems.append(f'every row has the label "{only}"; classification needs at least 2 distinct labels')
@@ -276,62 +309,64 @@ def _check_tag_lists(line: int, row: dict[str, Any]) -> tuple[list[str], list[tu
     return [], [part for part in parts if part is not None]
 
 
-def _scheme_problems(parsed: list[tuple[int, list[tuple[str, str]]]]) -> tuple[list[str], set[TagScheme]]:
-    """Check that every row fits one common scheme; return (problems, the schemes all rows fit)."""
-    problems: list[str] = []
-    common: set[TagScheme] = set(TAG_SCHEMES)
-    # The first line that ruled each scheme out, to name it when a later line needs that scheme.
-    ruled_out_at: dict[TagScheme, int] = {}
-    for line, parts in parsed:
+class _SchemeCheck:
+    """Checks, row by row, that every row fits one common tag scheme."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.common: set[TagScheme] = set(TAG_SCHEMES)
+        # The first line that ruled each scheme out, to name it when a later line needs that scheme.
+        self._ruled_out_at: dict[TagScheme, int] = {}
+
+    def add(self, line: int, parts: list[tuple[str, str]]) -> None:
         fits, why = _row_schemes(parts)
         if not fits:
-            problems.append(f"line {line}: {why}")
-            continue
-        if not fits & common:
-            earlier = min(ruled_out_at[s] for s in fits)
-            problems.append(
+            self.problems.append(f"line {line}: {why}")
+            return
+        if not fits & self.common:
+            earlier = min(self._ruled_out_at[s] for s in fits)
+            self.problems.append(
                 f"line {line}: the tags are {_best_scheme(fits)}, but line {earlier} uses "
-                f"{_best_scheme(common)}; a file must use one tag scheme"
+                f"{_best_scheme(self.common)}; a file must use one tag scheme"
             )
-            continue
-        for scheme in common - fits:
-            ruled_out_at[scheme] = line
-        common &= fits
-    return problems, common
+            return
+        for scheme in self.common - fits:
+            self._ruled_out_at[scheme] = line
+        self.common &= fits
 
 
-def validate_ner(rows: Sequence[Row], max_problems: int = 20) -> list[str]:
+def validate_ner(rows: Iterable[Row], max_problems: int = 20) -> list[str]:
     """Check tokens/tags rows and their tag scheme; return problems (empty when usable for NER)."""
-    if not rows:
-        return ["the file has no rows"]
     problems: list[str] = []
-    parsed: list[tuple[int, list[tuple[str, str]]]] = []
+    schemes = _SchemeCheck()
+    count = 0
     for line, row in rows:
+        count += 1
         row_problems, parts = _check_tag_lists(line, row)
         problems.extend(row_problems)
         if parts is not None:
-            parsed.append((line, parts))
+            schemes.add(line, parts)
         if len(problems) >= max_problems:
             return problems[:max_problems]
-    scheme_problems, _ = _scheme_problems(parsed)
-    problems.extend(scheme_problems)
+    if not count:
+        return ["the file has no rows"]
+    problems.extend(schemes.problems)
     return problems[:max_problems]
 
 
-def detect_tag_scheme(rows: Sequence[Row]) -> TagScheme:
+def detect_tag_scheme(rows: Iterable[Row]) -> TagScheme:
     """Return the one tag scheme all rows fit ("IOB2" when several do); raise DataError if none does."""
-    parsed: list[tuple[int, list[tuple[str, str]]]] = []
     problems: list[str] = []
+    schemes = _SchemeCheck()
     for line, row in rows:
         row_problems, parts = _check_tag_lists(line, row)
         problems.extend(row_problems)
         if parts is not None:
-            parsed.append((line, parts))
-    scheme_problems, common = _scheme_problems(parsed)
-    problems.extend(scheme_problems)
+            schemes.add(line, parts)
+    problems.extend(schemes.problems)
     if problems:
         raise DataError(problems)
-    return _best_scheme(common)
+    return _best_scheme(schemes.common)
 
 
 def normalise_tags(tags: Sequence[str], scheme: TagScheme) -> list[str]:
@@ -427,16 +462,16 @@ def _check_generation_row(line: int, row: dict[str, Any]) -> list[str]:
     return [f'line {line}: expected "prompt" and "completion", "messages" or "text"']
 
 
-def validate_generation(rows: Sequence[Row], max_problems: int = 20) -> list[str]:
+def validate_generation(rows: Iterable[Row], max_problems: int = 20) -> list[str]:
     """Check prompt/completion, messages or text rows; return problems (empty when usable)."""
-    if not rows:
-        return ["the file has no rows"]
     problems: list[str] = []
+    count = 0
     for line, row in rows:
+        count += 1
         problems.extend(_check_generation_row(line, row))
         if len(problems) >= max_problems:
             return problems[:max_problems]
-    return problems
+    return problems if count else ["the file has no rows"]
 
 
 # --- preference pairs (DPO) ----------------------------------------------------------------------
@@ -481,13 +516,13 @@ def _check_preference_row(line: int, row: dict[str, Any]) -> list[str]:
     return problems
 
 
-def validate_dpo(rows: Sequence[Row], max_problems: int = 20) -> list[str]:
+def validate_dpo(rows: Iterable[Row], max_problems: int = 20) -> list[str]:
     """Check preference pairs in OpenAI's DPO format; return problems (empty when usable)."""
-    if not rows:
-        return ["the file has no rows"]
     problems: list[str] = []
+    count = 0
     for line, row in rows:
+        count += 1
         problems.extend(_check_preference_row(line, row))
         if len(problems) >= max_problems:
             return problems[:max_problems]
-    return problems
+    return problems if count else ["the file has no rows"]

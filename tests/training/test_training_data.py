@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,62 @@ def test_a_label_seen_once_is_named_with_its_line() -> None:
             (5, {"text": "meh", "label": "nuetral"})]
     expected = 'line 5: label "nuetral" appears only once; each label needs at least 2 rows'
     assert validate_classification(rows) == [expected]
+
+
+def _peak_bytes(call: Any) -> tuple[Any, int]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = call()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("task", ["classification", "ner", "generation"])
+def test_validation_streams_the_file_holding_one_row_at_a_time(tmp_path: Path, task: str) -> None:
+    from tasks import recipes
+
+    rows = {
+        "classification": lambda i: {"text": f"sentence number {i} " * 4, "label": "pos" if i % 2 else "neg"},
+        "ner": lambda i: {"tokens": ["Mary", "met", f"Bob{i}", "in", "Paris"],
+                          "tags": ["B-PER", "O", "B-PER", "O", "B-LOC"]},
+        "generation": lambda i: {"prompt": f"question {i} " * 4, "completion": f" answer {i}"},
+    }[task]
+    path = tmp_path / "big.jsonl"
+    with path.open("w") as handle:
+        for i in range(40_000):
+            handle.write(json.dumps(rows(i)) + "\n")
+    size = path.stat().st_size
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(rows(i)) + "\n" for i in range(4)))
+    recipes.check_rows(small, None, [task])  # the modules it imports are not the file's memory
+
+    (checked_task, count), streamed = _peak_bytes(lambda: recipes.check_rows(path, None, [task]))
+    (loaded_task, loaded), held = _peak_bytes(lambda: recipes.load_rows(path, None, [task]))
+    assert (checked_task, count) == (loaded_task, len(loaded)) == (task, 40_000)
+    # Loading holds every row (several times the file's bytes); validation a few rows' worth, whatever the size.
+    assert held > size
+    assert streamed < size / 20, (streamed, size)
+
+
+def test_streamed_validation_names_the_same_lines_as_loading(tmp_path: Path) -> None:
+    from tasks import recipes
+
+    lines = [json.dumps({"text": f"t{i}", "label": "a" if i % 2 else "b"}) for i in range(30)]
+    lines[7] = json.dumps({"text": "", "label": "a"})
+    lines[12] = "[[[[" * 10_000
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as streamed:
+        recipes.check_rows(path, None, ["classification"])
+    with pytest.raises(DataError) as loaded:
+        recipes.load_rows(path, None, ["classification"])
+    # The read problem (line 13) is reported first, before any row is checked; both paths agree.
+    assert streamed.value.problems == loaded.value.problems == ["line 13: nested too deeply"]
+    lines[12] = json.dumps({"text": "ok", "label": "a"})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as streamed:
+        recipes.check_rows(path, None, ["classification"])
+    assert streamed.value.problems == ['line 8: "text" is empty']
