@@ -193,13 +193,18 @@ class DecodeLoop:
             if admitted is None:
                 return
             try:
-                if admitted:
-                    self._prefill(admitted)
-                if self._rows:
-                    self._advance()
+                # One lock for the step: the tokenizer (decoding here) must not run beside an admission
+                # thread's encoding, and a batch-file call on the same predictor waits for the step.
+                with self.predictor.lock:
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._rows:
+                        self._advance()
             except Exception as exc:  # a failed forward pass fails the requests in it, not the loop
                 log.exception("decode step of %s failed", self.name)
-                for request in {id(r.request): r.request for r in self._rows}.values():
+                failed = {id(r.request): r.request for r in self._rows}
+                failed.update((id(request), request) for request in admitted)
+                for request in failed.values():
                     if not request.future.done():
                         request.future.set_exception(exc)
                 self._reset()
@@ -255,7 +260,7 @@ class DecodeLoop:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, _, ids in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, _, ids in prompts], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with predictor.lock, torch.inference_mode():
+        with torch.inference_mode():
             out = predictor.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                   logits_to_keep=1)
         cache, logits = _cache_of(out), out.logits[:, -1, :]
@@ -327,7 +332,7 @@ class DecodeLoop:
         positions = torch.tensor([[len(self._rows[j].prompt) + len(self._rows[j].generated) - 1]
                                   for j in range(len(keep))], device=device)
         mask = torch.cat([self._mask, self._mask.new_ones((len(keep), 1))], dim=1)
-        with predictor.lock, torch.inference_mode():
+        with torch.inference_mode():
             out = predictor.model(input_ids=last, attention_mask=mask, position_ids=positions,
                                   use_cache=True, **{self._cache_arg: self._cache})
         self._cache, self._mask, self._logits = _cache_of(out), mask, out.logits[:, -1, :]

@@ -154,3 +154,14 @@ def test_a_refused_stream_answers_with_its_http_error_and_sse_ends_with_done(api
     row = api.http.get(f"/v1/inferences/{inference_id}").json()
     assert row["status"] == "succeeded"
     assert row["response"]["choices"][0]["text"] == "".join(e["choices"][0]["text"] for e in events)
+
+
+def test_a_failing_forward_pass_fails_its_requests_and_the_loop_serves_the_next(gpt2: Any) -> None:
+    loop = DecodeLoop("failing", gpt2, max_rows=8, idle_s=5)
+    # A token ID past the vocabulary: the embedding lookup raises in the prefill pass.
+    broken = loop.submit(GenerationRequest([[10**7]], 4, temperature=0.0))
+    assert broken is not None
+    with pytest.raises(IndexError):
+        broken.result(60)
+    fine = loop.submit(_request(gpt2, "hello", 4))
+    assert fine is not None and fine.result(60) == [_alone(gpt2, "hello", 4)]
