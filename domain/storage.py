@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 S3_SCHEME = "s3://"
 # Written last into a published directory: a directory without it (an upload cut short) is not read.
 PUBLISHED_MARKER = ".published"
+# In a published directory: which JSON fields of its files name another stored directory, by location (a LoRA
+# model's base, when that base is itself a fine-tuned model in the bucket). A materialized copy has those
+# fields pointing at this machine's copies, which are brought back whenever the directory is materialized.
+REFERENCES_FILE = ".llmos-references.json"
 
 
 class TooLarge(Exception):
@@ -189,6 +193,19 @@ def publish(local: Path, key: str) -> str:
     store.upload(local, full)
     local.unlink(missing_ok=True)
     return _url(key)
+
+
+def note_reference(directory: Path, file_name: str, field: str, location: str) -> None:
+    """Record, before ``directory`` is published, that ``field`` of the JSON file ``file_name`` in it names the
+    stored directory at ``location`` (`REFERENCES_FILE`)."""
+    path = directory / REFERENCES_FILE
+    references = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    references.setdefault(file_name, {})[field] = location
+    path.write_text(json.dumps(references, indent=2), encoding="utf-8")
+
+
+def is_stored_remotely(location: str) -> bool:
+    return location.startswith(S3_SCHEME)
 
 
 def delete(location: str) -> None:
@@ -350,13 +367,34 @@ class _Cache:
             tmp.replace(path)
 
     def get(self, location: str) -> Path:
-        known = self._seen.get(location)
-        if known is not None and known.exists():
-            return known
-        with self._guard:
-            lock = self._downloading.setdefault(location, threading.Lock())
-        with lock:
-            return self._get(location)
+        path = self._seen.get(location)
+        if path is None or not path.exists():
+            with self._guard:
+                lock = self._downloading.setdefault(location, threading.Lock())
+            with lock:
+                path = self._get(location)
+        # After the entry is in place (and anything evicted for it is gone): what it refers to may have been
+        # evicted since, or never fetched on this machine.
+        for referenced in self._references(path).values():
+            self.get(referenced)
+        return path
+
+    @staticmethod
+    def _references(path: Path) -> dict[tuple[str, str], str]:
+        """(file, field) → location of what a materialized directory refers to (`REFERENCES_FILE`)."""
+        try:
+            raw: dict[str, dict[str, str]] = json.loads((path / REFERENCES_FILE).read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        return {(name, field): location for name, fields in raw.items() for field, location in fields.items()}
+
+    def _point_references(self, directory: Path) -> None:
+        """Rewrite a downloaded directory's referring fields to where this cache keeps each referenced copy."""
+        for (name, field), referenced in self._references(directory).items():
+            target = directory / name
+            document = json.loads(target.read_text(encoding="utf-8"))
+            document[field] = str(self._path(referenced))
+            target.write_text(json.dumps(document, indent=2), encoding="utf-8")
 
     def _get(self, location: str) -> Path:
         path = self._path(location)
@@ -373,6 +411,7 @@ class _Cache:
             if key.endswith("/"):
                 size = _download_dir(key, tmp / "d")
                 downloaded = tmp / "d"
+                self._point_references(downloaded)
             else:
                 object_store().download(key, tmp / "f")
                 downloaded = tmp / "f"

@@ -149,7 +149,8 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
         train_location = _file_location(session, job, job.training_file)
         valid_location = _file_location(session, job, job.validation_file)
         attempt = job.attempts
-        base_path = Path(base.path)
+        # A fine-tuned base (continued training) may be in the bucket: materialized by `_run_training`.
+        base_location = base.path
         runtime_limit = float((job.hyperparameters or {}).get("max_runtime_seconds")
                               or settings.max_job_runtime_seconds)
         runtime_left = runtime_limit - jobs_repo.runtime_used(session, job.id)
@@ -171,7 +172,7 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
     # instead of killing the process mid-step and waiting for the reconciler to notice.
     previous = signal.signal(signal.SIGTERM, lambda *_: reporter.shutdown_requested.set())
     try:
-        result = _run_training(job_id, base_path, train_location, valid_location, snapshot, reporter)
+        result = _run_training(job_id, base_location, train_location, valid_location, snapshot, reporter)
     except Exception as exc:
         if unreachable(exc):
             # Not the job's fault: stop this attempt; its heartbeat goes silent and the reconciler requeues
@@ -193,13 +194,14 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
                    OUTAGE_WAIT_SECONDS)
 
 
-def _run_training(job_id: str, base_path: Path, train_location: str | None, valid_location: str | None,
+def _run_training(job_id: str, base_location: str, train_location: str | None, valid_location: str | None,
                   snapshot: dict[str, Any], reporter: JobReporter) -> Any:
     from training.devices import configure_cpu
     from training.trainer import checkpoint_step, latest_checkpoint
 
     configure_cpu(get_settings().torch_threads)
     train_path, valid_path = _local(train_location), _local(valid_location)
+    base_path = storage.materialize(base_location)
     assert train_path is not None
     task = snapshot["task"]
     method = method_of(snapshot["hyperparameters"])
@@ -240,6 +242,15 @@ def _finish_failed(job_id: str, attempt: int, message: str) -> None:
         jobs.fail_attempt(session, job_id=job_id, attempt=attempt, message=message)
 
 
+def _refer_to_base(model_dir: Path, base_location: str) -> None:
+    """A LoRA model names its base by a local path (its manifest); when the base is a fine-tuned model in the
+    bucket, that path is this machine's cached copy, so the base's location goes with the model too."""
+    from training.lora import ADAPTER_MANIFEST, is_adapter_dir
+
+    if storage.is_stored_remotely(base_location) and is_adapter_dir(model_dir):
+        storage.note_reference(model_dir, ADAPTER_MANIFEST, "base_model_dir", base_location)
+
+
 def _record_outcome(job_id: str, attempt: int, model_name: str, base: Model, result: Any) -> None:
     """Write what training produced beside the job, then record the outcome through the jobs service."""
     from training.classification import write_results_csv
@@ -258,6 +269,7 @@ def _record_outcome(job_id: str, attempt: int, model_name: str, base: Model, res
     results_bytes = results_path.stat().st_size
     # With object storage, the model and results are uploaded before the job is recorded as succeeded, so
     # every machine can serve and download them from then on.
+    _refer_to_base(Path(result.model_dir), base.path)
     model_location = storage.publish(Path(result.model_dir), f"{storage.job_key(job_id)}/model")
     results_location = storage.publish(results_path, f"{storage.job_key(job_id)}/results.csv")
     with transaction() as session:

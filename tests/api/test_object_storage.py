@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,8 +129,6 @@ def s3_stack(services: dict[str, str], s3_endpoint: str) -> Iterator[S3Stack]:
             proc.stop()
         servers.stop()
         _drop_database(database_url)
-        import shutil
-
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -214,6 +213,49 @@ def test_a_fine_tuned_model_is_kept_in_the_bucket_and_serves(s3_stack: S3Stack) 
     assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["data"] for o in output), output[0]
     assert [k for k in bucket_keys(s3_stack.endpoint, "files/") if k.endswith(final["output_file_id"])]
     assert not bucket_keys(s3_stack.endpoint, f"batches/{batch['id']}/"), "the batch's work files were removed"
+
+
+def _fine_tune(api: Api, model: str, **hyperparameters: Any) -> str:
+    file_id = api.upload(jsonl(sentiment_rows(80))).json()["id"]
+    job = api.http.post("/v1/fine_tuning/jobs", json={
+        "model": model, "training_file": file_id, "seed": 7,
+        "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate": 3e-3, **hyperparameters}}).json()
+    done = api.wait_status(job["id"], {"succeeded", "failed", "cancelled"}, timeout=240)
+    assert done["status"] == "succeeded", done["error"]
+    fine_tuned: str = done["fine_tuned_model"]
+    return fine_tuned
+
+
+def _classify_in_a_batch(api: Api, model: str, n: int) -> list[dict[str, Any]]:
+    lines = [{"custom_id": f"row-{i}", "method": "POST", "url": "/v1/classifications",
+              "body": {"model": model, "input": row["text"]}} for i, row in enumerate(sentiment_rows(n, seed=5))]
+    batch_file = api.upload(jsonl(lines), purpose="batch", name="batch.jsonl").json()["id"]
+    batch = api.http.post("/v1/batches", json={"input_file_id": batch_file, "endpoint": "/v1/classifications",
+                                                "completion_window": "24h"}).json()
+
+    def finished() -> dict[str, Any] | None:
+        body: dict[str, Any] = api.http.get(f"/v1/batches/{batch['id']}").json()
+        return body if body["status"] in {"completed", "failed", "expired", "cancelled"} else None
+
+    final = wait_until(finished, 180, "the batch to finish", 0.2)
+    assert final["status"] == "completed", final
+    return [json.loads(line) for line in api.http.get(f"/v1/files/{final['output_file_id']}/content").text
+            .splitlines()]
+
+
+def test_a_lora_model_on_a_bucket_model_serves_after_the_cache_is_emptied(s3_stack: S3Stack) -> None:
+    api = s3_stack.api
+    base = _fine_tune(api, "tiny-bert")
+    # LoRA on a fine-tuned model: the adapter's manifest names its base, which lives in the bucket too.
+    adapter = _fine_tune(api, base, lora=True, learning_rate=2e-2)
+    job_id = adapter.rsplit(":", 1)[-1]
+    assert f"jobs/{job_id}/model/.llmos-references.json" in bucket_keys(s3_stack.endpoint, f"jobs/{job_id}/model/")
+
+    # As on a machine that never held either model: both come back from the bucket, the base where the
+    # adapter's manifest now points.
+    shutil.rmtree(s3_stack.home / "cache" / "storage" / "objects", ignore_errors=True)
+    output = _classify_in_a_batch(api, adapter, 5)
+    assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["data"] for o in output), output[0]
 
 
 def test_a_job_resumes_on_another_host_from_the_uploaded_checkpoint(s3_stack: S3Stack) -> None:
