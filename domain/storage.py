@@ -332,8 +332,8 @@ class _Cache:
     """Downloaded objects under ``root``, shared by the processes of one LLMOS_HOME, at most ``max_bytes``
     together: the least recently used are evicted when a download passes the budget.
 
-    An index file under an flock records each entry's size and last use; downloads run outside the lock
-    (into a temp dir) so one large model does not hold up every other read.
+    An index file under an flock records each entry's size; an entry's last use is its mtime. Downloads run
+    outside the lock (into a temp dir) so one large model does not hold up every other read.
     """
 
     def __init__(self, root: Path, max_bytes: int) -> None:
@@ -373,6 +373,12 @@ class _Cache:
                 lock = self._downloading.setdefault(location, threading.Lock())
             with lock:
                 path = self._get(location)
+        # Its last use is its mtime, refreshed here on every use (one syscall), so eviction is least recently
+        # *used*, not least recently downloaded, without writing the shared index on every request. Given
+        # explicitly: the kernel's own timestamps are coarse (milliseconds), and two uses would tie.
+        now = time.time()
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path, (now, now))
         # After the entry is in place (and anything evicted for it is gone): what it refers to may have been
         # evicted since, or never fetched on this machine.
         for referenced in self._references(path).values():
@@ -426,9 +432,15 @@ class _Cache:
         self._seen[location] = path
         return path
 
+    def _last_use(self, location: str, entry: dict[str, float]) -> float:
+        try:
+            return self._path(location).stat().st_mtime
+        except FileNotFoundError:
+            return entry["used"]
+
     def _evict(self, index: dict[str, dict[str, float]], keep: str) -> None:
         total = sum(e["bytes"] for e in index.values())
-        for location, entry in sorted(index.items(), key=lambda item: item[1]["used"]):
+        for location, entry in sorted(index.items(), key=lambda item: self._last_use(*item)):
             if total <= self.max_bytes:
                 break
             if location == keep:

@@ -147,6 +147,37 @@ def test_a_missing_bucket_stops_start_up_naming_the_setting(services: dict[str, 
         unreachable.stderr
 
 
+def test_the_cache_stays_within_its_budget_evicting_the_least_recently_used(
+        s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.settings import get_settings
+    from domain import storage
+    from infra import objectstore
+
+    env = {"LLMOS_HOME": str(tmp_path / "home"), "LLMOS_STORAGE_URL": f"s3://{BUCKET}/cache-test",
+           "LLMOS_S3_ENDPOINT_URL": s3_endpoint, "LLMOS_STORAGE_CACHE_MB": "1", **AWS}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    storage.use_object_store(objectstore.S3ObjectStore)
+    try:
+        locations = []
+        for i in range(3):
+            source = tmp_path / f"object-{i}"
+            source.write_bytes(bytes([i]) * 400_000)
+            locations.append(storage.publish(source, f"files/t/object-{i}"))
+        first, second = storage.materialize(locations[0]), storage.materialize(locations[1])
+        storage.materialize(locations[0])  # used again: the second is now the least recently used
+        third = storage.materialize(locations[2])
+        assert first.exists() and third.exists() and not second.exists()
+        assert storage.cached_bytes() <= 1024 * 1024
+        assert storage.materialize(locations[1]).read_bytes() == bytes([1]) * 400_000  # fetched again
+        assert storage.cached_bytes() <= 1024 * 1024
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        storage.use_object_store(objectstore.S3ObjectStore)
+
+
 def test_an_upload_lives_in_the_bucket_and_reads_back(s3_stack: S3Stack) -> None:
     content = jsonl(sentiment_rows(12))
     uploaded = s3_stack.api.upload(content)
