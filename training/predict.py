@@ -235,6 +235,12 @@ def group_entities(text: str, words: list[tuple[str, float, int, int]]) -> list[
 
 # The question a generation model answers for zero-shot classification; the label is scored as its answer.
 ZERO_SHOT_QUESTION = "Classify the text as one of: {labels}. Answer with the label only.\n\nText: {text}"
+# Content-free texts (contextual calibration, Zhao et al. 2021): a small model's answers lean towards some
+# labels whatever the text (smollm2-135m-instruct said "positive" to 864 of SST-2 dev's 872 sentences,
+# accuracy 0.52); each label's mean log-likelihood for these texts is that lean, and is subtracted.
+CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
+# Label sets whose lean is kept (a client sends the same labels with every request).
+LABEL_PRIOR_CACHE_SIZE = 256
 
 
 def is_causal_lm(model_dir: Path) -> bool:
@@ -274,6 +280,7 @@ class GenerationPredictor:
         # Chat models may end a turn with a token other than the tokenizer's EOS; stop on all of them.
         self.stop_ids: list[int] = sorted({int(t) for t in [self.tokenizer.eos_token_id, *configured] if t is not None})
         self.lock = threading.RLock()
+        self._label_leans: dict[tuple[str, ...], list[float]] = {}
 
     def generate(
         self,
@@ -337,34 +344,53 @@ class GenerationPredictor:
         """Label each (text, labels) by the likelihood of each label as the model's answer to a question.
 
         The question (`ZERO_SHOT_QUESTION`, in the chat template) lists the labels; each label's score is the
-        probability of its tokens as the start of the answer, and the scores are normalised over the labels:
+        log-probability of its tokens as the start of the answer, less the model's lean towards that label
+        (its mean score for `CONTENT_FREE_TEXTS`), and the scores are normalised over the labels (softmax):
         {"label", "score", "scores"}, the shape of a classifier's answer.
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         with self.lock:
-            sequences: list[tuple[int, int, list[int], list[int]]] = []
-            for i, (text, labels) in enumerate(items):
-                prompt = self.encode_chats([[{"role": "user", "content": ZERO_SHOT_QUESTION.format(
-                    labels=", ".join(labels), text=text)}]])[0]
-                for j, label in enumerate(labels):
-                    answer = list(self.tokenizer(label, add_special_tokens=False)["input_ids"])
-                    if self.context_length is not None and len(prompt) + len(answer) > self.context_length:
-                        raise ValueError(f"input {i}: the text and its question have {len(prompt)} tokens, more "
-                                         f"than the model's context of {self.context_length} leaves for a label")
-                    sequences.append((i, j, prompt, answer))
-            log_likelihood = [[0.0] * len(labels) for _, labels in items]
-            for start in range(0, len(sequences), batch_size):
-                chunk = sequences[start : start + batch_size]
-                for (i, j, _, _), value in zip(chunk, self._answer_log_likelihoods(chunk), strict=True):
-                    log_likelihood[i][j] = value
+            scores = self._log_likelihoods(items, batch_size)
+            leans = {labels: self._label_lean(labels, batch_size) for labels in {labels for _, labels in items}}
         results = []
-        for (_, labels), values in zip(items, log_likelihood, strict=True):
-            probabilities = torch.tensor(values).softmax(dim=-1).tolist()
+        for (_, labels), values in zip(items, scores, strict=True):
+            lean = leans[labels]
+            probabilities = torch.tensor([v - b for v, b in zip(values, lean, strict=True)]).softmax(dim=-1).tolist()
             best = max(range(len(labels)), key=probabilities.__getitem__)
             results.append({"label": labels[best], "score": float(probabilities[best]),
                             "scores": {label: float(p) for label, p in zip(labels, probabilities, strict=True)}})
         return results
+
+    def _label_lean(self, labels: tuple[str, ...], batch_size: int) -> list[float]:
+        """Each label's mean log-likelihood for the content-free texts (cached per label set)."""
+        lean = self._label_leans.get(labels)
+        if lean is None:
+            free = self._log_likelihoods([(text, labels) for text in CONTENT_FREE_TEXTS], batch_size)
+            lean = [sum(column) / len(free) for column in zip(*free, strict=True)]
+            self._label_leans[labels] = lean
+            while len(self._label_leans) > LABEL_PRIOR_CACHE_SIZE:
+                self._label_leans.pop(next(iter(self._label_leans)))
+        return lean
+
+    def _log_likelihoods(self, items: list[tuple[str, tuple[str, ...]]], batch_size: int) -> list[list[float]]:
+        """log p(label | question about the text) of each item's labels (call with the lock held)."""
+        sequences: list[tuple[int, int, list[int], list[int]]] = []
+        for i, (text, labels) in enumerate(items):
+            prompt = self.encode_chats([[{"role": "user", "content": ZERO_SHOT_QUESTION.format(
+                labels=", ".join(labels), text=text)}]])[0]
+            for j, label in enumerate(labels):
+                answer = list(self.tokenizer(label, add_special_tokens=False)["input_ids"])
+                if self.context_length is not None and len(prompt) + len(answer) > self.context_length:
+                    raise ValueError(f"input {i}: the text and its question have {len(prompt)} tokens, more "
+                                     f"than the model's context of {self.context_length} leaves for a label")
+                sequences.append((i, j, prompt, answer))
+        log_likelihood = [[0.0] * len(labels) for _, labels in items]
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            for (i, j, _, _), value in zip(chunk, self._answer_log_likelihoods(chunk), strict=True):
+                log_likelihood[i][j] = value
+        return log_likelihood
 
     def _answer_log_likelihoods(self, chunk: list[tuple[int, int, list[int], list[int]]]) -> list[float]:
         """log p(answer | prompt) of each (_, _, prompt, answer), in one left-padded forward pass.

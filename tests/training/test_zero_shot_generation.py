@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.base_models import BaseModelInfo
-from training.predict import ZERO_SHOT_QUESTION, GenerationPredictor, is_causal_lm
+from training.predict import CONTENT_FREE_TEXTS, ZERO_SHOT_QUESTION, GenerationPredictor, is_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def _likelihood_alone(predictor: GenerationPredictor, text: str, labels: tuple[s
     return sum(float(log_probs[len(prompt) - 1 + t, token]) for t, token in enumerate(answer))
 
 
-def test_label_scores_are_the_answers_likelihoods_normalised_over_the_labels(gpt2: GenerationPredictor) -> None:
+def test_label_scores_are_calibrated_answer_likelihoods_normalised_over_the_labels(gpt2: GenerationPredictor) -> None:
     items = [("the film was a delight", ("positive", "negative")),
              ("a much longer review that goes on about the plot and the acting for a while", ("good", "bad", "so-so")),
              ("short", ("sports news", "cooking"))]
@@ -36,7 +36,11 @@ def test_label_scores_are_the_answers_likelihoods_normalised_over_the_labels(gpt
     results = gpt2.zero_shot(items, batch_size=2)
     for (text, labels), result in zip(items, results, strict=True):
         assert list(result["scores"]) == list(labels)
-        expected = torch.tensor([_likelihood_alone(gpt2, text, labels, label) for label in labels]).softmax(-1)
+        # Each label's log-likelihood less the model's lean towards it (its mean for content-free texts).
+        lean = [sum(_likelihood_alone(gpt2, free, labels, label) for free in CONTENT_FREE_TEXTS)
+                / len(CONTENT_FREE_TEXTS) for label in labels]
+        expected = torch.tensor([_likelihood_alone(gpt2, text, labels, label) - b
+                                 for label, b in zip(labels, lean, strict=True)]).softmax(-1)
         for label, p in zip(labels, expected.tolist(), strict=True):
             assert math.isclose(result["scores"][label], p, abs_tol=1e-4), (label, result["scores"], p)
         assert result["label"] == max(labels, key=lambda label: result["scores"][label])
