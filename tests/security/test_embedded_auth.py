@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 import redis
 
-from ops.embedded import EmbeddedServer, start_postgres, start_redis, stop_server
+from ops.embedded import EmbeddedServer, cluster_dir, start_postgres, start_redis, stop_server
 
 
 def _connect(port: int, password: str | None) -> None:
@@ -46,7 +46,7 @@ def test_a_cluster_made_with_trust_auth_requires_the_password_from_its_next_star
     servers.append(pg)
     stop_server(pg)
     # As clusters were made before passwords were required: anyone on 127.0.0.1 was trusted.
-    hba = data_dir / "pg_hba.conf"
+    hba = cluster_dir(data_dir) / "pg_hba.conf"
     hba.write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
 
     again = start_postgres(data_dir)
