@@ -177,7 +177,11 @@ def publish(local: Path, key: str) -> str:
     store = object_store()
     full = store.prefix + key
     if local.is_dir():
+        marker_key = f"{full}/{PUBLISHED_MARKER}"
         stale = {k for k, _ in store.list_objects(full + "/")}
+        if marker_key in stale:
+            # Replaced: readers must not take the old marker for the new files' (half uploaded) directory.
+            store.delete([marker_key])
         uploaded = set()
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
             name = f"{full}/{path.relative_to(local).as_posix()}"
@@ -185,32 +189,33 @@ def publish(local: Path, key: str) -> str:
             uploaded.add(name)
         marker = Path(tempfile.mkstemp(prefix="llmos-marker-")[1])
         try:
-            store.upload(marker, f"{full}/{PUBLISHED_MARKER}")
+            store.upload(marker, marker_key)
         finally:
             marker.unlink(missing_ok=True)
-        store.delete(sorted(stale - uploaded - {f"{full}/{PUBLISHED_MARKER}"}))
+        store.delete(sorted(stale - uploaded - {marker_key}))
         return _url(key, directory=True)
     store.upload(local, full)
     local.unlink(missing_ok=True)
     return _url(key)
 
 
-def note_reference(directory: Path, file_name: str, field: str, location: str) -> None:
+def note_reference(directory: Path, file_name: str, field: str, referenced: str) -> None:
     """Record, before ``directory`` is published, that ``field`` of the JSON file ``file_name`` in it names the
-    stored directory at ``location`` (`REFERENCES_FILE`)."""
+    stored directory at location ``referenced`` (`REFERENCES_FILE`)."""
     path = directory / REFERENCES_FILE
     references = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    references.setdefault(file_name, {})[field] = location
+    references.setdefault(file_name, {})[field] = referenced
     path.write_text(json.dumps(references, indent=2), encoding="utf-8")
 
 
-def is_stored_remotely(location: str) -> bool:
-    return location.startswith(S3_SCHEME)
+def is_stored_remotely(stored_at: str) -> bool:
+    """True for a location in object storage, False for a local path."""
+    return stored_at.startswith(S3_SCHEME)
 
 
 def delete(location: str) -> None:
     """Remove a file or directory at ``location`` (a missing one is no error)."""
-    if not location.startswith(S3_SCHEME):
+    if not is_stored_remotely(location):
         path = Path(location)
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -239,7 +244,7 @@ def delete_key(key: str) -> None:
 def materialize(location: str) -> Path:
     """A local path holding the bytes at ``location``: the path itself for local storage, else a copy in this
     machine's cache (downloaded on first use). Raises FileNotFoundError when nothing is stored there."""
-    if not location.startswith(S3_SCHEME):
+    if not is_stored_remotely(location):
         return Path(location)
     return _cache().get(location)
 
@@ -253,12 +258,12 @@ def publish_checkpoint(job_id: str, checkpoint: Path) -> str:
     if not remote():
         return str(checkpoint)
     prefix = f"{job_key(job_id)}/checkpoints"
-    location = publish(checkpoint, f"{prefix}/{checkpoint.name}")
+    published = publish(checkpoint, f"{prefix}/{checkpoint.name}")
     kept = {p.name for p in checkpoint.parent.iterdir()}
     for name in _published_dirs(prefix):
         if name not in kept:
             delete_key(f"{prefix}/{name}")
-    return location
+    return published
 
 
 def restore_checkpoint(job_id: str, checkpoint_dir: Path, step_of: Callable[[str], int | None]) -> Path | None:
