@@ -244,7 +244,7 @@ class LocalRunner:
 
         # Online generation: one continuously batched decode loop per model.
         self.decoders = DecodeLoops(settings.inference_max_batch_size, publish=_publish_chunks,
-                                    record=self.batch_sizes.add)
+                                    record=self.batch_sizes.add, prepare=partial(_configure_cpu, self.torch_threads))
         # Where generation requests are tokenised and checked, and their model loaded, before they join a
         # decode loop: not on the thread that hands in calls, which must not stall behind a model load.
         self._admissions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admit")
@@ -318,6 +318,12 @@ class LocalRunner:
 
 
 GENERATION_METHODS = ("generate", "chat")
+
+
+def _configure_cpu(threads: int) -> None:
+    from training.devices import configure_cpu
+
+    configure_cpu(threads)
 
 
 def _settle(outer: Future[list[Any]], inner: Future[Any]) -> None:

@@ -143,8 +143,11 @@ class DecodeLoop:
     """
 
     def __init__(self, name: str, predictor: Any, max_rows: int, idle_s: float = 60.0,
-                 publish: Publish | None = None, record: Callable[[int], None] | None = None) -> None:
+                 publish: Publish | None = None, record: Callable[[int], None] | None = None,
+                 prepare: Callable[[], None] | None = None) -> None:
         self.name = name
+        # Run first on the loop's thread: CPU settings that are per thread (denormal flushing).
+        self.prepare = prepare
         # Told each decode step's rows (the workers' forward-pass size histogram).
         self.record = record
         self.predictor = predictor
@@ -188,6 +191,8 @@ class DecodeLoop:
     # --- the loop ---
 
     def _loop(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
         while True:
             admitted = self._admit()
             if admitted is None:
@@ -294,7 +299,10 @@ class DecodeLoop:
         """Sample every row's next token, finish the rows that end, and run one decode step for the rest."""
         assert self._mask is not None and self._logits is not None
         predictor = self.predictor
-        tokens = [sample(self._logits[i], row.request.temperature, row.request.top_p, row.request.generator)
+        # Greedy rows in one argmax over the batch; sampled rows one by one, each with its own settings.
+        greedy = self._logits.argmax(dim=-1).tolist()
+        tokens = [greedy[i] if row.request.temperature < GREEDY_BELOW_TEMPERATURE
+                  else sample(self._logits[i], row.request.temperature, row.request.top_p, row.request.generator)
                   for i, row in enumerate(self._rows)]
         self.widest = max(self.widest, len(self._rows))
         now = time.monotonic()
@@ -405,11 +413,12 @@ class DecodeLoops:
     """One live `DecodeLoop` per model, started on first use and replaced after it closes for idleness."""
 
     def __init__(self, max_rows: int, idle_s: float = 60.0, publish: Publish | None = None,
-                 record: Callable[[int], None] | None = None) -> None:
+                 record: Callable[[int], None] | None = None, prepare: Callable[[], None] | None = None) -> None:
         self.max_rows = max_rows
         self.idle_s = idle_s
         self.publish = publish
         self.record = record
+        self.prepare = prepare
         self._loops: dict[Hashable, DecodeLoop] = {}
         self._lock = threading.Lock()
 
@@ -421,7 +430,8 @@ class DecodeLoops:
                 if loop is None or loop.closed or loop.predictor is not predictor:
                     # A model reloaded since (evicted, then asked for again) gets a loop of its own; the old
                     # loop finishes what it holds and closes when idle.
-                    loop = DecodeLoop(str(key), predictor, self.max_rows, self.idle_s, self.publish, self.record)
+                    loop = DecodeLoop(str(key), predictor, self.max_rows, self.idle_s, self.publish, self.record,
+                                      self.prepare)
                     self._loops[key] = loop
             future = loop.submit(request)
             if future is not None:
