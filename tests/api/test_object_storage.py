@@ -8,6 +8,7 @@ killed must resume on a worker with a different LLMOS_HOME from the checkpoint i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -33,30 +34,38 @@ PREFIX = "deploy-1"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+@contextlib.contextmanager
+def moto_server(**env: str) -> Iterator[str]:
+    """moto's S3 server (its server mode, a real HTTP endpoint) as a subprocess on a free port; its URL."""
+    port = free_port()
+    with tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log") as log:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        endpoint = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            if server.poll() is not None:
+                raise AssertionError(f"moto_server exited:\n{Path(log.name).read_text()}")
+            try:
+                return httpx.get(f"{endpoint}/moto-api/", timeout=1).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(up, 30, "moto_server to answer")
+            yield endpoint
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(10)
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server as a subprocess on a free port, with an empty bucket."""
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # noqa: SIM115
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if server.poll() is not None:
-            raise AssertionError(f"moto_server exited:\n{Path(log.name).read_text()}")
-        try:
-            return httpx.get(f"{endpoint}/moto-api/", timeout=1).status_code < 500
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, 30, "moto_server to answer")
-    boto3.client("s3", endpoint_url=endpoint, **_aws()).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(10)
-    log.close()
-    Path(log.name).unlink(missing_ok=True)
+    """moto's S3 server with an empty bucket."""
+    with moto_server() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint, **_aws()).create_bucket(Bucket=BUCKET)
+        yield endpoint
 
 
 def _aws() -> dict[str, str]:
@@ -132,7 +141,8 @@ def s3_stack(services: dict[str, str], s3_endpoint: str) -> Iterator[S3Stack]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def test_a_missing_bucket_stops_start_up_naming_the_setting(services: dict[str, str], s3_endpoint: str) -> None:
+def test_a_bad_bucket_endpoint_or_key_stops_start_up_naming_the_setting(services: dict[str, str],
+                                                                          s3_endpoint: str) -> None:
     env = {"LLMOS_DATABASE_URL": services["LLMOS_DATABASE_URL"], "LLMOS_HOME": services["home"],
            "LLMOS_STORAGE_URL": "s3://no-such-bucket/x", "LLMOS_S3_ENDPOINT_URL": s3_endpoint, **AWS}
     refused = _llmos(env, "migrate")
@@ -145,6 +155,13 @@ def test_a_missing_bucket_stops_start_up_naming_the_setting(services: dict[str, 
     assert unreachable.returncode != 0
     assert "LLMOS_S3_ENDPOINT_URL" in unreachable.stderr and "cannot reach" in unreachable.stderr, \
         unreachable.stderr
+
+    # A server that checks signatures against its own (empty) set of users: our keys are unknown to it.
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as checking:
+        refused = _llmos({**env, "LLMOS_STORAGE_URL": f"s3://{BUCKET}/x", "LLMOS_S3_ENDPOINT_URL": checking},
+                         "migrate")
+    assert refused.returncode != 0
+    assert "refused these credentials" in refused.stderr and "AWS_ACCESS_KEY_ID" in refused.stderr, refused.stderr
 
 
 def test_the_cache_stays_within_its_budget_evicting_the_least_recently_used(
