@@ -80,8 +80,9 @@ def bucket_keys(endpoint: str, prefix: str = "") -> list[str]:
 
 
 class S3Stack:
-    def __init__(self, endpoint: str, env: dict[str, str], procs: dict[str, Process], url: str, key: str) -> None:
-        self.endpoint, self.env, self.procs, self.url = endpoint, env, procs, url
+    def __init__(self, endpoint: str, env: dict[str, str], procs: dict[str, Process], url: str, key: str,
+                 log_dir: Path) -> None:
+        self.endpoint, self.env, self.procs, self.url, self.log_dir = endpoint, env, procs, url, log_dir
         self.api = Api(url, key)
         self.home = Path(env["LLMOS_HOME"])
 
@@ -117,8 +118,9 @@ def s3_stack(services: dict[str, str], s3_endpoint: str) -> Iterator[S3Stack]:
                          "files,fine_tuning,batches,inference", "--json")
         assert created.returncode == 0, created.stderr
         key = json.loads(created.stdout)["key"]
-        log_dir = home / "logs"
-        log_dir.mkdir()
+        # Beside the suite's own logs (pytest keeps them), not in the scratch dir removed at the end.
+        log_dir = Path(services["home"]) / "logs" / "object-storage"
+        log_dir.mkdir(parents=True, exist_ok=True)
         procs.update({role: Process(f"s3-{role}", deployment.argv(role), env, log_dir)
                       for role in ("api", "worker-gpu", "worker-inference", "worker-cpu", "beat")})
         url = f"http://127.0.0.1:{env['LLMOS_API_PORT']}"
@@ -132,7 +134,7 @@ def s3_stack(services: dict[str, str], s3_endpoint: str) -> Iterator[S3Stack]:
                 return False
 
         wait_until(api_up, 90, "the object-storage stack's API")
-        yield S3Stack(s3_endpoint, env, procs, url, key)
+        yield S3Stack(s3_endpoint, env, procs, url, key, log_dir)
     finally:
         for proc in procs.values():
             proc.stop()
@@ -325,9 +327,8 @@ def test_a_job_resumes_on_another_host_from_the_uploaded_checkpoint(s3_stack: S3
     # Another machine: nothing of host A's LLMOS_HOME, only the database, the broker and the bucket.
     home_b = s3_stack.home.parent / "home-b"
     home_b.mkdir()
-    (home_b / "logs").mkdir()
     env_b = {**s3_stack.env, "LLMOS_HOME": str(home_b)}
-    s3_stack.procs["worker-gpu"] = Process("s3-worker-gpu-b", worker_a.argv, env_b, home_b / "logs")
+    s3_stack.procs["worker-gpu"] = Process("s3-worker-gpu-b", worker_a.argv, env_b, s3_stack.log_dir)
     worker_a.stop()
 
     resumed = wait_until(lambda: [m for m in api.messages(job["id"]) if m.startswith("resumed from checkpoint")],
@@ -340,5 +341,5 @@ def test_a_job_resumes_on_another_host_from_the_uploaded_checkpoint(s3_stack: S3
     keys = bucket_keys(s3_stack.endpoint, f"jobs/{job['id']}/")
     assert f"jobs/{job['id']}/model/.published" in keys
     # Host B downloaded the checkpoint from the bucket (host A's disk is not B's to read).
-    log_b = (home_b / "logs" / "s3-worker-gpu-b.log").read_text()
+    log_b = (s3_stack.log_dir / "s3-worker-gpu-b.log").read_text()
     assert f"restored checkpoint checkpoint-{resumed_step} of {job['id']}" in log_b, log_b[-3000:]
