@@ -106,6 +106,18 @@ def object_store() -> ObjectStore:
         return _store
 
 
+def check_object_store() -> None:
+    """Open and check the bucket of ``LLMOS_STORAGE_URL`` without keeping the client: a process about to fork
+    (a prefork worker, an API with several processes) must not hand one connection pool to its children."""
+    settings = get_settings()
+    if settings.storage_url is None:
+        return
+    if _store_factory is None:
+        raise StorageError("LLMOS_STORAGE_URL is set, but this process installed no object store "
+                           "(import infra.objectstore)")
+    _store_factory(settings.storage_url, settings.s3_endpoint_url).check()
+
+
 # --- keys and locations -------------------------------------------------------------------------------
 
 

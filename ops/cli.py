@@ -61,11 +61,10 @@ def check_storage() -> None:
     from domain import storage
     from infra import objectstore  # noqa: F401  (installs the boto3 adapter)
 
-    if storage.remote():
-        try:
-            storage.object_store()
-        except storage.StorageError as exc:
-            raise SystemExit(f"error: {exc}") from None
+    try:
+        storage.check_object_store()
+    except storage.StorageError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def cmd_migrate(_: argparse.Namespace) -> None:
