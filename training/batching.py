@@ -48,6 +48,23 @@ def epoch_batches(
     return [batches[i] for i in shuffled]
 
 
+def shard_rows(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Return rank `rank`'s contiguous share of one global batch's rows; shares differ by at most one row.
+
+    An item that is a list is a batch grouped ahead of time (generation's `GroupedBatches`, where a step's
+    global batch is one such item), so its rows are what is shared out. Earlier ranks take the extra rows,
+    so rank 0 never gets an empty share of a non-empty batch; later ranks may when a batch has fewer rows
+    than there are ranks. Contiguous shares of a length-sorted batch pad less than strided ones, and a step
+    waits for its slowest rank either way: the one holding the longest rows, padded to the same width.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    rows = [row for item in items for row in (item if isinstance(item, list) else [item])]
+    base, extra = divmod(len(rows), world_size)
+    start = rank * base + min(rank, extra)
+    return rows[start : start + base + (1 if rank < extra else 0)]
+
+
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
     """Return the share of padded positions over all batches (each padded to its longest row)."""
     padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
