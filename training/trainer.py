@@ -5,6 +5,13 @@ caller gives each row's length; see ``training.batching``), so a resumed run reb
 skips straight to the batch it stopped at. A checkpoint holds everything the loop needs
 (weights, optimizer, scheduler, RNG states, counters), so a paused-then-resumed run ends with the same
 weights as an uninterrupted one.
+
+Data-parallel: in a process group of N ranks (see ``training.distributed``), every rank draws the same
+global batches and trains on its share of each (``shard_rows``); the reduced gradient is the one a single
+process computes for the whole batch, so the batch size, the learning-rate schedule and the global steps
+are a single run's, and a checkpoint resumes at any N. Rank 0 alone evaluates, writes checkpoints (of the
+unwrapped model) and fires callbacks; its should_stop answer is broadcast, so every rank stops at the same
+step. Alone, a process runs exactly the single-process code.
 """
 
 from __future__ import annotations
@@ -20,16 +27,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_model
 from transformers import get_linear_schedule_with_warmup, set_seed
 
-from training.batching import epoch_batches
+from training.batching import epoch_batches, shard_rows
 from training.callbacks import StepState, StopReason, TrainingCallbacks
 from training.devices import autocast_dtype, pick_device
+from training.distributed import DataParallel
 from training.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,8 @@ _TMP_PREFIX = ".tmp-checkpoint-"
 _STATE_FILE = "trainer_state.json"
 # Written last, so its presence marks a complete checkpoint even without the atomic rename.
 _COMPLETE_MARKER = _STATE_FILE
+# Labels a loss ignores (transformers' convention): padding and prompt tokens.
+_IGNORE_INDEX = -100
 
 Metrics = dict[str, float]
 Evaluate = Callable[[torch.nn.Module], Metrics]
@@ -116,6 +126,16 @@ class _LoopState:
     length_grouped: bool = False
 
 
+class _StepShare(NamedTuple):
+    """What one rank's share of a step contributed, gathered from every rank to make the step's totals."""
+
+    weight: int
+    loss_sum: float
+    tokens: int
+    metric_sums: dict[str, float]
+    has_grad: bytes
+
+
 def checkpoint_step(name: str) -> int | None:
     """The step of a checkpoint directory named ``name``, or None when it is not one."""
     match = _CHECKPOINT_RE.match(name)
@@ -142,7 +162,8 @@ def run_training(
     """Train `model` with AdamW and a linear warmup schedule; stop, checkpoint and resume exactly.
 
     With `lengths` (each row's token count) batches hold rows of similar length, so little compute goes to
-    padding; the batches stay a function of (seed, epoch), so resuming is still exact.
+    padding; the batches stay a function of (seed, epoch), so resuming is still exact. In an initialised
+    process group it trains data-parallel (see the module's docstring); `callbacks` then matter on rank 0 only.
     """
     _check_args(args)
     n_rows = len(train_dataset)
@@ -157,6 +178,9 @@ def run_training(
     total_steps = steps_per_epoch * args.n_epochs
     logging_steps = args.logging_steps or max(1, total_steps // 100)
 
+    world = DataParallel.current(device)
+    lead = world is None or world.rank == 0
+
     model.to(device)
     optimizer = torch.optim.AdamW(
         _param_groups(model, args.weight_decay),
@@ -170,8 +194,10 @@ def run_training(
     amp_dtype = autocast_dtype(device)
     # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(args.checkpoint_dir)
+    if lead:
+        # One writer: the other ranks only read the checkpoint they resume from.
+        args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_dirs(args.checkpoint_dir)
 
     if resume_from is not None:
         state = _restore(resume_from, model, optimizer, scheduler, scaler, args, n_rows)
@@ -179,10 +205,17 @@ def run_training(
             raise ValueError(f"cannot resume from {resume_from}: it trained on length-grouped batches, "
                              "and no row lengths were given")
         log.info("resumed from %s at step %d of %d", resume_from, state.global_step, total_steps)
+        if world is not None and world.rank > 0:
+            _restore_rank_rng(resume_from, world.rank, args.seed)
     else:
         state = _LoopState(length_grouped=lengths is not None)
         # Dropout masks then depend only on the seed, not on what ran before in this process.
         set_seed(args.seed)
+        if world is not None and world.rank > 0:
+            # Its own stream (as accelerate seeds ranks), or its rows would get rank 0's dropout masks.
+            set_seed(args.seed + world.rank)
+    if world is not None:
+        world.broadcast_model(model)
 
     def outcome(completed: bool, reason: StopReason | None, checkpoint: Path | None) -> TrainOutcome:
         return TrainOutcome(
@@ -197,7 +230,11 @@ def run_training(
         )
 
     def checkpoint(metrics: dict[str, Any]) -> Path:
-        path = _save_checkpoint(model, optimizer, scheduler, scaler, state, args, n_rows)
+        # Every rank's RNG state goes into the checkpoint, so a resume with as many ranks is exact.
+        rank_rng = world.gather_to_lead(_rng_state()) if world is not None else None
+        if not lead:
+            return args.checkpoint_dir / f"checkpoint-{state.global_step}"
+        path = _save_checkpoint(model, optimizer, scheduler, scaler, state, args, n_rows, rank_rng)
         callbacks.on_checkpoint(state.global_step, path, metrics)
         return path
 
@@ -210,17 +247,26 @@ def run_training(
         batches = epoch_batches(n_rows, args.batch_size, args.seed, state.epoch_index,
                                 lengths if state.length_grouped else None)
         while state.step_in_epoch < steps_per_epoch:
-            reason = callbacks.should_stop()
+            reason = callbacks.should_stop() if lead else None
+            if world is not None:
+                reason = world.broadcast_stop(reason)
             if reason is not None:
                 log.info("stopping at step %d: %s", state.global_step, reason)
                 if reason in ("cancel", "lost"):
                     return outcome(False, reason, None)
                 return outcome(False, reason, checkpoint({"stop_reason": reason}))
             indices = batches[state.step_in_epoch]
-            batch = collator([train_dataset[i] for i in indices])
-            tokens = _count_tokens(batch)
-            learning_rate = float(optimizer.param_groups[0]["lr"])
-            loss, extra = _train_step(model, batch, optimizer, scheduler, scaler, device, amp_dtype, args)
+            if world is None:
+                batch = collator([train_dataset[i] for i in indices])
+                tokens = _count_tokens(batch)
+                learning_rate = float(optimizer.param_groups[0]["lr"])
+                loss, extra = _train_step(model, batch, optimizer, scheduler, scaler, device, amp_dtype, args)
+            else:
+                learning_rate = float(optimizer.param_groups[0]["lr"])
+                rows = shard_rows([train_dataset[i] for i in indices], world.rank, world.size)
+                loss, extra, tokens = _data_parallel_step(
+                    model, rows, collator, optimizer, scheduler, scaler, device, amp_dtype, args, world
+                )
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"the training loss became {loss} at step {state.global_step + 1}; try a lower learning rate"
@@ -235,25 +281,28 @@ def run_training(
             samples_this_run += len(indices)
             epoch = state.epoch_index + state.step_in_epoch / steps_per_epoch
             elapsed = max(time.perf_counter() - started, 1e-9)
-            callbacks.on_step(
-                StepState(
-                    step=state.global_step,
-                    total_steps=total_steps,
-                    epoch=epoch,
-                    train_loss=loss,
-                    learning_rate=learning_rate,
-                    samples_per_second=samples_this_run / elapsed,
+            if lead:
+                callbacks.on_step(
+                    StepState(
+                        step=state.global_step,
+                        total_steps=total_steps,
+                        epoch=epoch,
+                        train_loss=loss,
+                        learning_rate=learning_rate,
+                        samples_per_second=samples_this_run / elapsed,
+                    )
                 )
-            )
             # The epoch-end row below covers the last step of an epoch.
             if state.global_step % logging_steps == 0 and state.step_in_epoch < steps_per_epoch:
                 row = _history_row(state, epoch, learning_rate)
                 state.history.append(row)
-                callbacks.on_log(state.global_step, epoch,
-                                 {k: v for k, v in row.items() if k not in ("step", "epoch")})
+                if lead:
+                    callbacks.on_log(state.global_step, epoch,
+                                     {k: v for k, v in row.items() if k not in ("step", "epoch")})
 
         row = _history_row(state, float(state.epoch_index + 1), float(optimizer.param_groups[0]["lr"]))
-        if evaluate is not None:
+        # Rank 0's history is the run's; the other ranks wait for it at the checkpoint below.
+        if evaluate is not None and lead:
             model.eval()
             metrics = evaluate(model)
             model.train()
@@ -262,7 +311,8 @@ def run_training(
         state.epoch_index += 1
         state.step_in_epoch = 0
         reported = {k: v for k, v in row.items() if k not in ("step", "epoch")}
-        callbacks.on_evaluate(state.global_step, float(state.epoch_index), reported)
+        if lead:
+            callbacks.on_evaluate(state.global_step, float(state.epoch_index), reported)
         last_checkpoint = checkpoint(reported)
     return outcome(True, None, last_checkpoint)
 
@@ -313,6 +363,78 @@ def _train_step(
     args: TrainArgs,
 ) -> tuple[float, Metrics]:
     """One optimizer step; returns the loss and any `metrics` the model's output carries beside it."""
+    loss, extra = _forward_backward(model, batch, scaler, device, amp_dtype)
+    _optimizer_step(model, optimizer, scheduler, scaler, args)
+    return float(loss.float().item()), extra
+
+
+def _data_parallel_step(
+    model: torch.nn.Module,
+    rows: list[Any],
+    collator: Collator,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    args: TrainArgs,
+    world: DataParallel,
+) -> tuple[float, Metrics, int]:
+    """One optimizer step over this rank's `rows` of the global batch; returns the global batch's loss,
+    metrics and token count, the same on every rank."""
+    weight, loss_sum, tokens, metric_sums = 0, 0.0, 0, {}
+    if rows:
+        batch = collator(rows)
+        tokens = _count_tokens(batch)
+        weight = _loss_weight(batch, len(rows))
+        # A share with nothing to learn (no labelled token) adds nothing, where its NaN mean would poison all.
+        if weight > 0:
+            loss, extra = _forward_backward(model, batch, scaler, device, amp_dtype)
+            loss_sum = float(loss.float().item()) * weight
+            metric_sums = {k: v * weight for k, v in extra.items()}
+    if weight == 0 and scaler is not None:
+        # A loss scaler sets its scale on first use; unscale_ below needs it on a rank that has not scaled yet.
+        scaler.scale(torch.zeros((), device=device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    shares: list[_StepShare] = world.all_gather(
+        _StepShare(weight, loss_sum, tokens, metric_sums, bytes(p.grad is not None for p in params))
+    )
+    total_weight = sum(share.weight for share in shares)
+    total_tokens = sum(share.tokens for share in shares)
+    if total_weight == 0:
+        # As a single process's mean over no targets: NaN, which the loop turns into an error on every rank.
+        optimizer.zero_grad(set_to_none=True)
+        return float("nan"), {}, total_tokens
+    present = [any(share.has_grad[i] for share in shares) for i in range(len(params))]
+    world.reduce_gradients(params, present, weight, total_weight)
+    _optimizer_step(model, optimizer, scheduler, scaler, args)
+    names = sorted({name for share in shares for name in share.metric_sums})
+    metrics = {name: sum(share.metric_sums.get(name, 0.0) for share in shares) / total_weight for name in names}
+    return sum(share.loss_sum for share in shares) / total_weight, metrics, total_tokens
+
+
+def _loss_weight(batch: Mapping[str, Any], n_rows: int) -> int:
+    """How many targets the model's mean loss over `batch` averages: its labelled tokens when labels are
+    per token (NER, generation), else its rows (a class label per row, DPO's pairs).
+
+    Weighting each rank's gradient by this makes the reduced gradient the whole batch's. A causal LM shifts
+    its labels by one, so there it is off by the first position's label: none for prompt/completion and
+    chat rows (a prompt token), one token per plain-text row.
+    """
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.ndim >= 2 and not labels.is_floating_point():
+        return int((labels != _IGNORE_INDEX).sum().item())
+    return n_rows
+
+
+def _forward_backward(
+    model: torch.nn.Module,
+    batch: Mapping[str, Any],
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, Metrics]:
+    """The forward and backward pass of one batch; returns the (detached) loss and the model's metrics."""
     inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         outputs = model(**inputs)
@@ -322,9 +444,22 @@ def _train_step(
         raise ValueError("the model returned no loss; the batch must carry labels")
     if scaler is not None:
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
     else:
         loss.backward()
+    return loss.detach(), {k: float(v) for k, v in (extra or {}).items()}
+
+
+def _optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    args: TrainArgs,
+) -> None:
+    """Clip, step and advance the schedule on the gradients in place (a data-parallel step's reduced ones)."""
+    if scaler is not None:
+        # After the reduction, so an inf on any rank is seen, and the step skipped, on every rank.
+        scaler.unscale_(optimizer)
     if args.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     if scaler is not None:
@@ -334,7 +469,6 @@ def _train_step(
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach().float().item()), {k: float(v) for k, v in (extra or {}).items()}
 
 
 def _history_row(state: _LoopState, epoch: float, learning_rate: float) -> dict[str, Any]:
@@ -377,6 +511,7 @@ def _save_checkpoint(
     state: _LoopState,
     args: TrainArgs,
     n_rows: int,
+    rank_rng: Sequence[dict[str, Any]] | None = None,
 ) -> Path:
     final = args.checkpoint_dir / f"checkpoint-{state.global_step}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{state.global_step}-", dir=args.checkpoint_dir))
@@ -387,6 +522,9 @@ def _save_checkpoint(
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
+        # Rank 0's state is rng.pt above, where a single process keeps its own.
+        for rank, rng in list(enumerate(rank_rng or []))[1:]:
+            torch.save(rng, tmp / _rank_rng_file(rank))
         trainer_state = {
             "global_step": state.global_step,
             "epoch": state.epoch_index + state.step_in_epoch / math.ceil(n_rows / args.batch_size),
@@ -403,6 +541,9 @@ def _save_checkpoint(
             "n_epochs": args.n_epochs,
             "seed": args.seed,
         }
+        if rank_rng is not None:
+            # Informational: a checkpoint resumes at any process count.
+            trainer_state["processes"] = len(rank_rng)
         (tmp / _STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
         replace_dir(tmp, final)
     except BaseException:
@@ -478,6 +619,20 @@ def _set_rng_state(saved: dict[str, Any]) -> None:
     cuda_states = saved.get("cuda") or []
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _rank_rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def _restore_rank_rng(path: Path, rank: int, seed: int) -> None:
+    """A rank above 0 continues its own stream when the checkpoint holds it (written by as many ranks or
+    more), else starts a stream of its own; rank 0's, the single-process one, `_restore` already set."""
+    saved = path / _rank_rng_file(rank)
+    if saved.is_file():
+        _set_rng_state(torch.load(saved, map_location="cpu", weights_only=True))
+    else:
+        set_seed(seed + rank)
 
 
 def _restore(
