@@ -20,7 +20,7 @@ from api.boundary import read, read_rows
 from api.deps import Principal, charge, require
 from api.errors import APIError, JSONBody
 from core import ids
-from core.clock import utcnow
+from core.clock import unix, utcnow
 from core.settings import get_settings
 from db import aio, inferences
 from domain import dispatch, serving
@@ -133,9 +133,16 @@ async def run_inference(
     in time; a failed inference raises its APIError. While it waits the request holds no thread and no
     database connection: only its coroutine and a Redis connection blocked in BLPOP.
     """
-    inference_id = await _enqueue(principal, endpoint, model, payload)
+    new = await _enqueue(principal, endpoint, model, payload)
+    inference_id, wait = new.id, _wait_seconds(request)
+    if wait <= 0:
+        # Submit, then poll (`Prefer: wait=0`): the handle as sent, without reading the row back. Reading it
+        # would cost a query per submission and answer 200 or 202 depending on how fast the worker was.
+        return None, {"id": inference_id, "object": "inference", "status": "queued", "endpoint": endpoint,
+                      "model": model, "created_at": unix(new.created_at), "finished_at": None, "response": None,
+                      "error": None}
     try:
-        reply = await replies.wait_reply_async(inference_id, _wait_seconds(request))
+        reply = await replies.wait_reply_async(inference_id, wait)
     except redis.RedisError:
         # The request is queued; only the fast path is gone. The caller polls the row instead.
         log.warning("reply channel of %s unavailable; answering with the handle", inference_id)
@@ -150,13 +157,13 @@ async def run_inference(
     return response, {}
 
 
-async def _enqueue(principal: Principal, endpoint: str, model: str, payload: dict[str, Any]) -> str:
-    """Persist the request and send it to the inference queue; its ID (503 when the broker is down)."""
-    inference_id = ids.new_id(ids.INFERENCE)
-    new = inferences.NewRequest(inference_id, principal.tenant_id, endpoint, model, payload, utcnow())
+async def _enqueue(principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
+                   ) -> inferences.NewRequest:
+    """Persist the request and send it to the inference queue (503 when the broker is down)."""
+    new = inferences.NewRequest(ids.new_id(ids.INFERENCE), principal.tenant_id, endpoint, model, payload, utcnow())
     if not await SENDS.send(new):
         raise APIError(503, BROKER_DOWN, type_="server_error", code="broker_unavailable", headers={"Retry-After": "5"})
-    return inference_id
+    return new
 
 
 def _raise_failure(reply: dict[str, Any]) -> None:
@@ -243,7 +250,7 @@ async def stream(request: Request, principal: Principal, endpoint: str, model: s
     """
     estimate = estimated_tokens(endpoint, payload)
     await charge(request, principal.tenant_id, "tpm", principal.tpm, estimate)
-    inference_id = await _enqueue(principal, endpoint, model, payload)
+    inference_id = (await _enqueue(principal, endpoint, model, payload)).id
     wait = _wait_seconds(request)
     first = await _next_streamed(inference_id, wait)
     if first is None:

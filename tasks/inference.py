@@ -22,7 +22,7 @@ from core.clock import utcnow
 from core.settings import get_settings
 from db import inferences
 from db.session import relaxed_engine
-from domain import dispatch
+from domain import dispatch, storage
 from domain.batching import BatcherRegistry
 from domain.serving import EMBEDDINGS, TASK_FORGET_MODEL, ZERO_SHOT
 from infra import cache, replies
@@ -172,7 +172,12 @@ def _start(claim: inferences.Claim) -> Future[list[Any]] | dict[str, Any]:
     try:
         if not claim.servable() or claim.model_path is None:
             raise LookupError(f"model '{claim.model_id}' no longer exists")
-        return serving.runner().submit(model_call(claim.endpoint, claim.model_id, claim.model_path, claim.request,
+        # A model kept in object storage is read from this machine's cache (downloaded on first use).
+        try:
+            model_path = storage.materialize(claim.model_path)
+        except FileNotFoundError:
+            raise LookupError(f"model '{claim.model_id}' no longer exists") from None
+        return serving.runner().submit(model_call(claim.endpoint, claim.model_id, str(model_path), claim.request,
                                                   claim.id, claim.tenant_id))
     except Exception as exc:
         return _failed(claim, exc)

@@ -87,8 +87,10 @@ def test_generation_trains_and_answers_through_the_openai_sdk(api: Api, api_url:
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
     assert chat.usage is not None and chat.usage.completion_tokens <= 5
 
-    refused = api.http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "x", "stream": True})
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+    # Streaming is offered (tests/api/test_streaming.py); its options are checked like any field.
+    refused = api.http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "x", "stream": True,
+                                                     "stream_options": {"include_usage": True, "chunk_size": 4}})
+    assert refused.status_code == 400 and "stream_options" in refused.json()["error"]["param"], refused.text
     wrong = api.http.post("/v1/completions", json={"model": "tiny-bert", "prompt": "x"})
     assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "unsupported_task"
 
