@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -76,6 +77,8 @@ class Outage:
         self.supervisor.stop()
         for server in (self.redis, self.pg):
             stop_server(server)
+        # With it goes, as root, its cluster in the embedded servers' area (tests/conftest.py prunes those).
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture

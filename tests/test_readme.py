@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,3 +90,5 @@ def test_quickstart_runs_against_llmos_up() -> None:
     servers = [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
     assert servers == []
     assert up.returncode == 0, out_path.read_text()[-3000:]
+    # Kept when the test fails, for its logs; as root its cluster goes with it (tests/conftest.py prunes those).
+    shutil.rmtree(home, ignore_errors=True)
