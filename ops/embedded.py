@@ -230,7 +230,8 @@ def cluster_dir(data_dir: Path) -> Path:
 
 def remove_orphan_clusters() -> list[Path]:
     """Delete root's relocated clusters whose data directory's parent no longer exists (its LLMOS_HOME was
-    removed); the deleted cluster directories. Clusters of a home that still exists are never touched."""
+    removed), and binary copies whose bundle is gone (its venv was removed); the deleted directories.
+    Clusters of a home that still exists are never touched."""
     removed: list[Path] = []
     if not ROOT_AREA.is_dir():
         return removed
@@ -264,6 +265,7 @@ def _server_bin_dir(account: pwd.struct_passwd | None) -> Path:
             if libs.is_dir():
                 shutil.copytree(libs, staging / libs.name, symlinks=True)
             _make_readable(staging)
+            (staging / ORIGIN_FILE).write_text(f"{bundled}\n")  # the bundle it copies, for pruning
             shutil.rmtree(copy, ignore_errors=True)  # a copy interrupted before its postgres was in place
             os.replace(staging, copy)
         finally:
