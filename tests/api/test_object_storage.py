@@ -265,7 +265,7 @@ def test_a_fine_tuned_model_is_kept_in_the_bucket_and_serves(s3_stack: S3Stack) 
     assert not bucket_keys(s3_stack.endpoint, f"batches/{batch['id']}/"), "the batch's work files were removed"
 
     # Online too: the inference worker reads the model from its cache of the bucket, with the batch's answers.
-    online = api.http.post("/v1/classifications", json={"model": model, "input": lines[0]["body"]["input"]},
+    online = api.http.post("/v1/classifications", json={"model": model, "input": sentiment_rows(30, seed=3)[0]["text"]},
                            headers={"Cache-Control": "no-cache"})
     assert online.status_code == 200, online.text
     assert online.json()["data"][0]["label"] == output[0]["response"]["body"]["data"][0]["label"]
