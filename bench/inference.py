@@ -311,9 +311,7 @@ def decode_admissions(log: Path, model_id: str, since: int = 0) -> dict[str, flo
     """How requests joined `model_id`'s decode batch (the worker logs each admission) after byte `since`."""
     import re
 
-    with log.open("rb") as f:
-        f.seek(since)
-        text = f.read().decode(errors="replace")
+    text = log_since(log, since)
     found = [(int(m[1]), int(m[2])) for m in re.finditer(
         rf"decode {re.escape(model_id)}: (\d+) requests \(\d+ sequences\) joined (\d+) in flight", text)]
     if not found:
@@ -413,13 +411,18 @@ def log_size(log: Path) -> int:
     return log.stat().st_size if log.exists() else 0
 
 
+def log_since(log: Path, since: int) -> str:
+    """A log's text after byte `since`."""
+    with log.open("rb") as f:
+        f.seek(since)
+        return f.read().decode(errors="replace")
+
+
 def batch_sizes(log: Path, model_id: str, since: int = 0) -> dict[str, float]:
     """Requests per forward pass the worker logged for `model_id` (its one line per batch) after byte `since`."""
     import re
 
-    with log.open("rb") as f:
-        f.seek(since)
-        text = f.read().decode(errors="replace")
+    text = log_since(log, since)
     found = [(int(m[1]), int(m[2])) for m in re.finditer(
         rf"batch \S+ \S+ {re.escape(model_id)}: (\d+) requests, \d+ inputs, waited \d+ ms, ran (\d+) ms", text)]
     if not found:

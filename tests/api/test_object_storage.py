@@ -245,27 +245,14 @@ def test_a_fine_tuned_model_is_kept_in_the_bucket_and_serves(s3_stack: S3Stack) 
 
     # Served by the inference worker from its cached copy: a batch of 30 lines (two chunks, each published
     # to the bucket and merged by settling).
-    lines = [{"custom_id": f"row-{i}", "method": "POST", "url": "/v1/classifications",
-              "body": {"model": model, "input": row["text"]}} for i, row in enumerate(sentiment_rows(30, seed=3))]
-    batch_file = api.upload(jsonl(lines), purpose="batch", name="batch.jsonl").json()["id"]
-    batch = api.http.post("/v1/batches", json={"input_file_id": batch_file, "endpoint": "/v1/classifications",
-                                                "completion_window": "24h"}).json()
-
-    def finished() -> dict[str, Any] | None:
-        body: dict[str, Any] = api.http.get(f"/v1/batches/{batch['id']}").json()
-        return body if body["status"] in {"completed", "failed", "expired", "cancelled"} else None
-
-    final = wait_until(finished, 180, "the batch to finish", 0.2)
-    assert final["status"] == "completed", final
-    output = [json.loads(line) for line in api.http.get(f"/v1/files/{final['output_file_id']}/content").text
-              .splitlines()]
+    final, output = _classify_in_a_batch(api, model, 30)
     assert [o["custom_id"] for o in output] == [f"row-{i}" for i in range(30)]
     assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["data"] for o in output), output[0]
     assert [k for k in bucket_keys(s3_stack.endpoint, "files/") if k.endswith(final["output_file_id"])]
-    assert not bucket_keys(s3_stack.endpoint, f"batches/{batch['id']}/"), "the batch's work files were removed"
+    assert not bucket_keys(s3_stack.endpoint, f"batches/{final['id']}/"), "the batch's work files were removed"
 
     # Online too: the inference worker reads the model from its cache of the bucket, with the batch's answers.
-    online = api.http.post("/v1/classifications", json={"model": model, "input": sentiment_rows(30, seed=3)[0]["text"]},
+    online = api.http.post("/v1/classifications", json={"model": model, "input": sentiment_rows(30, seed=5)[0]["text"]},
                            headers={"Cache-Control": "no-cache"})
     assert online.status_code == 200, online.text
     assert online.json()["data"][0]["label"] == output[0]["response"]["body"]["data"][0]["label"]
@@ -282,7 +269,8 @@ def _fine_tune(api: Api, model: str, **hyperparameters: Any) -> str:
     return fine_tuned
 
 
-def _classify_in_a_batch(api: Api, model: str, n: int) -> list[dict[str, Any]]:
+def _classify_in_a_batch(api: Api, model: str, n: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A batch of `n` classification lines on `model`, completed: the batch and its output lines."""
     lines = [{"custom_id": f"row-{i}", "method": "POST", "url": "/v1/classifications",
               "body": {"model": model, "input": row["text"]}} for i, row in enumerate(sentiment_rows(n, seed=5))]
     batch_file = api.upload(jsonl(lines), purpose="batch", name="batch.jsonl").json()["id"]
@@ -293,10 +281,10 @@ def _classify_in_a_batch(api: Api, model: str, n: int) -> list[dict[str, Any]]:
         body: dict[str, Any] = api.http.get(f"/v1/batches/{batch['id']}").json()
         return body if body["status"] in {"completed", "failed", "expired", "cancelled"} else None
 
-    final = wait_until(finished, 180, "the batch to finish", 0.2)
+    final: dict[str, Any] = wait_until(finished, 180, "the batch to finish", 0.2)
     assert final["status"] == "completed", final
-    return [json.loads(line) for line in api.http.get(f"/v1/files/{final['output_file_id']}/content").text
-            .splitlines()]
+    return final, [json.loads(line) for line in api.http.get(f"/v1/files/{final['output_file_id']}/content").text
+                   .splitlines()]
 
 
 def test_a_lora_model_on_a_bucket_model_serves_after_the_cache_is_emptied(s3_stack: S3Stack) -> None:
@@ -310,7 +298,7 @@ def test_a_lora_model_on_a_bucket_model_serves_after_the_cache_is_emptied(s3_sta
     # As on a machine that never held either model: both come back from the bucket, the base where the
     # adapter's manifest now points.
     shutil.rmtree(s3_stack.home / "cache" / "storage" / "objects", ignore_errors=True)
-    output = _classify_in_a_batch(api, adapter, 5)
+    _, output = _classify_in_a_batch(api, adapter, 5)
     assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["data"] for o in output), output[0]
 
 
