@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.training.conftest import Recorder, assert_same_weights, sentiment_rows
+from tests.training.test_generation import color_rows
+from training.base_models import BaseModelInfo
 from training.batching import shard_rows
 from training.callbacks import StepState
 from training.classification import (
@@ -31,6 +33,8 @@ from training.classification import (
     train_classification,
 )
 from training.distributed import RankFailed, run_distributed
+from training.generation import GenerationSpec, train_generation
+from training.generation import resolve_hyperparameters as resolve_generation_hyperparameters
 from training.trainer import latest_checkpoint
 
 # 61 rows in batches of 5: per epoch, 12 steps whose shares are 3 and 2 rows and one step of a single row,
@@ -222,6 +226,36 @@ def test_cancel_stops_every_rank_at_the_same_step(dropout_free_bert: Path, tmp_p
     assert len(recorder.steps) == 5 and recorder.checkpoints == []
     assert rank_notes(tmp_path) == [{"step": 5, "completed": False, "stop_reason": "cancel"}] * 2
     assert latest_checkpoint(spec.checkpoint_dir) is None
+
+
+def test_two_processes_train_generation_as_one_does(
+    base_models: dict[str, BaseModelInfo], tmp_path: Path
+) -> None:
+    # A causal LM's loss is a mean over labelled tokens, and one dataset item is a whole pre-grouped batch:
+    # the ranks share out its rows and weigh their gradients by labelled tokens, not rows.
+    base = tmp_path / "tiny-gpt2"
+    shutil.copytree(base_models["tiny-gpt2"].path, base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+    (base / "config.json").write_text(json.dumps(config))
+
+    def spec(work: Path) -> GenerationSpec:
+        rows = color_rows(6)
+        hyperparameters = resolve_generation_hyperparameters(
+            {"learning_rate": 3e-3, "n_epochs": 3, "batch_size": 5}, len(rows)
+        )
+        return GenerationSpec(base_model_dir=base, output_dir=work / "model", checkpoint_dir=work / "checkpoints",
+                              train_rows=rows, eval_rows=color_rows(1), hyperparameters=hyperparameters, seed=0)
+
+    single = train_generation(spec(tmp_path / "one"), Recorder())
+    double = run_distributed(train_generation, spec(tmp_path / "two"), 2, Recorder(),
+                             collective_timeout=COLLECTIVE_TIMEOUT)
+    assert double.outcome.completed and double.outcome.global_step == single.outcome.global_step
+    assert double.outcome.trained_tokens == single.outcome.trained_tokens
+    # Perplexity is exp(loss): its rounding is relative.
+    assert double.metrics == pytest.approx(single.metrics, rel=1e-5, abs=ATOL)
+    for got, want in zip(double.outcome.history, single.outcome.history, strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=ATOL)
 
 
 class KillRank1(Recorder):
