@@ -74,7 +74,7 @@ class RankFailed(RuntimeError):
 def available_processes() -> int:
     """How many ranks this machine can run: one per GPU, or 1 on CPU (a worker's default capacity).
 
-    `torch.cuda.device_count` asks NVML where it can and creates no CUDA context, so a worker's main process
+    `torch.cuda.device_count` asks NVML first, which creates no CUDA context, so a worker's main process
     may call this.
     """
     return torch.cuda.device_count() or 1
@@ -115,29 +115,31 @@ def run_distributed(
                          f"{torch.cuda.device_count()}")
     output_dir = Path(spec.output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Beside the real output, on the same filesystem; created and removed here, so a killed rank leaves none.
-    scratch = {rank: Path(tempfile.mkdtemp(prefix=f".rank{rank}-", dir=output_dir.parent))
-               for rank in range(1, processes)}
-    # The caller hosts the rendezvous store on a port the kernel picks and that stays bound, so no other
-    # process can take it between choosing and binding (the race of probing for a free port), and the store
-    # outlives any rank.
-    store = dist.TCPStore(_LOOPBACK, 0, None, True, timeout=collective_timeout, wait_for_workers=False)
-    launch = _Launch(
-        train=train,
-        spec=spec,
-        resume_from=resume_from,
-        world_size=processes,
-        backend=backend,
-        port=store.port,
-        timeout=collective_timeout,
-        # Each rank uses the thread count the caller configured (a worker sets it from its settings).
-        threads=torch.get_num_threads(),
-        log_level=logging.getLogger().getEffectiveLevel(),
-        scratch=scratch,
-    )
-    context = torch_mp.get_context("spawn")
+    scratch: dict[int, Path] = {}
     ranks: list[_Rank] = []
+    store: dist.TCPStore | None = None
     try:
+        for rank in range(1, processes):
+            # Beside the real output, on the same filesystem; made and removed here, so a killed rank leaves none.
+            scratch[rank] = Path(tempfile.mkdtemp(prefix=f".rank{rank}-", dir=output_dir.parent))
+        # The caller hosts the rendezvous store on a port the kernel picks and that stays bound, so no other
+        # process can take it between choosing and binding (the race of probing for a free port), and the
+        # store outlives any rank.
+        store = dist.TCPStore(_LOOPBACK, 0, None, True, timeout=collective_timeout, wait_for_workers=False)
+        launch = _Launch(
+            train=train,
+            spec=spec,
+            resume_from=resume_from,
+            world_size=processes,
+            backend=backend,
+            port=store.port,
+            timeout=collective_timeout,
+            # Each rank uses the thread count the caller configured (a worker sets it from its settings).
+            threads=torch.get_num_threads(),
+            log_level=logging.getLogger().getEffectiveLevel(),
+            scratch=scratch,
+        )
+        context = torch_mp.get_context("spawn")
         for rank in range(processes):
             ours, theirs = context.Pipe(duplex=True)
             # spawn, not fork: a forked child would inherit the caller's threads, locks and CUDA state.
@@ -159,6 +161,7 @@ def run_distributed(
             r.process.close()
         for directory in scratch.values():
             shutil.rmtree(directory, ignore_errors=True)
+        # Releases the port now rather than at garbage collection.
         del store
 
 
