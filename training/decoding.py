@@ -232,15 +232,22 @@ class DecodeLoop:
             # does not keep another tenant's out of the batch.
             order = sorted(lanes.values(), key=lambda queue: (self._served.get(queue[0].lane, 0), queue[0].arrived))
             taken: list[GenerationRequest] = []
-            blocked: set[int] = set()
-            while len(blocked) < len(order):
+            exhausted: set[int] = set()
+            room = True
+            while room and len(exhausted) < len(order):
                 for index, queue in enumerate(order):
-                    if index in blocked:
+                    if index in exhausted:
                         continue
-                    if not queue or (rows and rows + queue[0].size > self.max_rows) or (
-                            not rows and taken and queue[0].size > self.max_rows):
-                        blocked.add(index)
+                    if not queue:
+                        exhausted.add(index)
                         continue
+                    # A request bigger than the batch runs alone once the batch is empty.
+                    if rows + queue[0].size > self.max_rows and (rows or taken):
+                        # The request whose turn it is waits for room, and nothing behind it goes first:
+                        # otherwise a request of many prompts (or n) could wait forever while small ones
+                        # keep taking the rows that finish.
+                        room = False
+                        break
                     request = queue.pop(0)
                     taken.append(request)
                     rows += request.size

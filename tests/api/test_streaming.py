@@ -165,3 +165,23 @@ def test_a_failing_forward_pass_fails_its_requests_and_the_loop_serves_the_next(
         broken.result(60)
     fine = loop.submit(_request(gpt2, "hello", 4))
     assert fine is not None and fine.result(60) == [_alone(gpt2, "hello", 4)]
+
+
+def test_a_request_too_big_for_the_free_rows_is_not_overtaken_by_smaller_ones(gpt2: Any) -> None:
+    loop = DecodeLoop("room", gpt2, max_rows=4, idle_s=5)
+    running = loop.submit(_request(gpt2, "hello", 250, lane="a"))
+    assert running is not None
+    wait_until(lambda: loop.steps >= 2, 30, "the first request to be decoding", 0.001)
+    # Four rows wanted, three free: it waits for the first request to end, and the later single-row
+    # requests of other tenants wait behind it instead of filling the rows it waits for.
+    big = loop.submit(_request(gpt2, "the end", 5, lane="b", n=4))
+    small = [loop.submit(_request(gpt2, "once upon a time", 30, lane=f"c{i}")) for i in range(3)]
+    assert big is not None and all(f is not None for f in small)
+    assert not running.done(), "the first request ended before the others came: nothing was tested"
+    big.result(120)
+    assert not any(f.done() for f in small if f is not None), "a smaller request went first"
+    assert [len(choices) for choices in big.result()] == [4]
+    for future in small:
+        assert future is not None and future.result(120)[0][0]["completion_tokens"] >= 1
+    assert running.result(60)[0][0]["completion_tokens"] >= 1
+    assert loop.widest <= 4
