@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -378,11 +379,24 @@ def ended(pid: int) -> bool:
         return True
 
 
+# This process's children when the test started: in the whole suite, the session's stack runs as children.
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before() -> Iterator[None]:
+    _BEFORE.clear()
+    _BEFORE.update(p.pid for p in psutil.Process().children(recursive=True))
+    yield
+
+
 def assert_no_process_left(pids: list[int]) -> None:
     assert len(pids) == 2
-    # Every rank is gone and reaped (a zombie would still be listed), and nothing else was left either but
-    # multiprocessing's resource tracker, which every spawn starts once per interpreter and which ends with it.
-    left = [p for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+    # Every rank is gone and reaped (a zombie would still be listed), and nothing else the test started was
+    # left either but multiprocessing's resource tracker, which every spawn starts once per interpreter and
+    # which ends with it.
+    left = [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in _BEFORE and "resource_tracker" not in " ".join(p.cmdline())]
     assert left == []
     for pid in pids:
         assert not psutil.pid_exists(pid)
