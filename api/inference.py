@@ -148,13 +148,20 @@ async def run_inference(
         log.warning("reply channel of %s unavailable; answering with the handle", inference_id)
         reply = None
     if reply is None:
-        row = await read(serving.get_inference, tenant_id=principal.tenant_id, inference_id=inference_id)
-        if row["status"] not in ("succeeded", "failed"):
+        reply, row = await _reply_in_row(principal, inference_id)
+        if reply is None:
             return None, row
-        reply = {"status": row["status"], "response": row["response"], "error": row["error"]}
     _raise_failure(reply)
     response: dict[str, Any] = reply["response"]
     return response, {}
+
+
+async def _reply_in_row(principal: Principal, inference_id: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(the answer, the inference object) from the request's row; the answer is None while it is unfinished."""
+    row = await read(serving.get_inference, tenant_id=principal.tenant_id, inference_id=inference_id)
+    if row["status"] not in ("succeeded", "failed"):
+        return None, row
+    return {"status": row["status"], "response": row["response"], "error": row["error"]}, row
 
 
 async def _enqueue(principal: Principal, endpoint: str, model: str, payload: dict[str, Any]
@@ -254,10 +261,10 @@ async def stream(request: Request, principal: Principal, endpoint: str, model: s
     wait = _wait_seconds(request)
     first = await _next_streamed(inference_id, wait)
     if first is None:
-        row = await read(serving.get_inference, tenant_id=principal.tenant_id, inference_id=inference_id)
-        if row["status"] not in ("succeeded", "failed"):
+        reply, row = await _reply_in_row(principal, inference_id)
+        if reply is None:
             return JSONBody(row, status_code=202)
-        first = ("reply", {"status": row["status"], "response": row["response"], "error": row["error"]})
+        first = ("reply", reply)
     if first[0] == "reply":
         _raise_failure(first[1])
     chunks = Chunks(endpoint, inference_id, model, bool(payload.get("include_usage")))

@@ -30,6 +30,7 @@ from transformers import (
 
 from training.devices import pick_device
 from training.lora import load_pretrained
+from training.predict import labelled
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,7 @@ class EmbeddingPredictor:
         for vector, (_, item_labels) in zip(texts, items, strict=True):
             prompts = torch.stack([labels[label] for label in item_labels])
             # Both sides unit length (even where the model's own pooling is not normalised): cosine similarity.
-            probabilities = (prompts @ vector / ZERO_SHOT_TEMPERATURE).softmax(dim=-1).tolist()
-            best = max(range(len(probabilities)), key=probabilities.__getitem__)
-            results.append({"label": item_labels[best], "score": float(probabilities[best]),
-                            "scores": {label: float(p) for label, p in zip(item_labels, probabilities, strict=True)}})
+            results.append(labelled(item_labels, (prompts @ vector / ZERO_SHOT_TEMPERATURE).softmax(dim=-1).tolist()))
         return results
 
     def _label_vectors(self, labels: list[str], batch_size: int) -> dict[str, torch.Tensor]:

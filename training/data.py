@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -464,11 +464,17 @@ def _check_generation_row(line: int, row: dict[str, Any]) -> list[str]:
 
 def validate_generation(rows: Iterable[Row], max_problems: int = 20) -> list[str]:
     """Check prompt/completion, messages or text rows; return problems (empty when usable)."""
+    return _check_each_row(rows, _check_generation_row, max_problems)
+
+
+def _check_each_row(rows: Iterable[Row], check: Callable[[int, dict[str, Any]], list[str]],
+                    max_problems: int) -> list[str]:
+    """`check`'s problems with each row, up to `max_problems`; a file without rows is one problem."""
     problems: list[str] = []
     count = 0
     for line, row in rows:
         count += 1
-        problems.extend(_check_generation_row(line, row))
+        problems.extend(check(line, row))
         if len(problems) >= max_problems:
             return problems[:max_problems]
     return problems if count else ["the file has no rows"]
@@ -518,11 +524,4 @@ def _check_preference_row(line: int, row: dict[str, Any]) -> list[str]:
 
 def validate_dpo(rows: Iterable[Row], max_problems: int = 20) -> list[str]:
     """Check preference pairs in OpenAI's DPO format; return problems (empty when usable)."""
-    problems: list[str] = []
-    count = 0
-    for line, row in rows:
-        count += 1
-        problems.extend(_check_preference_row(line, row))
-        if len(problems) >= max_problems:
-            return problems[:max_problems]
-    return problems if count else ["the file has no rows"]
+    return _check_each_row(rows, _check_preference_row, max_problems)

@@ -26,9 +26,15 @@ import torch.nn.functional as F
 
 from training.callbacks import TrainingCallbacks
 from training.classification import EVAL_REPORT_FILE
-from training.data import DataError, random_split, validate_dpo
+from training.data import DataError, validate_dpo
 from training.devices import autocast_dtype, pick_device
-from training.generation import GenerationResult, GenerationSpec, chat_segments, load_for_training
+from training.generation import (
+    GenerationResult,
+    GenerationSpec,
+    chat_segments,
+    load_for_training,
+    validated_split,
+)
 from training.generation import resolve_hyperparameters as resolve_generation
 from training.hyperparameters import BETA_LIMIT
 from training.lora import LoraModule, apply_lora, save_model_dir
@@ -283,17 +289,9 @@ def train_dpo(
     device: torch.device | None = None,
 ) -> GenerationResult:
     """Preference-tune a causal LM on DPO pairs; save the model (or LoRA adapter) and tokenizer when done."""
-    problems = validate_dpo(list(enumerate(spec.train_rows, start=1)))
-    if spec.eval_rows is not None:
-        problems.extend(f"validation data: {p}" for p in validate_dpo(list(enumerate(spec.eval_rows, start=1))))
-    if problems:
-        raise DataError(problems)
+    train_rows, eval_rows = validated_split(spec, validate_dpo)
     hp = resolve_hyperparameters(spec.hyperparameters, len(spec.train_rows))
     device = device or pick_device()
-    if spec.eval_rows is None:
-        train_rows, eval_rows = random_split(spec.train_rows, spec.eval_fraction, spec.seed)
-    else:
-        train_rows, eval_rows = spec.train_rows, spec.eval_rows
 
     tokenizer, base, max_length = load_for_training(spec, int(hp["max_seq_length"]))
     _disable_dropout(base)

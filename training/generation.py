@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from training import classification
 from training.callbacks import StepState, StopReason, TrainingCallbacks
 from training.classification import EVAL_REPORT_FILE, _max_length
-from training.data import DataError, random_split, validate_generation
+from training.data import DataError, Row, random_split, validate_generation
 from training.devices import autocast_dtype, pick_device
 from training.lora import add_lora_hyperparameters, apply_lora, load_pretrained, save_model_dir
 from training.trainer import TrainArgs, TrainOutcome, run_training
@@ -304,6 +304,20 @@ def load_for_training(spec: GenerationSpec, max_seq_length: int) -> tuple[Any, A
     return tokenizer, base, _max_length(tokenizer, base, max_seq_length)
 
 
+def validated_split(spec: GenerationSpec, validate: Callable[[Iterable[Row]], list[str]]
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The spec's (train, eval) rows once `validate` finds no problem in either (DataError naming the lines
+    otherwise); without eval rows, a seeded share of the training rows is held out."""
+    problems = validate(enumerate(spec.train_rows, start=1))
+    if spec.eval_rows is not None:
+        problems.extend(f"validation data: {problem}" for problem in validate(enumerate(spec.eval_rows, start=1)))
+    if problems:
+        raise DataError(problems)
+    if spec.eval_rows is None:
+        return random_split(spec.train_rows, spec.eval_fraction, spec.seed)
+    return spec.train_rows, spec.eval_rows
+
+
 def train_generation(
     spec: GenerationSpec,
     callbacks: TrainingCallbacks,
@@ -311,18 +325,9 @@ def train_generation(
     device: torch.device | None = None,
 ) -> GenerationResult:
     """Fine-tune a causal LM; save model (or LoRA adapter), tokenizer and report when done."""
-    problems = validate_generation(list(enumerate(spec.train_rows, start=1)))
-    if spec.eval_rows is not None:
-        eval_problems = validate_generation(list(enumerate(spec.eval_rows, start=1)))
-        problems.extend(f"validation data: {problem}" for problem in eval_problems)
-    if problems:
-        raise DataError(problems)
+    train_rows, eval_rows = validated_split(spec, validate_generation)
     hp = resolve_hyperparameters(spec.hyperparameters, len(spec.train_rows))
     device = device or pick_device()
-    if spec.eval_rows is None:
-        train_rows, eval_rows = random_split(spec.train_rows, spec.eval_fraction, spec.seed)
-    else:
-        train_rows, eval_rows = spec.train_rows, spec.eval_rows
 
     tokenizer, base, max_length = load_for_training(spec, int(hp["max_seq_length"]))
     model: torch.nn.Module = base

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,13 @@ CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
 LABEL_PRIOR_CACHE_SIZE = 256
 
 
+def labelled(labels: Sequence[str], probabilities: Sequence[float]) -> dict[str, Any]:
+    """A zero-shot answer in a classifier's shape: the likeliest label, its probability, every label's."""
+    best = max(range(len(labels)), key=probabilities.__getitem__)
+    return {"label": labels[best], "score": float(probabilities[best]),
+            "scores": {label: float(p) for label, p in zip(labels, probabilities, strict=True)}}
+
+
 def is_causal_lm(model_dir: Path) -> bool:
     """Whether a model directory (plain or adapter: both carry the model's config.json) holds a causal LM."""
     return _is_causal_lm(str(model_dir))
@@ -353,14 +361,9 @@ class GenerationPredictor:
         with self.lock:
             scores = self._log_likelihoods(items, batch_size)
             leans = {labels: self._label_lean(labels, batch_size) for labels in {labels for _, labels in items}}
-        results = []
-        for (_, labels), values in zip(items, scores, strict=True):
-            lean = leans[labels]
-            probabilities = torch.tensor([v - b for v, b in zip(values, lean, strict=True)]).softmax(dim=-1).tolist()
-            best = max(range(len(labels)), key=probabilities.__getitem__)
-            results.append({"label": labels[best], "score": float(probabilities[best]),
-                            "scores": {label: float(p) for label, p in zip(labels, probabilities, strict=True)}})
-        return results
+        return [labelled(labels, torch.tensor([v - b for v, b in zip(values, leans[labels], strict=True)])
+                         .softmax(dim=-1).tolist())
+                for (_, labels), values in zip(items, scores, strict=True)]
 
     def _label_lean(self, labels: tuple[str, ...], batch_size: int) -> list[float]:
         """Each label's mean log-likelihood for the content-free texts (cached per label set)."""
