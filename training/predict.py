@@ -528,7 +528,9 @@ class GenerationPredictor:
         # Decoding prompt and continuation together keeps a leading space that some tokenizers drop alone.
         whole: str = self.tokenizer.decode(prompt + generated, skip_special_tokens=True)
         head: str = self.tokenizer.decode(prompt, skip_special_tokens=True)
-        if whole.startswith(head):
-            return whole[len(head) :]
-        tail: str = self.tokenizer.decode(generated, skip_special_tokens=True)
-        return tail
+        tail: str = whole[len(head) :] if whole.startswith(head) else self.tokenizer.decode(
+            generated, skip_special_tokens=True)
+        # A byte-level model can write a NUL, which Postgres cannot store (the answer's row would never be
+        # written, and its caller would wait until the reconciler failed it): it is shown as U+FFFD, as any
+        # other byte that is not text.
+        return tail.replace("\x00", "\ufffd")

@@ -57,3 +57,11 @@ def test_only_causal_lm_directories_score_labels_by_likelihood(base_models: dict
 def test_a_text_too_long_for_the_context_is_refused_naming_it(gpt2: GenerationPredictor) -> None:
     with pytest.raises(ValueError, match=r"input 1: .*context of 256"):
         gpt2.zero_shot([("fine", ("a", "b")), ("word " * 300, ("a", "b"))])
+
+
+def test_generated_text_never_carries_a_nul(gpt2: GenerationPredictor) -> None:
+    # Byte-level BPE: this token is the byte 0. Postgres cannot store a NUL in an answer's JSON.
+    nul = gpt2.tokenizer.convert_tokens_to_ids("Ā")
+    assert gpt2.tokenizer.decode([nul]) == "\x00"
+    prompt = gpt2.encode_prompts(["hello"])[0]
+    assert gpt2.decode_continuation(prompt, [nul, nul]) == "\ufffd\ufffd"
