@@ -30,7 +30,7 @@ async def create(body: CreateJob, principal: Principal) -> dict[str, Any]:
         jobs.create_job, tenant_id=principal.tenant_id, model=body.model, training_file=body.training_file,
         validation_file=body.validation_file, task=body.task, hyperparameters=body.resolved_hyperparameters(),
         suffix=body.suffix, seed=body.seed, metadata=body.metadata, webhook_url=body.webhook_url,
-        priority=body.priority or 0,
+        priority=body.priority or 0, processes=body.compute.processes if body.compute else 1,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
@@ -32,6 +32,10 @@ class JobError(Shape):
     code: str | None
     message: str
     param: str | None
+
+
+class Compute(Shape):
+    processes: int = Field(description="Data-parallel training processes the job runs as (extension).")
 
 
 class FineTuningJob(Shape):
@@ -63,6 +67,7 @@ class FineTuningJob(Shape):
     webhook_url: str | None
     priority: int
     queue_position: int | None
+    compute: Compute
 
 
 class JobEvent(Shape):

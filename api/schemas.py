@@ -41,6 +41,13 @@ class Method(Strict):
         return self
 
 
+class Compute(Strict):
+    """What one job trains on (extension): `processes` data-parallel ranks on one node, one GPU each on GPUs."""
+
+    processes: int = Field(1, ge=1, le=64, description="torch.distributed processes the job trains with; only a "
+                           "worker offering as many (LLMOS_WORKER_PROCESSES) runs it.")
+
+
 class CreateJob(Strict):
     model: str = Field(..., min_length=1, max_length=256)
     training_file: str = Field(..., min_length=1, max_length=64)
@@ -54,6 +61,7 @@ class CreateJob(Strict):
     webhook_url: str | None = Field(None, max_length=2048)
     priority: int | None = Field(None, ge=-10, le=10, description="Order among this tenant's own waiting jobs; "
                                  "higher first (default 0).")
+    compute: Compute | None = None
 
     @field_validator("suffix")
     @classmethod

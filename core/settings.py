@@ -67,6 +67,10 @@ class Settings(BaseSettings):
         1, description="torch threads per worker process on CPU (two processes sharing cores ran ~4x slower at 2)."
     )
     train_concurrency: int = Field(1, description="Training processes per `gpu` worker (one per GPU).")
+    worker_processes: int | None = Field(
+        None, ge=1, le=64,
+        description="Data-parallel ranks one training task of this worker may run, the most `compute.processes` "
+                    "it accepts. Unset: its GPUs divided among `train_concurrency` tasks, or 1 on CPU.")
     task_time_limit: int = Field(
         6 * 3600, description="Hard time limit of one training task, seconds; kept below the visibility timeout."
     )

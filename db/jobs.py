@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, func, select, text, update
+from sqlalchemy import Connection, Row, bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.clock import utcnow
-from db.models import Checkpoint, FineTuningJob, JobClaim, JobEvent
+from db.models import Checkpoint, FineTuningJob, JobClaim, JobEvent, TrainingWorker
 from db.pagination import Page, newest_first
 
 
@@ -25,7 +25,8 @@ def get_job(session: Session, tenant_id: str, job_id: str, *, lock: bool = False
 PUBLIC_COLUMNS = tuple(getattr(FineTuningJob, name).label(name) for name in (
     "id", "tenant_id", "model", "status", "task", "training_file", "validation_file", "hyperparameters",
     "fine_tuned_model", "finished_at", "estimated_finish", "error", "result_files", "trained_tokens", "seed",
-    "job_metadata", "suffix", "progress", "metrics", "attempts", "webhook_url", "priority", "created_at"))
+    "job_metadata", "suffix", "progress", "metrics", "attempts", "webhook_url", "priority", "processes",
+    "created_at"))
 _PUBLIC_JOB = select(*PUBLIC_COLUMNS).where(FineTuningJob.id == bindparam("job_id"),
                                             FineTuningJob.tenant_id == bindparam("tenant_id"))
 
@@ -94,14 +95,16 @@ def list_checkpoints(
 # tenant served least recently (whose last job started longest ago; never served comes first), so one
 # worker alternates between tenants instead of draining the tenant that queued first. Within a tenant,
 # higher priority first, then oldest. The same order, extended as if each pick started at once (a tenant's
-# k-th waiting job counts k more running), gives every waiting job its `queue_position`.
+# k-th waiting job counts k more running), gives every waiting job its `queue_position`. A worker picks among
+# the jobs it can hold (`processes` no more than it offers), so a wide job at the head does not idle the
+# narrow workers; positions count every waiting job.
 # --------------------------------------------------------------------------------------------------------
 
 _FAIR_ORDER = """
 WITH waiting AS (
     SELECT j.id, j.tenant_id,
            row_number() OVER (PARTITION BY j.tenant_id ORDER BY j.priority DESC, j.created_at, j.id) - 1 AS k
-    FROM fine_tuning_jobs j WHERE j.status = 'queued'
+    FROM fine_tuning_jobs j WHERE j.status = 'queued' AND j.processes <= :capacity
 ), shares AS (
     SELECT t.id AS tenant_id, COALESCE(t.weight, 1.0) AS weight,
            (SELECT count(*) FROM fine_tuning_jobs r
@@ -119,7 +122,7 @@ FROM waiting w JOIN shares s USING (tenant_id)
 
 _FIFO_ORDER = """
 SELECT j.id, j.tenant_id, row_number() OVER (ORDER BY COALESCE(j.queued_at, j.created_at), j.id) AS position
-FROM fine_tuning_jobs j WHERE j.status = 'queued'
+FROM fine_tuning_jobs j WHERE j.status = 'queued' AND j.processes <= :capacity
 """
 
 # One scheduler decision at a time: two workers freed at once must not both pick by the same counts.
@@ -130,20 +133,25 @@ def _order(fair: bool) -> str:
     return _FAIR_ORDER if fair else _FIFO_ORDER
 
 
-def next_queued(session: Session, *, fair: bool) -> str | None:
-    """The job the scheduler would start now."""
-    return session.scalar(text(f"SELECT id FROM ({_order(fair)}) o ORDER BY position LIMIT 1"))
+_ANY_WIDTH = 2**31 - 1
+
+
+def next_queued(session: Session, *, fair: bool, capacity: int = _ANY_WIDTH) -> str | None:
+    """The job the scheduler would start now on a worker offering ``capacity`` ranks."""
+    return session.scalar(text(f"SELECT id FROM ({_order(fair)}) o ORDER BY position LIMIT 1"),
+                          {"capacity": capacity})
 
 
 def queue_positions(conn: Connection | Session, tenant_id: str, *, fair: bool) -> dict[str, int]:
     """The 1-based place of each of the tenant's queued jobs among every tenant's waiting jobs."""
     rows = conn.execute(text(f"SELECT id, position FROM ({_order(fair)}) o WHERE tenant_id = :tenant_id"),
-                        {"tenant_id": tenant_id}).all()
+                        {"tenant_id": tenant_id, "capacity": _ANY_WIDTH}).all()
     return {str(row[0]): int(row[1]) for row in rows}
 
 
-def claim_next(session: Session, worker: str, *, fair: bool) -> FineTuningJob | None:
-    """Pick the next job by the scheduler's order and claim it; None when nothing is queued.
+def claim_next(session: Session, worker: str, *, fair: bool, capacity: int = 1) -> FineTuningJob | None:
+    """Pick the next job that fits ``capacity`` ranks by the scheduler's order and claim it; None when nothing
+    that fits is queued.
 
     The decision holds a transaction-scoped advisory lock until the caller commits, so concurrent workers
     decide one after the other, each seeing the claims before it. A pick that a concurrent pause or cancel
@@ -151,13 +159,46 @@ def claim_next(session: Session, worker: str, *, fair: bool) -> FineTuningJob | 
     """
     session.execute(select(func.pg_advisory_xact_lock(_SCHEDULER_LOCK)))
     for _ in range(5):
-        job_id = next_queued(session, fair=fair)
+        job_id = next_queued(session, fair=fair, capacity=capacity)
         if job_id is None:
             return None
         job = claim_job(session, job_id, worker)
         if job is not None:
             return job
     return None
+
+
+def narrowest_wider_than(session: Session, capacity: int) -> int | None:
+    """The fewest ranks any queued job asks for beyond ``capacity``; None when every queued job fits."""
+    return session.scalar(select(func.min(FineTuningJob.processes))
+                          .where(FineTuningJob.status == "queued", FineTuningJob.processes > capacity))
+
+
+def queued_widths(session: Session) -> list[int]:
+    """The distinct `processes` of the queued jobs (which training queues hold their tickets)."""
+    return list(session.scalars(select(FineTuningJob.processes).where(FineTuningJob.status == "queued")
+                                .distinct()))
+
+
+# --- what the live training workers offer ----------------------------------------------------------------
+
+def advertise_worker(session: Session, name: str, processes: int) -> None:
+    """Record (or refresh) a training worker and the ranks it offers."""
+    from sqlalchemy.dialects.postgresql import insert
+
+    now = utcnow()
+    session.execute(insert(TrainingWorker).values(name=name, processes=processes, seen_at=now)
+                    .on_conflict_do_update(index_elements=[TrainingWorker.name],
+                                           set_={"processes": processes, "seen_at": now}))
+
+
+def forget_worker(session: Session, name: str) -> None:
+    session.execute(delete(TrainingWorker).where(TrainingWorker.name == name))
+
+
+def largest_offer(session: Session, seen_since: datetime) -> int | None:
+    """The most ranks a training worker seen since ``seen_since`` offers; None when none was seen."""
+    return session.scalar(select(func.max(TrainingWorker.processes)).where(TrainingWorker.seen_at >= seen_since))
 
 
 def count_status(session: Session, status: str) -> int:

@@ -135,6 +135,8 @@ class FineTuningJob(Base):
     job_metadata: Mapped[JSON | None] = mapped_column("metadata", JSONB)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # `compute.processes`: data-parallel ranks the job trains with; only a worker offering as many claims it.
+    processes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     fine_tuned_model: Mapped[str | None] = mapped_column(String(256))
     error: Mapped[JSON | None]
     result_files: Mapped[list[str]] = mapped_column(JSONB, default=list)
@@ -155,6 +157,17 @@ class FineTuningJob(Base):
     queued_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     estimated_finish: Mapped[datetime | None]
+
+
+class TrainingWorker(Base):
+    """A live training worker and the ranks one of its tasks may run (`LLMOS_WORKER_PROCESSES`), refreshed on
+    the worker's heartbeat: a job wider than every live worker waits with an event saying so."""
+
+    __tablename__ = "training_workers"
+
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    processes: Mapped[int] = mapped_column(Integer)
+    seen_at: Mapped[datetime]
 
 
 class JobClaim(Base):

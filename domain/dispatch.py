@@ -26,6 +26,23 @@ QUEUE_CPU = "cpu"
 QUEUE_WEBHOOKS = "webhooks"
 QUEUES = (QUEUE_GPU, QUEUE_INFERENCE, QUEUE_CPU, QUEUE_WEBHOOKS)
 
+
+
+def training_queue(processes: int) -> str:
+    """The queue of a training ticket for a job of ``processes`` ranks: `gpu`, or `gpu.pN` for N ≥ 2.
+
+    A worker offering N ranks consumes `gpu` and `gpu.p2` … `gpu.pN`, so a wide job's ticket reaches only a
+    worker that can hold it, and a ticket a narrower worker passes on (`tasks.jobs.train_job`) moves only to a
+    wider queue: it can never circle between workers that cannot run it.
+    """
+    return QUEUE_GPU if processes <= 1 else f"{QUEUE_GPU}.p{processes}"
+
+
+def training_queues(capacity: int) -> list[str]:
+    """Every queue a training worker offering ``capacity`` ranks consumes."""
+    return [training_queue(n) for n in range(1, max(1, capacity) + 1)]
+
+
 TASK_VALIDATE = "llmos.jobs.validate"
 TASK_TRAIN = "llmos.jobs.train"
 TASK_INFER = "llmos.inference.run"

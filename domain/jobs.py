@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import socket
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Row
@@ -106,6 +107,7 @@ def job_object(job: FineTuningJob | Row[Any], queue_position: int | None = None)
         "webhook_url": job.webhook_url,
         "priority": job.priority,
         "queue_position": queue_position if job.status == QUEUED else None,
+        "compute": {"processes": job.processes},
     }
 
 
@@ -166,7 +168,43 @@ def offer_to_workers(session: Session, job: FineTuningJob) -> None:
     is next (`db.jobs.claim_next`): admission is decided in Postgres at the moment a worker can start, so
     the broker's order never decides who trains first. A ticket that finds nothing queued does nothing.
     """
-    dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id)
+    dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, job.id, queue=dispatch.training_queue(job.processes))
+
+
+def note_if_too_wide(session: Session, job: FineTuningJob) -> None:
+    """A queued job wider than every live training worker gets an event saying why it waits.
+
+    It stays queued (a wider worker may start later; its ticket waits on that width's queue): the event is
+    what tells the client and the operator that, as things stand, nothing will run it.
+    """
+    if job.processes <= 1:
+        return  # every training worker offers one rank
+    seen_since = utcnow() - timedelta(seconds=get_settings().stale_heartbeat_seconds)
+    largest = jobs_repo.largest_offer(session, seen_since)
+    if largest is not None and largest >= job.processes:
+        return
+    offered = ("no training worker is running" if largest is None
+               else f"the largest live training worker offers {largest}")
+    add_job_event(session, job, f"Waiting for a training worker that runs {job.processes} processes: {offered} "
+                  "(each worker's LLMOS_WORKER_PROCESSES)", level="warn")
+
+
+def lose_attempt(session: Session, job: FineTuningJob, message: str) -> str:
+    """The attempt's worker is gone (it stopped answering, or one of its training ranks was killed): requeue the
+    job to resume from its last checkpoint, or fail it once workers were lost `max_attempts` times. Returns the
+    job's new status."""
+    settings = get_settings()
+    jobs_repo.release_claim(session, job.id, job.attempts, "lost")
+    if job.status == CANCELLING:
+        transition(session, job, CANCELLED, f"{message} while cancelling; job cancelled")
+    elif (lost := jobs_repo.lost_claims(session, job.id)) >= settings.max_attempts:
+        reason = f"the worker was lost {lost} times; giving up after {settings.max_attempts} attempts"
+        transition(session, job, FAILED, f"Job failed: {reason}", level="error",
+                   error=failure("worker_lost", reason))
+    else:
+        transition(session, job, QUEUED, f"{message}; requeued", level="warn")
+        offer_to_workers(session, job)
+    return job.status
 
 
 # An absolute path of two or more parts, as exceptions quote them ("/srv/llmos/artifacts/…/model.bin").
@@ -226,6 +264,7 @@ def create_job(
     metadata: dict[str, str] | None = None,
     webhook_url: str | None = None,
     priority: int = 0,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """A new job, validating its files; the validation task is sent once the caller commits.
 
@@ -252,7 +291,8 @@ def create_job(
         id=ids.new_id(ids.JOB), tenant_id=tenant_id, model=model, task=task, status=VALIDATING,
         training_file=training_file, validation_file=validation_file, hyperparameters=hyperparameters or {},
         suffix=suffix, seed=seed if seed is not None else random.randrange(2**31), job_metadata=metadata,
-        webhook_url=webhook_url, priority=priority, result_files=[], attempts=0, cancel_requested=False,
+        webhook_url=webhook_url, priority=priority, processes=processes, result_files=[], attempts=0,
+        cancel_requested=False,
         pause_requested=False,
     )
     session.add(job)

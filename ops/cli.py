@@ -126,9 +126,15 @@ def worker_argv(queues: list[str], name: str) -> list[str]:
     else:
         concurrency = max(c for c, _ in profiles)
     extra = [opt for _, options in profiles for opt in options]
+    consumed = list(queues)
     if "gpu" in queues:
+        from domain.dispatch import training_queues
+        from tasks.capacity import worker_capacity
+
         concurrency = settings.train_concurrency
-    return ["worker", "-Q", ",".join(queues), "-c", str(max(1, concurrency)), "-n",
+        # The tickets of jobs as wide as this worker can run wait on `gpu.p2` … `gpu.pN` beside `gpu`.
+        consumed[queues.index("gpu"):queues.index("gpu") + 1] = training_queues(worker_capacity())
+    return ["worker", "-Q", ",".join(consumed), "-c", str(max(1, concurrency)), "-n",
             f"{name}-{os.getpid()}@{socket.gethostname()}", "--loglevel=INFO", "--without-mingle",
             "--without-gossip", *sorted(set(extra))]
 
@@ -423,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     jc.add_argument("--batch-size", type=int)
     jc.add_argument("--learning-rate", type=float)
     jc.add_argument("--suffix")
+    jc.add_argument("--processes", type=int, help="data-parallel training processes (compute.processes)")
     jc.add_argument("--watch", action="store_true", help="then show a live progress bar")
     jl = jobs.add_parser("list", help="list jobs")
     jl.add_argument("--limit", type=int, default=20)

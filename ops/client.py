@@ -64,6 +64,8 @@ def create_job(args: Any) -> dict[str, Any]:
         body["hyperparameters"] = hp
     if args.suffix:
         body["suffix"] = args.suffix
+    if getattr(args, "processes", None):
+        body["compute"] = {"processes": args.processes}
     with _client() as client:
         result: dict[str, Any] = _check(client.post("/v1/fine_tuning/jobs", json=body))
     return result

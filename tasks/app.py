@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_process_init, worker_shutting_down
+from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutting_down
 
 from core.settings import get_settings
 from db.session import reset_engine
@@ -104,11 +105,32 @@ def _init_worker_process(**_: Any) -> None:
         import training.predict  # noqa: F401
 
 
+_advertising: list[tuple[threading.Thread, threading.Event]] = []
+
+
+@worker_ready.connect
+def _advertise_training_capacity(sender: Any = None, **_: Any) -> None:
+    """A training worker tells Postgres how many ranks it offers, for as long as it runs."""
+    if "gpu" not in os.environ.get("LLMOS_WORKER_QUEUES", "").split(","):
+        return
+    from tasks.capacity import advertise_capacity
+
+    stop = threading.Event()
+    name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    thread = threading.Thread(target=advertise_capacity, args=(name, stop), name="llmos-capacity", daemon=True)
+    thread.start()
+    _advertising.append((thread, stop))
+
+
 @worker_shutting_down.connect
 def _ask_training_to_checkpoint(**_: Any) -> None:
     """A warm shutdown would wait hours for training to end: tell pool processes to checkpoint and stop."""
     if "gpu" not in os.environ.get("LLMOS_WORKER_QUEUES", "").split(","):
         return
+    for thread, stop in _advertising:
+        # Withdrawn at once: a stopping worker takes no new job, so it should not keep wide jobs' hopes up.
+        stop.set()
+        thread.join(timeout=5)
     import signal
 
     import psutil

@@ -26,6 +26,7 @@ from domain.storage import job_dir
 from infra import objectstore  # noqa: F401  (installs the object store for LLMOS_STORAGE_URL)
 from tasks import recipes
 from tasks.app import celery_app
+from tasks.capacity import worker_capacity
 from tasks.progress import OUTAGE_WAIT_SECONDS, JobReporter
 from training.hyperparameters import method_of
 
@@ -116,6 +117,7 @@ def validate_job(job_id: str) -> None:
         jobs.add_job_event(session, job, f"Files validated: {rows} training examples, task {task}")
         jobs.transition(session, job, jobs.QUEUED, "Job queued for training")
         jobs.offer_to_workers(session, job)
+        jobs.note_if_too_wide(session, job)
 
 
 @celery_app.task(name=dispatch.TASK_TRAIN, bind=True)
@@ -127,11 +129,22 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
     """
     settings = get_settings()
     worker = worker_name(self)
+    capacity = worker_capacity()
     with transaction() as session:
-        job = jobs_repo.claim_next(session, worker, fair=jobs.fair())
+        job = jobs_repo.claim_next(session, worker, fair=jobs.fair(), capacity=capacity)
         if job is None:
-            log.info("train: nothing queued (ticket of %s; its job was already picked by another ticket)",
-                     offered_by)
+            wider = jobs_repo.narrowest_wider_than(session, capacity)
+            if wider is None:
+                log.info("train: nothing queued (ticket of %s; its job was already picked by another ticket)",
+                         offered_by)
+                return
+            # Jobs wider than this worker wait, and this ticket may have been theirs (a wider worker took the
+            # narrow job it was sent for): pass it on to the workers that can hold them. Tickets only move to
+            # wider queues, so none circles.
+            log.info("train: queued jobs need %s processes, this worker offers %s; ticket passed on", wider,
+                     capacity)
+            dispatch.enqueue_after_commit(session, dispatch.TASK_TRAIN, offered_by,
+                                          queue=dispatch.training_queue(wider))
             return
         job_id = job.id
         from db.models import Tenant
@@ -162,7 +175,8 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
         jobs.add_job_event(session, job, f"Training started (attempt {attempt})")
         log.info("train %s: attempt %s on %s", job_id, attempt, worker)
         emit_event(session, job.tenant_id, jobs.EVENT_TYPES[jobs.RUNNING], jobs.job_object(job))
-        snapshot = {"task": job.task, "hyperparameters": job.hyperparameters, "seed": job.seed}
+        snapshot = {"task": job.task, "hyperparameters": job.hyperparameters, "seed": job.seed,
+                    "processes": job.processes}
 
     reporter = JobReporter(job_id, attempt, model_name, heartbeat_seconds=settings.heartbeat_seconds,
                            progress_event_seconds=settings.progress_event_seconds, runtime_left=runtime_left)
@@ -178,6 +192,14 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
             # Not the job's fault: stop this attempt; its heartbeat goes silent and the reconciler requeues
             # it once Postgres is back, resuming from the checkpoint on disk.
             log.error("train %s: database unreachable for too long; leaving the job to the reconciler", job_id)
+            return
+        killed = _killed_rank(exc)
+        if killed is not None:
+            # A rank killed from outside (the OOM killer, an operator) is a lost worker, not a bug in the job:
+            # it resumes from its last checkpoint, counted against `max_attempts` like any lost worker.
+            log.error("train %s: %s", job_id, killed)
+            when_reachable(lambda: _lose_attempt(job_id, attempt, str(killed)), f"loss of {job_id}",
+                           OUTAGE_WAIT_SECONDS)
             return
         log.exception("training of %s failed", job_id)
         message = f"{type(exc).__name__}: {exc}"
@@ -225,7 +247,34 @@ def _run_training(job_id: str, base_location: str, train_location: str | None, v
         train_rows=train_rows, eval_rows=eval_rows, hyperparameters=training_hyperparameters,
         seed=snapshot["seed"], eval_fraction=get_settings().eval_fraction,
     )
-    return steps.train(spec, reporter, resume_from=resume_from)
+    processes = int(snapshot.get("processes") or 1)
+    if processes == 1:
+        return steps.train(spec, reporter, resume_from=resume_from)
+    from training.distributed import run_distributed
+
+    with transaction() as session:
+        job = jobs_repo.get_job_by_id(session, job_id)
+        assert job is not None
+        jobs.add_job_event(session, job, f"Training with {processes} processes")
+    return run_distributed(steps.train, spec, processes, reporter, resume_from=resume_from)
+
+
+def _killed_rank(exc: BaseException) -> BaseException | None:
+    """The `RankFailed` behind ``exc`` when a training rank was ended by a signal; None otherwise."""
+    from training.distributed import RankFailed
+
+    for candidate in (exc, exc.__cause__):
+        if isinstance(candidate, RankFailed) and candidate.exitcode < 0:
+            return candidate
+    return None
+
+
+def _lose_attempt(job_id: str, attempt: int, message: str) -> None:
+    with transaction() as session:
+        job = jobs_repo.get_job_by_id(session, job_id, lock=True)
+        if job is not None and jobs.holds_claim(job, attempt):
+            message = jobs.scrub(message)
+            jobs.lose_attempt(session, job, message[:1].upper() + message[1:])
 
 
 def _end_runaway_attempt(job_id: str, attempt: int, limit: float) -> None:

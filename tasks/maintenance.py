@@ -19,6 +19,17 @@ from tasks.app import celery_app
 log = logging.getLogger(__name__)
 
 
+def _waiting_tickets(widths: list[int]) -> set[str] | None:
+    """The training tickets waiting in the broker, across the queues of every width a queued job asks for."""
+    found: set[str] = set()
+    for queue in {dispatch.training_queue(width) for width in [1, *widths]}:
+        ids = broker.waiting_task_ids(queue)
+        if ids is None:
+            return None
+        found |= ids
+    return found
+
+
 @celery_app.task(name=dispatch.TASK_RECONCILE)
 def reconcile() -> dict[str, int]:
     """One pass of the reconciler; returns counts for the log."""
@@ -43,7 +54,7 @@ def reconcile() -> dict[str, int]:
         # Queued jobs need as many tickets waiting as there are jobs (a ticket runs whichever job is next):
         # top up for those in line a while whose ticket went missing (a publish during a broker outage, a
         # worker that died holding prefetched tickets). An extra ticket is harmless; it finds nothing to do.
-        waiting = broker.waiting_task_ids(dispatch.QUEUE_GPU)
+        waiting = _waiting_tickets(jobs_repo.queued_widths(session))
         overdue = jobs_repo.forgotten_jobs(session, jobs.QUEUED, forgotten)
         missing = len(overdue) if waiting is None else jobs_repo.count_status(session, jobs.QUEUED) - len(waiting)
         for job in overdue[:max(0, missing)]:
@@ -55,21 +66,12 @@ def reconcile() -> dict[str, int]:
         # is not evidence of a dead worker, so wait one stale period for live workers to beat again.
         just_restarted = jobs_repo.database_started_at(session) > stale
         for job in [] if just_restarted else jobs_repo.stale_running_jobs(session, stale):
-            jobs_repo.release_claim(session, job.id, job.attempts, "lost")
-            if job.status == jobs.CANCELLING:
-                jobs.transition(session, job, jobs.CANCELLED, "Worker lost while cancelling; job cancelled")
-            elif (lost := jobs_repo.lost_claims(session, job.id)) >= settings.max_attempts:
-                message = (f"the worker stopped responding {lost} times; giving up after "
-                           f"{settings.max_attempts} attempts")
-                jobs.transition(session, job, jobs.FAILED, f"Job failed: {message}", level="error",
-                                error=jobs.failure("worker_lost", message))
-                counts["failed"] += 1
-            else:
-                jobs.transition(session, job, jobs.QUEUED,
-                                "The worker stopped responding; requeued", level="warn")
-                log.warning("job %s: worker %s stopped responding; requeued", job.id, job.worker)
-                jobs.offer_to_workers(session, job)
+            log.warning("job %s: worker %s stopped responding", job.id, job.worker)
+            status = jobs.lose_attempt(session, job, "The worker stopped responding")
+            if status == jobs.QUEUED:
                 counts["requeued"] += 1
+            elif status == jobs.FAILED:
+                counts["failed"] += 1
     with transaction() as session:
         counts["idempotency_keys_purged"] = idempotency.purge_expired(session)
     # Online requests whose worker stopped: their messages are not redelivered, so answer the pollers.

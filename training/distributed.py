@@ -14,6 +14,7 @@ run in the order and at the step boundaries a single process would run them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -24,7 +25,7 @@ import signal
 import tempfile
 import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -140,14 +141,9 @@ def run_distributed(
             scratch=scratch,
         )
         context = torch_mp.get_context("spawn")
-        for rank in range(processes):
-            ours, theirs = context.Pipe(duplex=True)
-            # spawn, not fork: a forked child would inherit the caller's threads, locks and CUDA state.
-            process = context.Process(target=_rank_main, args=(launch, rank, theirs), name=f"llmos-train-rank{rank}")
-            process.start()
-            # Our copy of the child's end closed, its death reads as end-of-file on ours.
-            theirs.close()
-            ranks.append(_Rank(rank, process, ours))
+        with _children_allowed():
+            for started in _start_ranks(context, launch, processes):
+                ranks.append(started)  # one at a time: the cleanup below must see every rank that started
         if on_start is not None:
             on_start([r.process.pid or 0 for r in ranks])
         return _supervise(ranks, callbacks)
@@ -163,6 +159,40 @@ def run_distributed(
             shutil.rmtree(directory, ignore_errors=True)
         # Releases the port now rather than at garbage collection.
         del store
+
+
+def _start_ranks(context: Any, launch: _Launch, processes: int) -> Iterator[_Rank]:
+    for rank in range(processes):
+        ours, theirs = context.Pipe(duplex=True)
+        # spawn, not fork: a forked child would inherit the caller's threads, locks and CUDA state.
+        process = context.Process(target=_rank_main, args=(launch, rank, theirs), name=f"llmos-train-rank{rank}")
+        process.start()
+        # Our copy of the child's end closed, its death reads as end-of-file on ours.
+        theirs.close()
+        yield _Rank(rank, process, ours)
+
+
+@contextlib.contextmanager
+def _children_allowed() -> Iterator[None]:
+    """Start ranks from a process of a Celery prefork pool, which `billiard` made the current process.
+
+    It is marked daemonic, and multiprocessing refuses children there so that none outlives its parent; ranks
+    cannot: each ends when its parent's process does (`_die_with_parent`), and `run_distributed` kills them on
+    every way out. And its authentication key is billiard's type, which refuses to be pickled for a child that
+    multiprocessing (not billiard) spawns. So while the ranks start, the flag is lifted and the same key is
+    held as multiprocessing's own type; both are put back after.
+    """
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    saved = dict(config)
+    config.pop("daemon", None)
+    if "authkey" in config:
+        key_type = multiprocessing.process.AuthenticationString  # type: ignore[attr-defined]
+        config["authkey"] = key_type(bytes(config["authkey"]))
+    try:
+        yield
+    finally:
+        config.clear()
+        config.update(saved)
 
 
 # --- the launcher's side ---------------------------------------------------------------------------
