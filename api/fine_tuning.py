@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -17,6 +18,7 @@ from api.pages import After, Limit
 from api.schemas import CreateJob
 from api.webhooks import check_webhook_url
 from domain import jobs
+from domain.integrations import check_integrations
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 fine_tuning = require("fine_tuning")
@@ -26,11 +28,16 @@ async def create(body: CreateJob, principal: Principal) -> dict[str, Any]:
     """`POST /v1/fine_tuning/jobs`, shared with the seed route `/micromodel`."""
     if body.webhook_url:
         await check_webhook_url(body.webhook_url, "webhook_url")
+    integrations = [entry.model_dump(exclude_none=True) for entry in body.integrations or []]
+    if integrations:
+        # Resolves tracking servers' hosts: off the event loop.
+        await anyio.to_thread.run_sync(check_integrations, integrations)
     return await transaction(
         jobs.create_job, tenant_id=principal.tenant_id, model=body.model, training_file=body.training_file,
         validation_file=body.validation_file, task=body.task, hyperparameters=body.resolved_hyperparameters(),
         suffix=body.suffix, seed=body.seed, metadata=body.metadata, webhook_url=body.webhook_url,
         priority=body.priority or 0, processes=body.compute.processes if body.compute else 1,
+        integrations=integrations,
     )
 
 

@@ -189,7 +189,7 @@ class Model(Shape):
     object: Literal["model"]
     created: int
     owned_by: str
-    kind: Literal["base", "fine-tuned"]
+    kind: Literal["base", "fine-tuned", "checkpoint"]
     tasks: list[str]
     architecture: str | None
     base_model: str | None

@@ -16,7 +16,9 @@ from training.hyperparameters import DpoHyperparameters, Hyperparameters
 __all__ = ["CreateBatch", "CreateJob", "Hyperparameters"]
 
 TASKS = ("classification", "ner", "generation")
-_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+# The contract's rule: it becomes part of a model ID (`ft:<base>:<tenant>:<suffix>:<job>`), whose ':'
+# separators it must not contain, and stays readable in URLs and file names.
+_SUFFIX = re.compile(r"^[a-z0-9-]{1,64}$")
 
 
 class Supervised(Strict):
@@ -48,6 +50,30 @@ class Compute(Strict):
                            "worker offering as many (LLMOS_WORKER_PROCESSES) runs it.")
 
 
+class Mlflow(Strict):
+    """Where the job's run goes: an MLflow tracking server (or a local store the operator allows)."""
+
+    tracking_uri: str = Field(..., min_length=1, max_length=2048, description="http(s) URI of a tracking "
+                              "server, or sqlite:///… under the server's LLMOS_MLFLOW_LOCAL_ROOT.")
+    experiment: str = Field("llmos", min_length=1, max_length=256, description="Created when missing.")
+    run_name: str | None = Field(None, max_length=256, description="Default: the job's ID.")
+    tags: dict[str, str] | None = Field(None, description="At most 16, added to the run's tags.")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and (len(v) > 16 or any(len(k) > 250 or len(x) > 5000 for k, x in v.items())):
+            raise ValueError("at most 16 tags, keys of up to 250 characters, values of up to 5000")
+        return v
+
+
+class Integration(Strict):
+    """OpenAI's `integrations` entry, with the `mlflow` type (metrics, hyperparameters and the final model)."""
+
+    type: Literal["mlflow"]
+    mlflow: Mlflow
+
+
 class CreateJob(Strict):
     model: str = Field(..., min_length=1, max_length=256)
     training_file: str = Field(..., min_length=1, max_length=64)
@@ -62,12 +88,13 @@ class CreateJob(Strict):
     priority: int | None = Field(None, ge=-10, le=10, description="Order among this tenant's own waiting jobs; "
                                  "higher first (default 0).")
     compute: Compute | None = None
+    integrations: list[Integration] | None = Field(None, max_length=4)
 
     @field_validator("suffix")
     @classmethod
     def _suffix(cls, v: str | None) -> str | None:
         if v is not None and not _SUFFIX.match(v):
-            raise ValueError("must be 1-40 characters of letters, digits, '-' or '_'")
+            raise ValueError("must be 1-64 characters of lowercase letters, digits and '-'")
         return v
 
     @field_validator("metadata")

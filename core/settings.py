@@ -116,6 +116,15 @@ class Settings(BaseSettings):
     batch_chunk_lines: int = Field(
         500, description="Lines of a batch file run as one task; a crash redoes at most one chunk."
     )
+    mlflow_local_root: Path | None = Field(
+        None, description="Directory under which a job's `mlflow` integration may name a `sqlite:///` tracking "
+                          "store (one the workers share, with its artifacts beside it); unset: only http(s) "
+                          "tracking servers.")
+    checkpoint_retention_days: float = Field(
+        30.0, ge=0, description="A finished job's checkpoints (`ft:…:ckpt-step-N` models) are deleted this long "
+                                "after it finished, by beat, hourly, whether or not its model was deleted; "
+                                "0 keeps them forever."
+    )
     retention_days: float = Field(
         30.0, ge=0, description="Answered inference requests (inputs and outputs), events and webhook delivery "
                                 "attempts older than this are deleted by beat, hourly; 0 keeps them forever."

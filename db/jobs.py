@@ -26,7 +26,7 @@ PUBLIC_COLUMNS = tuple(getattr(FineTuningJob, name).label(name) for name in (
     "id", "tenant_id", "model", "status", "task", "training_file", "validation_file", "hyperparameters",
     "fine_tuned_model", "finished_at", "estimated_finish", "error", "result_files", "trained_tokens", "seed",
     "job_metadata", "suffix", "progress", "metrics", "attempts", "webhook_url", "priority", "processes",
-    "created_at"))
+    "integrations", "created_at"))
 _PUBLIC_JOB = select(*PUBLIC_COLUMNS).where(FineTuningJob.id == bindparam("job_id"),
                                             FineTuningJob.tenant_id == bindparam("tenant_id"))
 
@@ -77,6 +77,10 @@ def events_since(session: Session, job_id: str, after_seq: int, limit: int = 500
 
 def status_of(session: Session, job_id: str) -> str | None:
     return session.scalar(select(FineTuningJob.status).where(FineTuningJob.id == job_id))
+
+
+def checkpoint_at(session: Session, job_id: str, step: int) -> Checkpoint | None:
+    return session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step_number == step))
 
 
 def list_checkpoints(

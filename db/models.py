@@ -137,6 +137,8 @@ class FineTuningJob(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     # `compute.processes`: data-parallel ranks the job trains with; only a worker offering as many claims it.
     processes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # OpenAI's `integrations` ([{"type": "mlflow", "mlflow": {...}}]); a tracker's run id is added to its entry.
+    integrations: Mapped[list[Any] | None] = mapped_column(JSONB)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(256))
     error: Mapped[JSON | None]
     result_files: Mapped[list[str]] = mapped_column(JSONB, default=list)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Connection, bindparam, or_, select
 from sqlalchemy.orm import Session
 
-from db.models import Model
+from core.clock import utcnow
+from db.models import FineTuningJob, Model
 
 
 def all_models(session: Session) -> list[Model]:
@@ -16,11 +18,13 @@ def all_models(session: Session) -> list[Model]:
 
 
 def visible_models(session: Session, tenant_id: str) -> list[Model]:
-    """Base models and the tenant's own fine-tuned ones, newest first."""
+    """Base models and the tenant's own fine-tuned ones, newest first. Checkpoints are models too, but are
+    listed with their job (`GET /v1/fine_tuning/jobs/{id}/checkpoints`), not here."""
     return list(
         session.scalars(
             select(Model)
-            .where(or_(Model.tenant_id.is_(None), Model.tenant_id == tenant_id), Model.deleted_at.is_(None))
+            .where(or_(Model.tenant_id.is_(None), Model.tenant_id == tenant_id), Model.deleted_at.is_(None),
+                   Model.kind != "checkpoint")
             .order_by(Model.created_at.desc(), Model.id)
         )
     )
@@ -72,3 +76,32 @@ def upsert_base_model(
         row.path, row.tasks, row.architecture, row.description = path, tasks, architecture, description
         row.deleted_at = None
     return row
+
+
+def _checkpoint_step(model_id: str) -> int | None:
+    tail = model_id.rsplit(":ckpt-step-", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
+
+
+def retire_checkpoints(session: Session, job_id: str, *, keep_steps: set[int] | None = None) -> list[Model]:
+    """Mark the job's checkpoint models deleted, but those of ``keep_steps`` (None: all go); returns them."""
+    rows = session.scalars(select(Model).where(Model.job_id == job_id, Model.kind == "checkpoint",
+                                               Model.deleted_at.is_(None))).all()
+    return retire_checkpoints_of([row for row in rows
+                                  if keep_steps is None or _checkpoint_step(row.id) not in keep_steps])
+
+
+def retire_checkpoints_of(rows: list[Model]) -> list[Model]:
+    now = utcnow()
+    for row in rows:
+        row.deleted_at = now
+    return rows
+
+
+def aged_checkpoints(session: Session, finished_before: datetime, limit: int = 500) -> list[Model]:
+    """Live checkpoint models of jobs that finished before ``finished_before`` (for retention)."""
+    return list(session.scalars(
+        select(Model).join(FineTuningJob, FineTuningJob.id == Model.job_id)
+        .where(Model.kind == "checkpoint", Model.deleted_at.is_(None), FineTuningJob.finished_at < finished_before)
+        .limit(limit).with_for_update(of=Model, skip_locked=True)))
+

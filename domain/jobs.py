@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import re
 import socket
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Row
@@ -37,6 +37,8 @@ PAUSED = "paused"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 # Jobs that count against the tenant's `max_active_jobs`.
 ACTIVE = frozenset({VALIDATING, QUEUED, RUNNING, CANCELLING, PAUSED})
+# The `kind` of a model that is a job's checkpoint (`ft:…:ckpt-step-N`); fine-tuned models are "fine-tuned".
+CHECKPOINT_KIND = "checkpoint"
 # The states in which a worker's claim on the job is live.
 CLAIMED = frozenset({RUNNING, CANCELLING})
 
@@ -100,7 +102,7 @@ def job_object(job: FineTuningJob | Row[Any], queue_position: int | None = None)
         "seed": job.seed,
         "metadata": job.job_metadata,
         "user_provided_suffix": job.suffix,
-        "integrations": [],
+        "integrations": list(job.integrations or []),
         "progress": job.progress,
         "metrics": job.metrics,
         "attempts": job.attempts,
@@ -147,6 +149,8 @@ def transition(
         job.error = error
     if target in TERMINAL:
         job.finished_at = now
+    if target not in CLAIMED:
+        # An estimate is of a running job's pace: queued, paused and finished jobs have none.
         job.estimated_finish = None
     if target == QUEUED:
         job.queued_at = now
@@ -187,6 +191,18 @@ def note_if_too_wide(session: Session, job: FineTuningJob) -> None:
                else f"the largest live training worker offers {largest}")
     add_job_event(session, job, f"Waiting for a training worker that runs {job.processes} processes: {offered} "
                   "(each worker's LLMOS_WORKER_PROCESSES)", level="warn")
+
+
+def note_integration_run(session: Session, job_id: str, index: int, run_id: str) -> None:
+    """Keep a tracker's run id on its integration entry: later attempts log to the same run, and the client
+    sees which run it is."""
+    job = jobs_repo.get_job_by_id(session, job_id, lock=True)
+    if job is None or not job.integrations or index >= len(job.integrations):
+        return
+    entries = [dict(entry) for entry in job.integrations]
+    kind = entries[index]["type"]
+    entries[index][kind] = {**entries[index][kind], "run_id": run_id}
+    job.integrations = entries
 
 
 def lose_attempt(session: Session, job: FineTuningJob, message: str) -> str:
@@ -265,6 +281,7 @@ def create_job(
     webhook_url: str | None = None,
     priority: int = 0,
     processes: int = 1,
+    integrations: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A new job, validating its files; the validation task is sent once the caller commits.
 
@@ -291,7 +308,8 @@ def create_job(
         id=ids.new_id(ids.JOB), tenant_id=tenant_id, model=model, task=task, status=VALIDATING,
         training_file=training_file, validation_file=validation_file, hyperparameters=hyperparameters or {},
         suffix=suffix, seed=seed if seed is not None else random.randrange(2**31), job_metadata=metadata,
-        webhook_url=webhook_url, priority=priority, processes=processes, result_files=[], attempts=0,
+        webhook_url=webhook_url, priority=priority, processes=processes, integrations=integrations or None,
+        result_files=[], attempts=0,
         cancel_requested=False,
         pause_requested=False,
     )
@@ -452,6 +470,8 @@ def stop_attempt(session: Session, *, job_id: str, attempt: int, reason: str | N
         return False
     if reason == "cancel":
         transition(session, job, CANCELLED, f"Job cancelled at step {step}")
+        # The caller deletes a cancelled job's checkpoints: they stop being models now.
+        registry.retire_checkpoints(session, job_id)
     elif reason == "time_limit":
         fail_over_runtime(session, job, attempt, float((job.hyperparameters or {}).get("max_runtime_seconds", 0)),
                           step)
@@ -465,6 +485,39 @@ def stop_attempt(session: Session, *, job_id: str, attempt: int, reason: str | N
         offer_to_workers(session, job)
     jobs_repo.release_claim(session, job_id, attempt, reason or "stopped")
     return reason == "cancel"
+
+
+def record_checkpoint(session: Session, job: FineTuningJob, *, step: int, location: str, metrics: dict[str, Any],
+                      model_name: str, kept_steps: set[int]) -> None:
+    """A checkpoint was saved (and uploaded): list it, and make it a model of the job's tenant.
+
+    `ft:…:ckpt-step-N` serves on every inference route and is a base for new jobs, like the final model.
+    Checkpoints the trainer has since pruned (not in ``kept_steps``) stop being models.
+    """
+    name = f"{model_name}:ckpt-step-{step}"
+    existing = jobs_repo.checkpoint_at(session, job.id, step)
+    if existing is not None:
+        # A resumed attempt saved the same step again.
+        existing.path, existing.metrics = location, metrics
+    else:
+        session.add(Checkpoint(id=ids.new_id(ids.CHECKPOINT), job_id=job.id, step_number=step, metrics=metrics,
+                               path=location, fine_tuned_model_checkpoint=name))
+        add_job_event(session, job, f"Checkpoint saved at step {step}")
+    base = session.get(Model, job.model)
+    model = session.get(Model, name)
+    if model is None:
+        model = Model(id=name, tenant_id=job.tenant_id, owned_by=job.tenant_id, kind=CHECKPOINT_KIND,
+                      tasks=[job.task or "classification"], architecture=base.architecture if base else "unknown",
+                      base_model=_root_of(base) if base else job.model, job_id=job.id,
+                      description=f"{job.task} fine-tune of {job.model}, step {step}")
+        session.add(model)
+    model.path, model.deleted_at = location, None
+    registry.retire_checkpoints(session, job.id, keep_steps=kept_steps)
+
+
+def _root_of(base: Model) -> str:
+    """The base model at the root of a chain of continued trainings."""
+    return base.id if base.kind == "base" else (base.base_model or base.id)
 
 
 def record_success(session: Session, *, job_id: str, attempt: int, model_name: str, base: Model,
@@ -483,7 +536,7 @@ def record_success(session: Session, *, job_id: str, attempt: int, model_name: s
     model = Model(
         id=model_name, tenant_id=job.tenant_id, owned_by=job.tenant_id, kind="fine-tuned",
         tasks=[job.task or "classification"], architecture=base.architecture, path=model_dir,
-        base_model=base.id if base.kind == "base" else base.base_model, job_id=job.id,
+        base_model=_root_of(base), job_id=job.id,
         description=f"{job.task} fine-tune of {base.id}",
     )
     session.add(model)
@@ -500,3 +553,10 @@ def record_success(session: Session, *, job_id: str, attempt: int, model_name: s
                 "created": unix(utcnow())})
     transition(session, job, SUCCEEDED, f"Job succeeded: {model_name}")
     jobs_repo.release_claim(session, job_id, attempt, "succeeded")
+
+
+def purge_aged_checkpoints(session: Session, finished_before: datetime) -> list[str]:
+    """Checkpoints of jobs finished before ``finished_before`` stop being models; returns their locations,
+    for the caller to delete once this commits (deleting first could leave a model row without files)."""
+    return [row.path for row in registry.retire_checkpoints_of(registry.aged_checkpoints(session, finished_before))]
+

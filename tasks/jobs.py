@@ -27,6 +27,7 @@ from infra import objectstore  # noqa: F401  (installs the object store for LLMO
 from tasks import recipes
 from tasks.app import celery_app
 from tasks.capacity import worker_capacity
+from tasks.integrations import end_trackers, start_trackers
 from tasks.progress import OUTAGE_WAIT_SECONDS, JobReporter
 from training.hyperparameters import method_of
 
@@ -40,7 +41,7 @@ def worker_name(task: Task) -> str:
 
 def fine_tuned_model_id(job: FineTuningJob, base: Model, tenant_name: str) -> str:
     """``ft:<base>:<tenant>:<suffix>:<job>``, naming the root base model even for continued training."""
-    root = base.base_model if base.kind == "fine-tuned" and base.base_model else base.id
+    root = base.base_model if base.kind != "base" and base.base_model else base.id
     return f"ft:{root}:{tenant_name}:{job.suffix or ''}:{job.id}"
 
 
@@ -177,43 +178,59 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
         emit_event(session, job.tenant_id, jobs.EVENT_TYPES[jobs.RUNNING], jobs.job_object(job))
         snapshot = {"task": job.task, "hyperparameters": job.hyperparameters, "seed": job.seed,
                     "processes": job.processes}
+        tracked = [dict(entry) for entry in job.integrations or []]
+        tracked_params = {**(job.hyperparameters or {}), "base_model": job.model, "task": job.task,
+                          "seed": job.seed, "processes": job.processes}
 
     reporter = JobReporter(job_id, attempt, model_name, heartbeat_seconds=settings.heartbeat_seconds,
                            progress_event_seconds=settings.progress_event_seconds, runtime_left=runtime_left)
     reporter.on_hard_limit = lambda: _end_runaway_attempt(job_id, attempt, runtime_limit)
     reporter.start()
-    # SIGTERM (a deploy, `llmos up` stopping) checkpoints at the next step and hands the job back,
-    # instead of killing the process mid-step and waiting for the reconciler to notice.
-    previous = signal.signal(signal.SIGTERM, lambda *_: reporter.shutdown_requested.set())
+    reporter.trackers = start_trackers(job_id, tracked, tracked_params)
+    model_dir: Path | None = None
     try:
-        result = _run_training(job_id, base_location, train_location, valid_location, snapshot, reporter)
-    except Exception as exc:
-        if unreachable(exc):
-            # Not the job's fault: stop this attempt; its heartbeat goes silent and the reconciler requeues
-            # it once Postgres is back, resuming from the checkpoint on disk.
-            log.error("train %s: database unreachable for too long; leaving the job to the reconciler", job_id)
-            return
-        killed = _killed_rank(exc)
-        if killed is not None:
-            # A rank killed from outside (the OOM killer, an operator) is a lost worker, not a bug in the job:
-            # it resumes from its last checkpoint, counted against `max_attempts` like any lost worker.
-            log.error("train %s: %s", job_id, killed)
-            when_reachable(lambda: _lose_attempt(job_id, attempt, str(killed)), f"loss of {job_id}",
+        # SIGTERM (a deploy, `llmos up` stopping) checkpoints at the next step and hands the job back,
+        # instead of killing the process mid-step and waiting for the reconciler to notice.
+        previous = signal.signal(signal.SIGTERM, lambda *_: reporter.shutdown_requested.set())
+        try:
+            result = _run_training(job_id, base_location, train_location, valid_location, snapshot, reporter)
+        except Exception as exc:
+            if unreachable(exc):
+                # Not the job's fault: stop this attempt; its heartbeat goes silent and the reconciler requeues
+                # it once Postgres is back, resuming from the checkpoint on disk.
+                log.error("train %s: database unreachable for too long; leaving the job to the reconciler",
+                          job_id)
+                return
+            killed = _killed_rank(exc)
+            if killed is not None:
+                # A rank killed from outside (the OOM killer, an operator) is a lost worker, not a bug in the
+                # job: it resumes from its last checkpoint, counted against `max_attempts` like any lost worker.
+                log.error("train %s: %s", job_id, killed)
+                when_reachable(lambda: _lose_attempt(job_id, attempt, str(killed)), f"loss of {job_id}",
+                               OUTAGE_WAIT_SECONDS)
+                return
+            log.exception("training of %s failed", job_id)
+            message = f"{type(exc).__name__}: {exc}"
+            when_reachable(lambda: _finish_failed(job_id, attempt, message), f"failure of {job_id}",
                            OUTAGE_WAIT_SECONDS)
             return
-        log.exception("training of %s failed", job_id)
-        message = f"{type(exc).__name__}: {exc}"
-        when_reachable(lambda: _finish_failed(job_id, attempt, message), f"failure of {job_id}", OUTAGE_WAIT_SECONDS)
-        return
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            reporter.close()
+        if reporter.lost:
+            log.warning("train %s: attempt %s lost its claim; leaving the job to the newer attempt", job_id,
+                        attempt)
+            return
+        # A trained model is not thrown away because Postgres restarted at the wrong moment.
+        when_reachable(lambda: _record_outcome(job_id, attempt, model_name, base, result), f"outcome of {job_id}",
+                       OUTAGE_WAIT_SECONDS)
+        if result.outcome.completed:
+            model_dir = Path(result.model_dir)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        reporter.close()
-    if reporter.lost:
-        log.warning("train %s: attempt %s lost its claim; leaving the job to the newer attempt", job_id, attempt)
-        return
-    # A trained model is not thrown away because Postgres restarted at the wrong moment.
-    when_reachable(lambda: _record_outcome(job_id, attempt, model_name, base, result), f"outcome of {job_id}",
-                   OUTAGE_WAIT_SECONDS)
+        end_trackers(job_id, reporter.trackers, model_dir)
+        if model_dir is not None and storage.remote():
+            # This machine's working copy: the model, results and checkpoints are all in the bucket now.
+            shutil.rmtree(job_dir(job_id), ignore_errors=True)
 
 
 def _run_training(job_id: str, base_location: str, train_location: str | None, valid_location: str | None,
@@ -326,6 +343,3 @@ def _record_outcome(job_id: str, attempt: int, model_name: str, base: Model, res
                             model_dir=model_location, metrics=result.metrics,
                             trained_tokens=outcome.trained_tokens, step=outcome.global_step,
                             results_location=results_location, results_bytes=results_bytes)
-    if storage.remote():
-        # This machine's working copy: the model, results and checkpoints are all in the bucket now.
-        shutil.rmtree(job_dir(job_id), ignore_errors=True)

@@ -12,7 +12,7 @@ from db import idempotency, inferences
 from db import jobs as jobs_repo
 from db import webhooks as webhooks_repo
 from db.session import relaxed_engine, transaction
-from domain import batches, dispatch, jobs
+from domain import batches, dispatch, jobs, storage
 from infra import broker
 from tasks.app import celery_app
 
@@ -89,11 +89,19 @@ def reconcile() -> dict[str, int]:
 def purge() -> dict[str, int]:
     """Retention (beat, hourly): what is older than `retention_days` goes, in bounded transactions."""
     settings = get_settings()
+    counts: dict[str, int] = {}
+    if settings.checkpoint_retention_days > 0:
+        with transaction() as session:
+            aged = jobs.purge_aged_checkpoints(
+                session, utcnow() - timedelta(days=settings.checkpoint_retention_days))
+        for location in aged:
+            storage.delete(location)
+        counts["checkpoints"] = len(aged)
     if settings.retention_days <= 0:
-        return {}
+        return counts
     before = utcnow() - timedelta(days=settings.retention_days)
     with transaction() as session:
-        counts = {"inferences": inferences.purge_finished(session, before)}
+        counts["inferences"] = inferences.purge_finished(session, before)
     with transaction() as session:
         counts["events"] = webhooks_repo.purge_events(session, before)
     if any(counts.values()):

@@ -9,10 +9,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from core import ids
 from core.clock import utcnow
 from db import jobs as jobs_repo
-from db.models import Checkpoint
 from db.session import transaction, unreachable, when_reachable
 from domain import jobs, storage
 from domain.events import emit_event
@@ -62,6 +60,8 @@ class JobReporter:
         self._soft_deadline = None if runtime_left is None else started + runtime_left
         self._hard_deadline = None if runtime_left is None else started + runtime_left + hard_limit_grace(runtime_left)
         self.on_hard_limit: Any = None
+        # Experiment trackers (`tasks.integrations`) that receive every logged and evaluated metric.
+        self.trackers: list[Any] = []
 
     # lifecycle
     def start(self) -> None:
@@ -112,6 +112,8 @@ class JobReporter:
         # are for the live chart, and an outage may drop the oldest rather than hold up training.
         self._points.append((step, epoch, metrics))
         del self._points[:-MAX_PENDING_POINTS]
+        for tracker in self.trackers:
+            tracker.metrics(step, metrics)
 
     def on_step(self, state: StepState) -> None:
         now = time.monotonic()
@@ -161,6 +163,8 @@ class JobReporter:
         self._points.clear()
 
     def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        for tracker in self.trackers:
+            tracker.metrics(step, metrics)
         # Metrics events and checkpoint records are kept: training waits for the database to come back.
         when_reachable(lambda: self._record_metrics(step, epoch, metrics), f"metrics of {self.job_id}",
                        OUTAGE_WAIT_SECONDS)
@@ -177,8 +181,11 @@ class JobReporter:
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         location = self._publish_checkpoint(step, path)
-        when_reachable(lambda: self._record_checkpoint(step, location, metrics), f"checkpoint of {self.job_id}",
-                       OUTAGE_WAIT_SECONDS)
+        # The checkpoints still on disk (the trainer prunes older ones): only those stay servable as models.
+        kept = {int(p.name.rsplit("-", 1)[-1]) for p in path.parent.glob("checkpoint-*")
+                if p.name.rsplit("-", 1)[-1].isdigit()}
+        when_reachable(lambda: self._record_checkpoint(step, location, metrics, kept | {step}),
+                       f"checkpoint of {self.job_id}", OUTAGE_WAIT_SECONDS)
 
     def _publish_checkpoint(self, step: int, path: Path) -> str:
         """Upload the checkpoint when artifacts live in object storage; its location (else its path)."""
@@ -193,17 +200,10 @@ class JobReporter:
             log.warning("checkpoint at step %d of %s not uploaded", step, self.job_id, exc_info=True)
             return str(path)
 
-    def _record_checkpoint(self, step: int, location: str, metrics: dict[str, Any]) -> None:
+    def _record_checkpoint(self, step: int, location: str, metrics: dict[str, Any], kept: set[int]) -> None:
         with transaction() as session:
             job = jobs_repo.get_job_by_id(session, self.job_id)
             if job is None or not jobs.holds_claim(job, self.attempt):
                 return
-            existing = session.query(Checkpoint).filter_by(job_id=job.id, step_number=step).one_or_none()
-            if existing is not None:
-                existing.path, existing.metrics = location, metrics
-                return
-            session.add(Checkpoint(
-                id=ids.new_id(ids.CHECKPOINT), job_id=job.id, step_number=step, metrics=metrics,
-                path=location, fine_tuned_model_checkpoint=f"{self.model_name}:ckpt-step-{step}",
-            ))
-            jobs.add_job_event(session, job, f"Checkpoint saved at step {step}")
+            jobs.record_checkpoint(session, job, step=step, location=location, metrics=metrics,
+                                   model_name=self.model_name, kept_steps=kept)

@@ -143,6 +143,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         "LLMOS_API_PORT": str(free_port()),
         # Batch tests span several chunks with a few dozen lines (workers read it; the default is 500).
         "LLMOS_BATCH_CHUNK_LINES": "20",
+        # Jobs' MLflow integrations may use sqlite stores here (tests/api/test_integrations.py).
+        "LLMOS_MLFLOW_LOCAL_ROOT": str(home / "mlflow"),
     }
     # The suite's own imports (bootstrap, the Celery producer, repositories) read the same settings as the
     # processes it starts; the environment is given back as it was when the session ends.

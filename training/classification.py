@@ -29,7 +29,7 @@ from training.devices import autocast_dtype, pick_device
 from training.fsutil import atomic_write_text, replace_dir, temp_dir_beside
 from training.hyperparameters import LIMITS
 from training.lora import apply_lora, resolve_lora
-from training.trainer import Collator, TrainArgs, TrainOutcome, run_training
+from training.trainer import Collator, TrainArgs, TrainOutcome, run_training, tokenizer_writer
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +318,7 @@ def train_classification(
         return {"eval_loss": loss, "eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]}
 
     args = TrainArgs.from_hyperparameters(hp, spec.checkpoint_dir, spec.seed)
+    args.checkpoint_extras = tokenizer_writer(tokenizer, max_length)
     log.info(
         "classification: %d train rows, %d eval rows, %d labels, max_length %d, %s",
         len(train_rows),

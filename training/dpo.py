@@ -38,7 +38,7 @@ from training.generation import (
 from training.generation import resolve_hyperparameters as resolve_generation
 from training.hyperparameters import BETA_LIMIT
 from training.lora import LoraModule, apply_lora, save_model_dir
-from training.trainer import TrainArgs, run_training
+from training.trainer import TrainArgs, run_training, tokenizer_writer
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,7 @@ def train_dpo(
         return evaluate_pairs(trained, eval_batches)
 
     args = TrainArgs.from_hyperparameters(hp, spec.checkpoint_dir, spec.seed)
+    args.checkpoint_extras = tokenizer_writer(tokenizer)
     log.info("dpo: %d train pairs, %d eval pairs, max_length %d, %s", len(train_features), len(eval_features),
              max_length, hp)
     outcome = run_training(model, train_features, collator, args, callbacks,

@@ -35,7 +35,7 @@ from training.classification import EVAL_REPORT_FILE, _max_length
 from training.data import DataError, Row, random_split, validate_generation
 from training.devices import autocast_dtype, pick_device
 from training.lora import add_lora_hyperparameters, apply_lora, load_pretrained, save_model_dir
-from training.trainer import TrainArgs, TrainOutcome, run_training
+from training.trainer import TrainArgs, TrainOutcome, run_training, tokenizer_writer
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +369,7 @@ def train_generation(
 
     # One dataset item is a whole length-grouped batch.
     args = TrainArgs.from_hyperparameters(hp, spec.checkpoint_dir, spec.seed, batch_size=1)
+    args.checkpoint_extras = tokenizer_writer(tokenizer)
     log.info(
         "generation: %d train rows in %d batches, %d eval rows, max_length %d, %s",
         len(train_features),

@@ -26,7 +26,7 @@ from training.classification import EVAL_REPORT_FILE, _max_length, padding_colla
 from training.data import DataError, detect_tag_scheme, normalise_tags, random_split, validate_ner
 from training.devices import autocast_dtype, pick_device
 from training.lora import add_lora_hyperparameters, apply_lora, load_pretrained, save_model_dir
-from training.trainer import Collator, TrainArgs, TrainOutcome, run_training
+from training.trainer import Collator, TrainArgs, TrainOutcome, run_training, tokenizer_writer
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,7 @@ def train_ner(
         }
 
     args = TrainArgs.from_hyperparameters(hp, spec.checkpoint_dir, spec.seed)
+    args.checkpoint_extras = tokenizer_writer(tokenizer, max_length)
     log.info(
         "ner: %d train rows, %d eval rows, %d labels, max_length %d, %s",
         len(train_rows),

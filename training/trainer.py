@@ -79,6 +79,9 @@ class TrainArgs:
     seed: int = 42
     keep_checkpoints: int = 2
     logging_steps: int = 0
+    # Writes what, beside the weights, makes a checkpoint a model that serves and trains on (the tokenizer):
+    # a checkpoint is a model (`ft:…:ckpt-step-N`). None: weights and training state only.
+    checkpoint_extras: Callable[[Path], None] | None = None
 
     @classmethod
     def from_hyperparameters(
@@ -94,6 +97,21 @@ class TrainArgs:
             weight_decay=float(hp["weight_decay"]),
             seed=seed,
         )
+
+
+def tokenizer_writer(tokenizer: Any, max_length: int | None = None) -> Callable[[Path], None]:
+    """`checkpoint_extras` that saves ``tokenizer`` (truncating at ``max_length``, where training did)."""
+
+    def write(directory: Path) -> None:
+        saved = tokenizer.model_max_length
+        if max_length is not None:
+            tokenizer.model_max_length = max_length
+        try:
+            tokenizer.save_pretrained(directory)
+        finally:
+            tokenizer.model_max_length = saved
+
+    return write
 
 
 @dataclass
@@ -517,6 +535,8 @@ def _save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{state.global_step}-", dir=args.checkpoint_dir))
     try:
         _save_model(model, tmp)
+        if args.checkpoint_extras is not None:
+            args.checkpoint_extras(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:

@@ -64,6 +64,11 @@ def test_field_errors_on_job_create(api: Api) -> None:
         ({"model": "tiny-bert", "training_file": file_id, "task": "generation"}, "task"),
         ({"model": "tiny-bert", "training_file": file_id, "bogus": 1}, "bogus"),
         ({"model": "tiny-bert", "training_file": file_id, "suffix": "has spaces"}, "suffix"),
+        ({"model": "tiny-bert", "training_file": file_id, "suffix": "Upper"}, "suffix"),
+        ({"model": "tiny-bert", "training_file": file_id, "suffix": "a:b"}, "suffix"),
+        ({"model": "tiny-bert", "training_file": file_id, "suffix": "x" * 65}, "suffix"),
+        ({"model": "tiny-bert", "training_file": file_id, "compute": {"processes": 0}}, "compute.processes"),
+        ({"model": "tiny-bert", "training_file": file_id, "compute": {"gpus": 2}}, "compute.gpus"),
     ]
     for body, param in cases:
         response = api.http.post("/v1/fine_tuning/jobs", json=body)
