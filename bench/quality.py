@@ -267,6 +267,7 @@ def run_ner(http: httpx.Client, spec: RunSpec) -> Result:
     score_wall = time.perf_counter() - started
     metrics = job.get("metrics") or {}
     f1 = float(f1_score(gold, predicted, average="micro"))
+    decodings = compare_ner_decodings(http, model, test_rows)
     return Result(
         "ner", "CoNLL-2003 en", "minilm-l6", spec.epochs,
         f"train {len(train_rows)}/14041 sent, valid {len(valid_rows)}/3250, test {len(test_rows)}/3453",
@@ -274,8 +275,37 @@ def run_ner(http: httpx.Client, spec: RunSpec) -> Result:
         {"test_precision": round(float(precision_score(gold, predicted, average="micro")), 4),
          "test_recall": round(float(recall_score(gold, predicted, average="micro")), 4),
          "job_valid_f1": metrics.get("f1"), "job_valid_per_type": metrics.get("per_type"),
-         "hyperparameters": hp},
+         "hyperparameters": hp, "test_f1_by_decoding": decodings},
     )
+
+
+def compare_ner_decodings(http: httpx.Client, model: str, rows: list[tuple[list[str], list[str]]]) -> dict[str, float]:
+    """Test F1 of the same trained model with each word's likeliest tag on its own (argmax, then read as
+    conlleval does) and with the likeliest valid IOB2 sequence (shipped): the model downloaded through the API,
+    both scored here in-process, so decoding is the only difference."""
+    import io
+    import tarfile
+    import tempfile
+
+    from seqeval.metrics import f1_score
+
+    from training.predict import NerPredictor
+
+    response = http.get(f"/v1/models/{model}/content", timeout=600)
+    response.raise_for_status()
+    scores: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="llmos-ner-model-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+            archive.extractall(tmp, filter="data")
+        model_dir = next(p.parent for p in Path(tmp).rglob("config.json"))
+        gold = [tags for _, tags in rows]
+        for name, constrained in (("argmax", False), ("constrained", True)):
+            predictor = NerPredictor(model_dir, constrained=constrained)
+            texts = [" ".join(tokens) for tokens, _ in rows]
+            found = predictor.predict(texts, batch_size=64)
+            predicted = [entities_to_tags(tokens, entities) for (tokens, _), entities in zip(rows, found, strict=True)]
+            scores[name] = round(float(f1_score(gold, predicted, average="micro")), 4)
+    return scores
 
 
 def run_sst2(http: httpx.Client, spec: RunSpec) -> Result:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
 from transformers import AutoModelForTokenClassification, AutoTokenizer, set_seed
@@ -26,6 +27,7 @@ from training.classification import EVAL_REPORT_FILE, _max_length, padding_colla
 from training.data import DataError, detect_tag_scheme, normalise_tags, random_split, validate_ner
 from training.devices import autocast_dtype, pick_device
 from training.lora import add_lora_hyperparameters, apply_lora, load_pretrained, save_model_dir
+from training.tagging import IOB2Decoder
 from training.trainer import Collator, TrainArgs, TrainOutcome, run_training, tokenizer_writer
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,7 @@ def _predict_tags(
     id2label: dict[int, str],
 ) -> tuple[float, list[list[str]]]:
     """Return (mean loss over labelled sub-tokens, predicted IOB2 tags per word) for `features`."""
+    decoder = IOB2Decoder([id2label[i] for i in range(len(id2label))])
     device = next(model.parameters()).device
     amp_dtype = autocast_dtype(device)
     total_loss = 0.0
@@ -178,11 +181,19 @@ def _predict_tags(
                 ).item()
             )
             n_labelled += int((labels != IGNORE_INDEX).sum().item())
-            best = logits.argmax(dim=-1).cpu().numpy()
-            for row, starts in zip(best, word_starts[start : start + _EVAL_BATCH_SIZE], strict=True):
-                predicted.append([id2label[int(row[p])] if p >= 0 else "O" for p in starts])
+            log_probs = logits.log_softmax(dim=-1).cpu().numpy()
+            for row, starts in zip(log_probs, word_starts[start : start + _EVAL_BATCH_SIZE], strict=True):
+                predicted.append(_decode_words(decoder, row, starts))
     model.train(was_training)
     return total_loss / max(1, n_labelled), _repair_iob2(predicted)
+
+
+def _decode_words(decoder: IOB2Decoder, log_probs: np.ndarray, starts: list[int]) -> list[str]:
+    """Each word's tag from its first sub-token's log-probabilities, as the best valid IOB2 sequence; a word
+    cut off by truncation is "O"."""
+    kept = [p for p in starts if p >= 0]
+    decoded = iter(decoder.tags(log_probs[kept]))
+    return [next(decoded) if p >= 0 else "O" for p in starts]
 
 
 def _repair_iob2(rows: list[list[str]]) -> list[list[str]]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -29,6 +30,7 @@ from training.data import normalise_tags
 from training.devices import autocast_dtype, pick_device
 from training.generation import ensure_chat_template, prompt_ids
 from training.lora import load_pretrained
+from training.tagging import IOB2Decoder
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +130,11 @@ class NerPredictor:
     model's limit are read in overlapping windows, so entities past the limit are found too.
     """
 
-    def __init__(self, model_dir: Path, device: torch.device | None = None) -> None:
+    def __init__(self, model_dir: Path, device: torch.device | None = None, constrained: bool = True) -> None:
+        """``constrained``: tags are the best valid IOB2 sequence (`training.tagging`); False takes each word's
+        most likely tag on its own (kept for comparison: `bench/quality.py` measures both)."""
         self.device = device or pick_device()
+        self.constrained = constrained
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(f"{model_dir}: NER needs a fast tokenizer (tokenizer.json) for character offsets")
@@ -138,6 +143,7 @@ class NerPredictor:
         self.model.eval()
         id2label = self.model.config.id2label
         self.labels: list[str] = [str(id2label[i]) for i in range(len(id2label))]
+        self._decoder = IOB2Decoder(self.labels)
         self.max_length = _position_limit(self.tokenizer, self.model.config)
         self._amp_dtype = autocast_dtype(self.device)
         self.lock = threading.RLock()
@@ -177,7 +183,7 @@ class NerPredictor:
         # A long text becomes many windows: they go through the model at most WINDOWS_PER_PASS at a time, so
         # 32 texts of 100,000 characters cost a few thousand small passes, not one pass of thousands of rows.
         windows = len(sample_of)
-        bests: list[tuple[torch.Tensor, torch.Tensor]] = []
+        passes: list[torch.Tensor] = []
         with torch.inference_mode():
             for start in range(0, windows, WINDOWS_PER_PASS):
                 inputs = {k: v[start : start + WINDOWS_PER_PASS].to(self.device) for k, v in encoded.items()}
@@ -185,10 +191,10 @@ class NerPredictor:
                     device_type=self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None
                 ):
                     logits = self.model(**inputs).logits
-                bests.append(logits.float().softmax(dim=-1).max(dim=-1))
-        best_p = torch.cat([p for p, _ in bests]).cpu()
-        best_id = torch.cat([i for _, i in bests]).cpu()
-        # word index -> [label id, probability, start, end]; the first window that has a word's start wins.
+                passes.append(logits.float().log_softmax(dim=-1).cpu())
+        log_probs = torch.cat(passes).numpy()
+        # word index -> [its first sub-token's (window, position), start, end]; the first window that has a
+        # word's start wins.
         words: list[dict[int, list[Any]]] = [{} for _ in texts]
         for window, sample in enumerate(sample_of):
             for position, word in enumerate(encoded.word_ids(window)):
@@ -197,10 +203,17 @@ class NerPredictor:
                 begin, end = offsets[window][position]
                 seen = words[sample].get(word)
                 if seen is None:
-                    words[sample][word] = [int(best_id[window, position]), float(best_p[window, position]), begin, end]
+                    words[sample][word] = [(window, position), begin, end]
                 else:
-                    seen[2], seen[3] = min(seen[2], begin), max(seen[3], end)
-        return [[(self.labels[w[0]], w[1], w[2], w[3]) for _, w in sorted(by_word.items())] for by_word in words]
+                    seen[1], seen[2] = min(seen[1], begin), max(seen[2], end)
+        results = []
+        for by_word in words:
+            ordered = [w for _, w in sorted(by_word.items())]
+            rows = np.stack([log_probs[w[0]] for w in ordered]) if ordered else np.zeros((0, len(self.labels)))
+            chosen = self._decoder.decode(rows) if self.constrained else [int(i) for i in rows.argmax(axis=-1)]
+            results.append([(self.labels[c], float(np.exp(rows[i, c])), w[1], w[2])
+                            for i, (c, w) in enumerate(zip(chosen, ordered, strict=True))])
+        return results
 
 
 def group_entities(text: str, words: list[tuple[str, float, int, int]]) -> list[dict[str, Any]]:

@@ -131,7 +131,9 @@ def models_of(job_ids: list[str]) -> dict[str, list[str]]:
 
     found: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
     with transaction() as session:
-        for model_id, job_id in session.execute(select(Model.id, Model.job_id).where(Model.job_id.in_(job_ids))):
+        # A job's fine-tuned model; its checkpoints are models too, of their own kind.
+        for model_id, job_id in session.execute(select(Model.id, Model.job_id).where(
+                Model.job_id.in_(job_ids), Model.kind != "checkpoint")):
             if job_id is not None:
                 found[job_id].append(model_id)
     return found

@@ -59,6 +59,7 @@ def _rank_pids(worker: Process) -> list[int]:
 
 
 def test_a_two_process_job_trains_on_the_worker_that_offers_two(api: Api, wide_worker: Process) -> None:
+    _wait_advertised(wide_worker)
     file_id = api.upload(jsonl(sentiment_rows(48))).json()["id"]
     created = api.http.post("/v1/fine_tuning/jobs", json={
         "model": "tiny-bert", "training_file": file_id, "compute": {"processes": 2},
@@ -105,6 +106,7 @@ def test_a_killed_rank_fails_over_like_a_lost_worker(api: Api, wide_worker: Proc
     from db.models import JobClaim
     from db.session import transaction
 
+    _wait_advertised(wide_worker)
     file_id = api.upload(jsonl(sentiment_rows(200))).json()["id"]
     job = api.http.post("/v1/fine_tuning/jobs", json={
         "model": "tiny-bert", "training_file": file_id, "compute": {"processes": 2},
