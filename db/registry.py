@@ -104,4 +104,3 @@ def aged_checkpoints(session: Session, finished_before: datetime, limit: int = 5
         select(Model).join(FineTuningJob, FineTuningJob.id == Model.job_id)
         .where(Model.kind == "checkpoint", Model.deleted_at.is_(None), FineTuningJob.finished_at < finished_before)
         .limit(limit).with_for_update(of=Model, skip_locked=True)))
-

@@ -309,9 +309,7 @@ def create_job(
         training_file=training_file, validation_file=validation_file, hyperparameters=hyperparameters or {},
         suffix=suffix, seed=seed if seed is not None else random.randrange(2**31), job_metadata=metadata,
         webhook_url=webhook_url, priority=priority, processes=processes, integrations=integrations or None,
-        result_files=[], attempts=0,
-        cancel_requested=False,
-        pause_requested=False,
+        result_files=[], attempts=0, cancel_requested=False, pause_requested=False,
     )
     session.add(job)
     session.flush()
