@@ -74,6 +74,8 @@ class RunSpec:
     test_rows: int
     epochs: int
     valid_rows: int
+    # None: the run's own default (the encoders 1e-4).
+    learning_rate: float | None = None
 
 
 # Chosen to fit the ~35 min budget on 2 shared CPU cores (MiniLM ~1.5 s per step of 32 at 40 tokens).
@@ -251,7 +253,7 @@ def run_ner(http: httpx.Client, spec: RunSpec) -> Result:
     test_rows = sample(read_conll(CONLL / "test.txt"), spec.test_rows)
     train_id = upload(http, "conll-train.jsonl", jsonl([{"tokens": t, "tags": g} for t, g in train_rows]))
     valid_id = upload(http, "conll-valid.jsonl", jsonl([{"tokens": t, "tags": g} for t, g in valid_rows]))
-    hp = {"n_epochs": spec.epochs, "batch_size": 16, "learning_rate": 1e-4, "max_seq_length": 128,
+    hp = {"n_epochs": spec.epochs, "batch_size": 16, "learning_rate": spec.learning_rate or 1e-4, "max_seq_length": 128,
           "warmup_ratio": 0.1}
     job, train_wall = train(http, "ner", {"model": "minilm-l6", "training_file": train_id,
                                           "validation_file": valid_id, "task": "ner", "hyperparameters": hp})
@@ -314,7 +316,7 @@ def run_sst2(http: httpx.Client, spec: RunSpec) -> Result:
     test_rows = sample(read_sst2(SST2 / "test.tsv"), spec.test_rows)
     train_id = upload(http, "sst2-train.jsonl", jsonl([{"text": s, "label": LABELS[y]} for s, y in train_rows]))
     valid_id = upload(http, "sst2-dev.jsonl", jsonl([{"text": s, "label": LABELS[y]} for s, y in valid_rows]))
-    hp = {"n_epochs": spec.epochs, "batch_size": 32, "learning_rate": 1e-4, "max_seq_length": 128,
+    hp = {"n_epochs": spec.epochs, "batch_size": 32, "learning_rate": spec.learning_rate or 1e-4, "max_seq_length": 128,
           "warmup_ratio": 0.1}
     job, train_wall = train(http, "sst2", {"model": "minilm-l6", "training_file": train_id,
                                            "validation_file": valid_id, "task": "classification",
@@ -478,6 +480,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"(defaults: {', '.join(f'{k} {v.test_rows}' for k, v in DEFAULTS.items())})")
     parser.add_argument("--epochs", type=int, help="epochs per run "
                         f"(defaults: {', '.join(f'{k} {v.epochs}' for k, v in DEFAULTS.items())})")
+    parser.add_argument("--learning-rate", type=float, help="learning rate of the ner and sst2 runs (default 1e-4)")
     parser.add_argument("--home", type=Path, help="persistent LLMOS_HOME (reuses converted models); default temp")
     parser.add_argument("--torch-threads", type=int, default=TORCH_THREADS,
                         help=f"torch threads per worker process ({TORCH_THREADS}; more only on a quiet machine)")
@@ -492,7 +495,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def spec_for(name: str, args: argparse.Namespace) -> RunSpec:
     d = DEFAULTS[name]
     return RunSpec(train_rows=args.train_rows or d.train_rows, test_rows=args.test_rows or d.test_rows,
-                   epochs=args.epochs or d.epochs, valid_rows=d.valid_rows)
+                   epochs=args.epochs or d.epochs, valid_rows=d.valid_rows, learning_rate=args.learning_rate)
 
 
 def report(results: list[Result]) -> None:
