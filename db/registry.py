@@ -78,17 +78,11 @@ def upsert_base_model(
     return row
 
 
-def _checkpoint_step(model_id: str) -> int | None:
-    tail = model_id.rsplit(":ckpt-step-", 1)
-    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
-
-
-def retire_checkpoints(session: Session, job_id: str, *, keep_steps: set[int] | None = None) -> list[Model]:
-    """Mark the job's checkpoint models deleted, but those of ``keep_steps`` (None: all go); returns them."""
+def retire_checkpoints(session: Session, job_id: str, *, keep: set[str] | None = None) -> list[Model]:
+    """Mark the job's checkpoint models deleted, but those named in ``keep``; returns them."""
     rows = session.scalars(select(Model).where(Model.job_id == job_id, Model.kind == "checkpoint",
                                                Model.deleted_at.is_(None))).all()
-    return retire_checkpoints_of([row for row in rows
-                                  if keep_steps is None or _checkpoint_step(row.id) not in keep_steps])
+    return retire_checkpoints_of([row for row in rows if row.id not in (keep or set())])
 
 
 def retire_checkpoints_of(rows: list[Model]) -> list[Model]:

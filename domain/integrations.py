@@ -12,8 +12,8 @@ from core.settings import get_settings
 from domain import webhooks
 
 
-def check_integrations(integrations: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Refuse, naming the field, what the workers could not log to; returns the entries as stored.
+def check_integrations(integrations: list[dict[str, Any]]) -> None:
+    """Refuse, naming the field, what the workers could not log to.
 
     Resolves tracking servers' hosts (the webhook address rule: no private addresses unless allowed), so it
     blocks: an asyncio caller runs it on a thread.
@@ -24,7 +24,6 @@ def check_integrations(integrations: list[dict[str, Any]]) -> list[dict[str, Any
             raise ServiceError(400, f"{param}: this server has no MLflow client; its operator can install it "
                                "(pip install mlflow-skinny)", param=param, code="integration_unavailable")
         _check_tracking_uri(str(entry["mlflow"]["tracking_uri"]), f"{param}.tracking_uri")
-    return integrations
 
 
 def _check_tracking_uri(uri: str, param: str) -> None:

@@ -492,7 +492,7 @@ def record_checkpoint(session: Session, job: FineTuningJob, *, step: int, locati
     `ft:…:ckpt-step-N` serves on every inference route and is a base for new jobs, like the final model.
     Checkpoints the trainer has since pruned (not in ``kept_steps``) stop being models.
     """
-    name = f"{model_name}:ckpt-step-{step}"
+    name = checkpoint_model_id(model_name, step)
     existing = jobs_repo.checkpoint_at(session, job.id, step)
     if existing is not None:
         # A resumed attempt saved the same step again.
@@ -510,7 +510,12 @@ def record_checkpoint(session: Session, job: FineTuningJob, *, step: int, locati
                       description=f"{job.task} fine-tune of {job.model}, step {step}")
         session.add(model)
     model.path, model.deleted_at = location, None
-    registry.retire_checkpoints(session, job.id, keep_steps=kept_steps)
+    registry.retire_checkpoints(session, job.id, keep={checkpoint_model_id(model_name, s) for s in kept_steps})
+
+
+def checkpoint_model_id(model_name: str, step: int) -> str:
+    """`ft:…:ckpt-step-N`: the model a job's checkpoint at step N is (OpenAI's `fine_tuned_model_checkpoint`)."""
+    return f"{model_name}:ckpt-step-{step}"
 
 
 def _root_of(base: Model) -> str:

@@ -181,9 +181,10 @@ class JobReporter:
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         location = self._publish_checkpoint(step, path)
+        from training.trainer import checkpoint_step
+
         # The checkpoints still on disk (the trainer prunes older ones): only those stay servable as models.
-        kept = {int(p.name.rsplit("-", 1)[-1]) for p in path.parent.glob("checkpoint-*")
-                if p.name.rsplit("-", 1)[-1].isdigit()}
+        kept = {s for p in path.parent.iterdir() if (s := checkpoint_step(p.name)) is not None}
         when_reachable(lambda: self._record_checkpoint(step, location, metrics, kept | {step}),
                        f"checkpoint of {self.job_id}", OUTAGE_WAIT_SECONDS)
 

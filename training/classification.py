@@ -374,8 +374,7 @@ def _save_model_dir(
     try:
         model.save_pretrained(tmp)
         # Predictions then truncate where training did: longer positions were never tuned.
-        tokenizer.model_max_length = max_length
-        tokenizer.save_pretrained(tmp)
+        tokenizer_writer(tokenizer, max_length)(tmp)
         (tmp / EVAL_REPORT_FILE).write_text(json.dumps(eval_report, indent=2), encoding="utf-8")
         replace_dir(tmp, output_dir)
     except BaseException:
