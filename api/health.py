@@ -105,6 +105,9 @@ class StateCollector(Collector):
             labels=["outcome"])
         try:
             with session_factory()() as session:
+                # One snapshot for every family: read statement by statement, a delivery could be counted
+                # pending by one query and its successful attempt by the next (both commit together).
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
                 for status, count in jobs_repo.count_by_status(session).items():
                     jobs.add_metric([status], count)
                 newest, throughput = jobs_repo.training_liveness(session)
