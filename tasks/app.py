@@ -127,10 +127,6 @@ def _ask_training_to_checkpoint(**_: Any) -> None:
     """A warm shutdown would wait hours for training to end: tell pool processes to checkpoint and stop."""
     if "gpu" not in os.environ.get("LLMOS_WORKER_QUEUES", "").split(","):
         return
-    for thread, stop in _advertising:
-        # Withdrawn at once: a stopping worker takes no new job, so it should not keep wide jobs' hopes up.
-        stop.set()
-        thread.join(timeout=5)
     import signal
 
     import psutil
@@ -140,3 +136,8 @@ def _ask_training_to_checkpoint(**_: Any) -> None:
             child.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             continue
+    # After the children are told (any delay before that lands their signal after training has already
+    # restored the default handler): a stopping worker takes no new job, so its offer is withdrawn.
+    for thread, stop in _advertising:
+        stop.set()
+        thread.join(timeout=5)
