@@ -172,6 +172,56 @@ def claim_next(session: Session, worker: str, *, fair: bool, capacity: int = 1) 
     return None
 
 
+# Validation takes tenants in turn as well: a tenant's k-th waiting job ranks with every other tenant's k-th,
+# oldest first among them, so one tenant's hundred uploads cannot hold another tenant's job in validation
+# behind them. A job some worker is validating holds its row lock and is skipped; one whose validation has
+# already been started ``max_attempts`` times without finishing is left for the reconciler to fail.
+_VALIDATION_ORDER = """
+SELECT id FROM (
+    SELECT j.id, j.created_at,
+           row_number() OVER (PARTITION BY j.tenant_id ORDER BY j.priority DESC, j.created_at, j.id) AS k
+    FROM fine_tuning_jobs j WHERE j.status = 'validating_files' AND j.validation_attempts < :max_attempts
+) o ORDER BY k, created_at, id LIMIT :candidates
+"""
+
+
+def claim_next_validation(session: Session, *, max_attempts: int, candidates: int = 16) -> str | None:
+    """Take the next job to validate in the fair order and count the attempt; None when no unclaimed job waits.
+
+    The caller commits at once, before the work, so that a validation that kills its worker (a file that
+    exhausts memory, say) is still counted; it then locks the row for the work itself and checks that the job
+    still waits for validation (a concurrent worker may have taken it in the moment between).
+    """
+    order = session.scalars(text(_VALIDATION_ORDER), {"max_attempts": max_attempts, "candidates": candidates}).all()
+    for job_id in order:
+        picked = session.scalar(
+            update(FineTuningJob)
+            .where(FineTuningJob.id == job_id, FineTuningJob.status == "validating_files",
+                   FineTuningJob.id.in_(select(FineTuningJob.id).where(FineTuningJob.id == job_id)
+                                        .with_for_update(skip_locked=True).scalar_subquery()))
+            .values(validation_attempts=FineTuningJob.validation_attempts + 1, updated_at=utcnow())
+            .returning(FineTuningJob.id)
+            .execution_options(synchronize_session=False)
+        )
+        if picked is not None:
+            return str(picked)
+    return None
+
+
+def unclaimed_validation_count(session: Session) -> int:
+    """How many jobs wait for validation with no worker validating them (a worker holds its job's row lock).
+
+    Counted by taking the row locks that are free inside a savepoint rolled back at once: validators' claims
+    skip locked rows, so holding these for the caller's whole transaction would send tickets away empty.
+    """
+    with session.begin_nested() as nested:
+        count = session.scalar(text(
+            "SELECT count(*) FROM (SELECT 1 FROM fine_tuning_jobs WHERE status = 'validating_files' "
+            "FOR KEY SHARE SKIP LOCKED) s"))
+        nested.rollback()
+    return int(count or 0)
+
+
 def narrowest_wider_than(session: Session, capacity: int) -> int | None:
     """The fewest ranks any queued job asks for beyond ``capacity``; None when every queued job fits."""
     return session.scalar(select(func.min(FineTuningJob.processes))
@@ -305,6 +355,7 @@ def forgotten_jobs(session: Session, status: str, older_than: datetime) -> list[
         session.scalars(
             select(FineTuningJob)
             .where(FineTuningJob.status == status, FineTuningJob.updated_at < older_than)
+            .order_by(FineTuningJob.created_at)
             .with_for_update(skip_locked=True)
         )
     )

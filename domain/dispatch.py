@@ -10,6 +10,7 @@ work whose task never arrived.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,13 @@ TASK_RECONCILE = "llmos.maintenance.reconcile"
 TASK_PURGE = "llmos.maintenance.purge"
 
 _PENDING_KEY = "llmos_pending_tasks"
+
+# Validation tickets carry ids with this prefix, so the reconciler can tell them from other cpu-queue work.
+VALIDATION_TICKET_PREFIX = "validate-"
+
+
+def validation_ticket_id() -> str:
+    return f"{VALIDATION_TICKET_PREFIX}{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)

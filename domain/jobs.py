@@ -165,6 +165,17 @@ def fair() -> bool:
     return get_settings().scheduler == "fair"
 
 
+def offer_for_validation(session: Session, job: FineTuningJob) -> None:
+    """A validation ticket on the cpu queue, sent when the caller commits.
+
+    Like a training ticket it names no job to run: the worker that takes it validates whichever waiting job
+    is next in the fair order (`db.jobs.claim_next_validation`), so the broker's first-come order never lets
+    one tenant's burst of jobs hold another's in validation. Its id marks it as a validation ticket, which is
+    how the reconciler counts the tickets still waiting.
+    """
+    dispatch.enqueue_after_commit(session, dispatch.TASK_VALIDATE, job.id, task_id=dispatch.validation_ticket_id())
+
+
 def offer_to_workers(session: Session, job: FineTuningJob) -> None:
     """Put a queued job in line: a ticket on the training queue, sent when the caller commits.
 
@@ -315,7 +326,7 @@ def create_job(
     session.flush()
     add_job_event(session, job, f"Validating training file: {training_file}")
     emit_event(session, job.tenant_id, EVENT_TYPES[VALIDATING], job_object(job))
-    dispatch.enqueue_after_commit(session, dispatch.TASK_VALIDATE, job.id)
+    offer_for_validation(session, job)
     return job_object(job)
 
 

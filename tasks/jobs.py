@@ -59,15 +59,34 @@ def _local(location: str | None) -> Path | None:
 
 
 @celery_app.task(name=dispatch.TASK_VALIDATE)
-def validate_job(job_id: str) -> None:
-    """validating_files → queued (and send the training task), or failed with the lines at fault."""
+def validate_job(offered_by: str | None = None) -> None:
+    """A validation ticket (`jobs.offer_for_validation`): validate the job the fair order picks now.
+
+    ``offered_by`` is the job whose creation sent this ticket, for the log; the job validated may be another
+    tenant's, whose turn it is. A ticket that finds every waiting job taken does nothing.
+    """
+    max_attempts = get_settings().max_attempts
+    # A few tries: a job another worker took between our pick and our lock sends us to the next one.
+    for _ in range(5):
+        with transaction() as session:
+            job_id = jobs_repo.claim_next_validation(session, max_attempts=max_attempts)
+        if job_id is None:
+            log.info("validate (ticket of %s): no job waits for validation", offered_by)
+            return
+        if _validate(job_id):
+            return
+
+
+def _validate(job_id: str) -> bool:
+    """validating_files → queued (and send a training ticket), or failed with the lines at fault; False when
+    the job no longer waits for validation."""
     from training.data import DataError
 
     with transaction() as session:
         job = jobs_repo.get_job_by_id(session, job_id, lock=True)
         if job is None or job.status != jobs.VALIDATING:
             log.info("validate %s: nothing to do (%s)", job_id, job and job.status)
-            return
+            return False
         try:
             base = session.get(Model, job.model)
             model_tasks = list(base.tasks) if base is not None else []
@@ -93,32 +112,33 @@ def validate_job(job_id: str) -> None:
                 message = f"validation file: {message}"
             jobs.transition(session, job, jobs.FAILED, f"Invalid training file: {message}", level="error",
                             error=jobs.failure("invalid_training_file", message, which))
-            return
+            return True
         except FileNotFoundError as exc:
             jobs.transition(session, job, jobs.FAILED, f"File {exc} is gone", level="error",
                             error=jobs.failure("invalid_training_file", f"file {exc} was deleted",
                                                "training_file"))
-            return
+            return True
         except Exception as exc:
             if unreachable(exc):
                 raise  # Postgres, not the file: the reconciler sends validation again once it is back
             if which == "hyperparameters" and isinstance(exc, ValueError):
                 jobs.transition(session, job, jobs.FAILED, f"Invalid hyperparameters: {exc}", level="error",
                                 error=jobs.failure("invalid_hyperparameters", str(exc), "hyperparameters"))
-                return
+                return True
             # Whatever else reading the file raised, the file is at fault and the job ends here: an
             # exception escaping would roll back and leave the job to be validated again, forever.
             log.exception("validate %s: reading %s failed", job_id, which)
             message = f"the {which.replace('_', ' ')} could not be read ({type(exc).__name__})"
             jobs.transition(session, job, jobs.FAILED, f"Invalid training file: {message}", level="error",
                             error=jobs.failure("invalid_training_file", message, which))
-            return
+            return True
         job.task = task
         job.hyperparameters = hyperparameters
         jobs.add_job_event(session, job, f"Files validated: {rows} training examples, task {task}")
         jobs.transition(session, job, jobs.QUEUED, "Job queued for training")
         jobs.offer_to_workers(session, job)
         jobs.note_if_too_wide(session, job)
+    return True
 
 
 @celery_app.task(name=dispatch.TASK_TRAIN, bind=True)

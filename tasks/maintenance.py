@@ -38,18 +38,26 @@ def reconcile() -> dict[str, int]:
     counts = {"resent": 0, "requeued": 0, "failed": 0}
     with transaction() as session:
         forgotten = now - timedelta(seconds=settings.requeue_after_seconds)
-        for job in jobs_repo.forgotten_jobs(session, jobs.VALIDATING, forgotten):
+        # Validation, like training, runs on tickets: as many must wait as there are jobs nobody is validating.
+        # Top up for those waiting a while whose ticket went missing (a publish during a broker outage, a worker
+        # that died with its ticket). A job whose validation was started `max_attempts` times and never
+        # finished (it kills its worker, say) is failed instead of being tried again forever.
+        unclaimed = jobs_repo.unclaimed_validation_count(session)
+        waiting_tickets = broker.waiting_task_ids(dispatch.QUEUE_CPU)
+        tickets = None if waiting_tickets is None else sum(
+            1 for task_id in waiting_tickets if task_id.startswith(dispatch.VALIDATION_TICKET_PREFIX))
+        overdue = jobs_repo.forgotten_jobs(session, jobs.VALIDATING, forgotten)
+        for job in [job for job in overdue if job.validation_attempts >= settings.max_attempts]:
+            message = (f"validating the files stopped without finishing {job.validation_attempts} times "
+                       "(the worker crashed or was lost); check the file's size and content")
+            jobs.transition(session, job, jobs.FAILED, f"Invalid training file: {message}", level="error",
+                            error=jobs.failure("invalid_training_file", message, "training_file"))
+            counts["failed"] += 1
+        overdue = [job for job in overdue if job.validation_attempts < settings.max_attempts]
+        missing = len(overdue) if tickets is None else unclaimed - counts["failed"] - tickets
+        for job in overdue[:max(0, missing)]:
             job.updated_at = now
-            if job.validation_attempts >= settings.max_attempts:
-                # Validation that kills its worker (a file that exhausts memory, say) is not retried forever.
-                message = (f"validating the files stopped without finishing {job.validation_attempts + 1} times "
-                           "(the worker crashed or was lost); check the file's size and content")
-                jobs.transition(session, job, jobs.FAILED, f"Invalid training file: {message}", level="error",
-                                error=jobs.failure("invalid_training_file", message, "training_file"))
-                counts["failed"] += 1
-                continue
-            job.validation_attempts += 1
-            dispatch.enqueue_after_commit(session, dispatch.TASK_VALIDATE, job.id)
+            jobs.offer_for_validation(session, job)
             counts["resent"] += 1
         # Queued jobs need as many tickets waiting as there are jobs (a ticket runs whichever job is next):
         # top up for those in line a while whose ticket went missing (a publish during a broker outage, a
