@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Select, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import ids
@@ -104,19 +104,27 @@ def list_tenants(session: Session) -> list[Tenant]:
 
 def lock_tenant(session: Session, tenant_id: str) -> Tenant:
     """The tenant row, locked until the transaction ends: quota checks of one tenant run one at a time."""
-    tenant = session.scalar(select(Tenant).where(Tenant.id == tenant_id).with_for_update())
+    # key_share: FOR NO KEY UPDATE (see `domain.quotas.take`).
+    tenant = session.scalar(select(Tenant).where(Tenant.id == tenant_id).with_for_update(key_share=True))
     assert tenant is not None, tenant_id
     return tenant
 
 
-def count_jobs(session: Session, tenant_id: str, statuses: Collection[str]) -> int:
-    return int(session.scalar(select(func.count()).select_from(FineTuningJob).where(
-        FineTuningJob.tenant_id == tenant_id, FineTuningJob.status.in_(statuses))) or 0)
+def _count(session: Session, rows: Select[Any], up_to: int | None) -> int:
+    """How many rows ``rows`` selects; with ``up_to``, at most that many are read (a quota needs to know only
+    whether one more fits, which must not cost a scan of every active job of a tenant without a quota)."""
+    if up_to is not None:
+        rows = rows.limit(up_to)
+    return int(session.scalar(select(func.count()).select_from(rows.subquery())) or 0)
 
 
-def count_batches(session: Session, tenant_id: str, statuses: Collection[str]) -> int:
-    return int(session.scalar(select(func.count()).select_from(Batch).where(
-        Batch.tenant_id == tenant_id, Batch.status.in_(statuses))) or 0)
+def count_jobs(session: Session, tenant_id: str, statuses: Collection[str], *, up_to: int | None = None) -> int:
+    return _count(session, select(FineTuningJob.id).where(
+        FineTuningJob.tenant_id == tenant_id, FineTuningJob.status.in_(statuses)), up_to)
+
+
+def count_batches(session: Session, tenant_id: str, statuses: Collection[str], *, up_to: int | None = None) -> int:
+    return _count(session, select(Batch.id).where(Batch.tenant_id == tenant_id, Batch.status.in_(statuses)), up_to)
 
 
 def count_webhook_endpoints(session: Session, tenant_id: str) -> int:

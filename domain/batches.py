@@ -150,8 +150,6 @@ def create_batch(session: Session, *, tenant_id: str, input_file_id: str, endpoi
     if source.purpose != "batch":
         raise ServiceError(400, f"input_file_id: file '{input_file_id}' has purpose '{source.purpose}', not "
                            "'batch'", param="input_file_id", code="invalid_file_purpose")
-    quotas.take(session, tenant_id, "max_active_batches",
-                lambda: tenants_repo.count_batches(session, tenant_id, ACTIVE))
     now = utcnow()
     batch = Batch(
         id=ids.new_id(ids.BATCH), tenant_id=tenant_id, endpoint=endpoint, input_file_id=input_file_id,
@@ -161,6 +159,8 @@ def create_batch(session: Session, *, tenant_id: str, input_file_id: str, endpoi
     )
     session.add(batch)
     session.flush()
+    quotas.take(session, tenant_id, "max_active_batches",
+                lambda cap: tenants_repo.count_batches(session, tenant_id, ACTIVE, up_to=cap))
     dispatch.enqueue_after_commit(session, TASK_VALIDATE, batch.id, task_id=batch.task_id, queue=dispatch.QUEUE_CPU)
     return batch_object(batch)
 

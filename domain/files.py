@@ -37,12 +37,12 @@ def record_upload(session: Session, *, tenant_id: str, file_id: str, filename: s
 
     Refused (429) when the tenant's stored bytes would pass `max_storage_bytes`; the caller removes the bytes.
     """
-    quotas.take(session, tenant_id, "max_storage_bytes", lambda: tenants_repo.stored_bytes(session, tenant_id),
-                amount=size)
     row = File(id=file_id, tenant_id=tenant_id, filename=filename[:512], purpose=purpose, bytes=size,
                sha256=sha256, path=storage.file_location(tenant_id, file_id))
     session.add(row)
     session.flush()
+    quotas.take(session, tenant_id, "max_storage_bytes", lambda _cap: tenants_repo.stored_bytes(session, tenant_id),
+                amount=size)
     return file_object(row)
 
 

@@ -314,7 +314,6 @@ def create_job(
     _check_file(session, tenant_id, training_file, "training_file")
     if validation_file:
         _check_file(session, tenant_id, validation_file, "validation_file")
-    quotas.take(session, tenant_id, "max_active_jobs", lambda: tenants_repo.count_jobs(session, tenant_id, ACTIVE))
     job = FineTuningJob(
         id=ids.new_id(ids.JOB), tenant_id=tenant_id, model=model, task=task, status=VALIDATING,
         training_file=training_file, validation_file=validation_file, hyperparameters=hyperparameters or {},
@@ -326,6 +325,8 @@ def create_job(
     session.flush()
     add_job_event(session, job, f"Validating training file: {training_file}")
     emit_event(session, job.tenant_id, EVENT_TYPES[VALIDATING], job_object(job))
+    quotas.take(session, tenant_id, "max_active_jobs",
+                lambda cap: tenants_repo.count_jobs(session, tenant_id, ACTIVE, up_to=cap))
     offer_for_validation(session, job)
     return job_object(job)
 

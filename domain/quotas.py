@@ -1,8 +1,9 @@
 """Per-tenant limits in force, and the quota check each creating service runs in its transaction.
 
 A tenant's own value of a limit is NULL until an operator sets it, and until then follows the
-`LLMOS_DEFAULT_*` setting; 0 means unlimited (``null`` to clients). A quota is checked with the tenant's row
-locked until the creating transaction ends, so concurrent creations take the last slot one at a time.
+`LLMOS_DEFAULT_*` setting; 0 means unlimited (``null`` to clients). A quota is checked last in the creating
+transaction, with the tenant's row locked until it ends, so concurrent creations take the last slot one at
+a time.
 """
 
 from __future__ import annotations
@@ -27,19 +28,26 @@ def effective(own: int | None, name: str) -> int | None:
     return value or None
 
 
-def take(session: Session, tenant_id: str, quota: str, used: Callable[[], int], amount: int = 1) -> None:
-    """Refuse (429 ``quota_exceeded``) unless ``amount`` more of ``quota`` fits; call before adding the object.
+def take(session: Session, tenant_id: str, quota: str, used: Callable[[int], int], amount: int = 1) -> None:
+    """Refuse (429 ``quota_exceeded``) when the object just added, ``amount`` of ``quota``, does not fit.
 
-    ``used`` counts the current usage; it runs after the tenant's row is locked, so it sees every creation
-    that committed before this one.
+    Call it after adding and flushing the object, as the service's last statement: ``used`` then counts the
+    object too, and runs after the tenant's row is locked, so it sees every creation that committed before
+    this one. It is given the count that already refuses (limit + 1) and need not count further.
+
+    Taken last, the lock is held for the count and the caller's commit only: concurrent creations of one
+    tenant queue for that moment, not for each other's whole transactions. The lock is ``FOR NO KEY
+    UPDATE``: the new row's foreign key already holds a key-share lock on the tenant, which a plain
+    ``FOR UPDATE`` would conflict with (two creations would deadlock).
     """
     tenant = tenants_repo.lock_tenant(session, tenant_id)
     limit = effective(getattr(tenant, quota), quota)
     if limit is None:
         return
-    now = used()
-    if now + amount > limit:
-        what = f"{now} stored, {amount} more asked" if quota == "max_storage_bytes" else f"{now} in use"
+    now = used(limit + 1)
+    if now > limit:
+        before = now - amount
+        what = f"{before} stored, {amount} more asked" if quota == "max_storage_bytes" else f"{before} in use"
         raise ServiceError(
             429, f"Quota exceeded: {quota} is {limit} ({what}). Finish or delete some, or ask an operator to "
                  "raise it.", type_="insufficient_quota", code="quota_exceeded", param=quota,

@@ -195,12 +195,12 @@ def _endpoint(session: Session, tenant_id: str, endpoint_id: str) -> WebhookEndp
 
 def create_endpoint(session: Session, *, tenant_id: str, url: str, events: list[str],
                     description: str | None) -> dict[str, Any]:
-    quotas.take(session, tenant_id, "max_webhook_endpoints",
-                lambda: tenants_repo.count_webhook_endpoints(session, tenant_id))
     row = WebhookEndpoint(id=ids.new_id(ids.WEBHOOK_ENDPOINT), tenant_id=tenant_id, url=url, events=events,
                           description=description, status="enabled", secret=seal(new_secret()))
     session.add(row)
     session.flush()
+    quotas.take(session, tenant_id, "max_webhook_endpoints",
+                lambda _cap: tenants_repo.count_webhook_endpoints(session, tenant_id))
     return endpoint_object(row, with_secret=True)
 
 
