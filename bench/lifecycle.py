@@ -6,7 +6,9 @@ runs them) and printed as a small table plus one JSON line at the end:
 1. Lifecycle: N `tiny-bert` classification jobs, one after another, through the HTTP API; the time from
    the create call returning to the job reading `running`, and to it reading `succeeded`.
 2. API latency at a given concurrency: job creation (POST) and retrieval (GET), each against a bare
-   FastAPI app served the same way, so the figures read as "how much our app costs over FastAPI".
+   FastAPI app served the same way, so the figures read as "how much our app costs over FastAPI"; and
+   against that bare app plus the one database round trip each call needs (a SELECT of the job's row, an
+   INSERT committed durably) on asyncpg directly, the floor under any design that keeps jobs in Postgres.
 
 Usage:
     python bench/lifecycle.py [--jobs 5] [--requests 2000] [--concurrency 32]
@@ -91,7 +93,47 @@ def create_bare_app() -> Any:
     async def retrieve(job_id: str) -> dict[str, Any]:
         return {"id": job_id, "object": "fine_tuning.job", "model": "tiny-bert", "status": "queued"}
 
+    add_database_floor(app)
     return app
+
+
+def add_database_floor(app: Any) -> None:
+    """The same two routes plus the one database round trip each cannot do without, on asyncpg directly.
+
+    This is the floor under any design that keeps jobs in Postgres: a GET that reads the job's row, a POST
+    that inserts a row and commits it durably. No authentication, no service, no ORM; a pool as large as
+    one API process has.
+    """
+    import asyncpg
+    from fastapi import HTTPException
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(os.environ["LLMOS_DATABASE_URL"]).set(drivername="postgresql").render_as_string(
+        hide_password=False)
+    pools: list[Any] = []
+
+    @app.on_event("startup")
+    async def open_pool() -> None:
+        pools.append(await asyncpg.create_pool(dsn, min_size=10, max_size=10))
+        with contextlib.suppress(asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+            await pools[0].execute("CREATE TABLE IF NOT EXISTS bench_floor_jobs (id text PRIMARY KEY, body jsonb)")
+
+    @app.post("/floor/v1/fine_tuning/jobs")
+    async def create(body: BareJob) -> dict[str, Any]:
+        job_id = f"ftjob-{secrets.token_hex(12)}"
+        await pools[0].execute("INSERT INTO bench_floor_jobs (id, body) VALUES ($1, $2)", job_id,
+                               body.model_dump_json())
+        return {"id": job_id, "object": "fine_tuning.job", "model": body.model,
+                "training_file": body.training_file, "status": "validating_files"}
+
+    @app.get("/floor/v1/fine_tuning/jobs/{job_id}")
+    async def retrieve(job_id: str) -> dict[str, Any]:
+        row = await pools[0].fetchrow(
+            "SELECT id, model, status, created_at, hyperparameters FROM fine_tuning_jobs WHERE id = $1", job_id)
+        if row is None:
+            raise HTTPException(404)
+        return {"id": row["id"], "object": "fine_tuning.job", "model": row["model"], "status": row["status"],
+                "created_at": int(row["created_at"].timestamp())}
 
 
 def serve_bare(port: int) -> None:
@@ -698,6 +740,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
             from ops.bootstrap import create_key
 
             headers = {"Authorization": f"Bearer {create_key('bench', ['files', 'fine_tuning', 'inference'])[1]}"}
+            from db.session import transaction
+            from domain.tenants import set_limits
+
+            # A rate limit too high to reach rather than none (0), so each request still pays the limiter's
+            # round trip as in a deployment with the default limits; no job quota, since the load creates
+            # thousands of jobs (with one, a creation also locks the tenant and counts up to quota + 1 jobs).
+            with transaction() as session:
+                set_limits(session, name="bench", rpm=10**9, max_active_jobs=0)
             rss_at_rest = api_rss_mb(stack.children["api"])
 
             # Phase 1: jobs one after another, so each has the workers to itself.
@@ -725,14 +775,22 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 return "/v1/fine_tuning/jobs"
 
             # Each pair back to back, bare first, so drift in the machine's load hits both sides alike.
+            def floor_path(i: int) -> str:
+                return f"/floor{create_path(i)}"
+
             bare_post = measure(bare_url, headers, "POST", create_path, body, n, c)
+            floor_post = measure(bare_url, headers, "POST", floor_path, body, n, c)
             ours_post = measure(stack.api_url, headers, "POST", create_path, body, n, c)
             job_ids = ours_post.ids
 
             def get_path(i: int) -> str:
                 return f"/v1/fine_tuning/jobs/{job_ids[i % len(job_ids)]}"
 
+            def floor_get_path(i: int) -> str:
+                return f"/floor{get_path(i)}"
+
             bare_get = measure(bare_url, headers, "GET", get_path, None, n, c)
+            floor_get = measure(bare_url, headers, "GET", floor_get_path, None, n, c)
             ours_get = measure(stack.api_url, headers, "GET", get_path, None, n, c)
 
             # Phase 3: callers waiting on inference (none answers: the workers are stopped) beside pollers.
@@ -768,10 +826,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(table([
         ["endpoint", "p50 ms", "p99 ms", "req/s", "p50 vs bare", "req/s vs bare"],
         load_row("POST /v1/fine_tuning/jobs", ours_post, bare_post),
+        load_row("  bare + one durable INSERT", floor_post, bare_post),
         load_row("  bare FastAPI POST", bare_post, None),
         load_row("GET /v1/fine_tuning/jobs/{id}", ours_get, bare_get),
+        load_row("  bare + one SELECT", floor_get, bare_get),
         load_row("  bare FastAPI GET", bare_get, None),
     ]))
+    print(f"ours vs the database floor: POST {ours_post.rps / floor_post.rps:.2f}x, "
+          f"GET {ours_get.rps / floor_get.rps:.2f}x (req/s)")
     print()
     print(f"p99 of a lone poller while {WAITERS} inference calls wait with `Prefer: wait={WAIT_SECONDS}` "
           f"({PROBES} sequential GETs each)")
@@ -807,6 +869,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             "concurrency": args.concurrency, "requests": args.requests,
             "post_jobs": load_json(ours_post, bare_post), "bare_post": load_json(bare_post, None),
             "get_job": load_json(ours_get, bare_get), "bare_get": load_json(bare_get, None),
+            "floor_post": load_json(floor_post, bare_post), "floor_get": load_json(floor_get, bare_get),
         },
         "waiting": {
             "waiters": WAITERS,
