@@ -4,9 +4,10 @@ Two measurements on this machine with real processes (the API and Celery workers
 one training worker), printed as tables and one JSON line at the end:
 
 1. Waits: a heavy tenant submits `--heavy` jobs (50), then a light tenant submits `--light` (5). The same
-   workload runs twice, with the scheduler switched to `fifo` (the training worker restarted with
-   LLMOS_SCHEDULER=fifo) and to `fair`; for each tenant, p50/p95 of the wait from submit to running
-   (the job's creation to its first claim, from Postgres' own timestamps), in seconds and in job lengths
+   workload runs twice, with the scheduler switched to `fifo` (the training and cpu workers restarted
+   with LLMOS_SCHEDULER=fifo, so validation is first come, first served too) and to `fair`; for each
+   tenant, p50/p95 of the wait from submit to running (the job's creation to its first claim, from
+   Postgres' own timestamps), in seconds and in job lengths
    (one job's turn on the worker: the run's span from first claim to last release over its job count).
    Target: the light tenant's p95 is at most one running job plus its own queue.
 2. Fair inference: one tenant floods the inference worker with `--flood` concurrent completion callers
@@ -201,19 +202,21 @@ def beside_flood(base: str, flood: dict[str, str], light: dict[str, str], caller
             thread.join(120)
 
 
-def restart_training_worker(stack: Any, scheduler: str) -> None:
+def restart_scheduling_workers(stack: Any, scheduler: str) -> None:
+    """The training and cpu workers again, with ``scheduler`` deciding admission to training and validation."""
     from ops.stack import argv
 
-    stack.stop("worker-gpu")
+    stack.stop("worker-gpu", "worker-cpu")
     stack.env["LLMOS_SCHEDULER"] = scheduler
-    stack.start("worker-gpu", argv("worker-gpu"))
-    wait_until(workers_ready, 120, "the restarted training worker", 0.5)
+    for role in ("worker-gpu", "worker-cpu"):
+        stack.start(role, argv(role))
+    wait_until(workers_ready, 120, "the restarted workers", 0.5)
 
 
 def measure_waits(stack: Any, args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for scheduler in ("fifo", "fair"):
-        restart_training_worker(stack, scheduler)
+        restart_scheduling_workers(stack, scheduler)
         # Fresh tenants per run: nothing of the other run's history (last start) counts.
         heavy = create_tenant(f"heavy-{scheduler}")
         light = create_tenant(f"light-{scheduler}")

@@ -155,7 +155,8 @@ class Settings(BaseSettings):
     default_max_webhook_endpoints: int = Field(20, ge=0, description="Webhook endpoints per tenant.")
     default_max_active_batches: int = Field(50, ge=0, description="Unfinished batches per tenant.")
     scheduler: Literal["fair", "fifo"] = Field(
-        "fair", description="Training admission: `fair` between tenants (weights, priorities) or plain `fifo`."
+        "fair", description="Training admission and file validation: `fair` between tenants (weights, priorities) "
+                    "or plain `fifo`."
     )
     rate_limit_redis_url: str | None = Field(
         None, description="Redis holding the rate-limit counters; unset means the broker's, when it is a Redis."

@@ -172,37 +172,58 @@ def claim_next(session: Session, worker: str, *, fair: bool, capacity: int = 1) 
     return None
 
 
-# Validation takes tenants in turn as well: a tenant's k-th waiting job ranks with every other tenant's k-th,
-# oldest first among them, so one tenant's hundred uploads cannot hold another tenant's job in validation
-# behind them. A job some worker is validating holds its row lock and is skipped; one whose validation has
-# already been started ``max_attempts`` times without finishing is left for the reconciler to fail.
-_VALIDATION_ORDER = """
-SELECT id FROM (
-    SELECT j.id, j.created_at,
+# Validation takes tenants in turn as well: the next job comes from the tenant whose last validation started
+# longest ago (never validated comes first), then by priority and age within the tenant; so one tenant's
+# hundred uploads cannot hold another tenant's job in validation behind them. A claim stamps
+# `validation_started_at` before the work, so a tenant whose job is being validated has just been served,
+# whatever the number of workers. A job a worker is validating holds its row lock and is skipped; one whose
+# validation has been started ``max_attempts`` times without finishing is left for the reconciler to fail.
+# A claim is committed before the work and the row locked just after it: for that moment a short lease holds
+# the job instead, so a concurrent claim cannot take it too (database time on both sides, whatever the
+# workers' clocks say).
+VALIDATION_LEASE_SECONDS = 5
+_DB_NOW = "(now() AT TIME ZONE 'utc')"
+_CLAIMABLE = ("j.status = 'validating_files' AND j.validation_attempts < :max_attempts AND "
+              "(j.validation_started_at IS NULL OR "
+              f"j.validation_started_at < {_DB_NOW} - make_interval(secs => :lease))")
+
+_FAIR_VALIDATION_ORDER = f"""
+WITH waiting AS (
+    SELECT j.id, j.tenant_id, j.created_at,
            row_number() OVER (PARTITION BY j.tenant_id ORDER BY j.priority DESC, j.created_at, j.id) AS k
-    FROM fine_tuning_jobs j WHERE j.status = 'validating_files' AND j.validation_attempts < :max_attempts
-) o ORDER BY k, created_at, id LIMIT :candidates
+    FROM fine_tuning_jobs j WHERE {_CLAIMABLE}
+), served AS (
+    SELECT t.tenant_id, (SELECT max(s.validation_started_at) FROM fine_tuning_jobs s
+                         WHERE s.tenant_id = t.tenant_id) AS last_started
+    FROM (SELECT DISTINCT tenant_id FROM waiting) t
+)
+SELECT w.id FROM waiting w JOIN served USING (tenant_id)
+ORDER BY served.last_started NULLS FIRST, w.tenant_id, w.k LIMIT :candidates
 """
 
+_FIFO_VALIDATION_ORDER = f"""
+SELECT j.id FROM fine_tuning_jobs j WHERE {_CLAIMABLE} ORDER BY j.created_at, j.id LIMIT :candidates
+"""
 
-def claim_next_validation(session: Session, *, max_attempts: int, candidates: int = 16) -> str | None:
+_CLAIM_VALIDATION = text(f"""
+UPDATE fine_tuning_jobs SET validation_attempts = validation_attempts + 1, validation_started_at = {_DB_NOW},
+                            updated_at = {_DB_NOW}
+WHERE id = (SELECT j.id FROM fine_tuning_jobs j WHERE j.id = :job_id AND {_CLAIMABLE} FOR UPDATE SKIP LOCKED)
+RETURNING id
+""")
+
+
+def claim_next_validation(session: Session, *, fair: bool, max_attempts: int, candidates: int = 16) -> str | None:
     """Take the next job to validate in the fair order and count the attempt; None when no unclaimed job waits.
 
     The caller commits at once, before the work, so that a validation that kills its worker (a file that
     exhausts memory, say) is still counted; it then locks the row for the work itself and checks that the job
-    still waits for validation (a concurrent worker may have taken it in the moment between).
+    still waits for validation. Between the two, the claim's lease keeps other workers off the job.
     """
-    order = session.scalars(text(_VALIDATION_ORDER), {"max_attempts": max_attempts, "candidates": candidates}).all()
-    for job_id in order:
-        picked = session.scalar(
-            update(FineTuningJob)
-            .where(FineTuningJob.id == job_id, FineTuningJob.status == "validating_files",
-                   FineTuningJob.id.in_(select(FineTuningJob.id).where(FineTuningJob.id == job_id)
-                                        .with_for_update(skip_locked=True).scalar_subquery()))
-            .values(validation_attempts=FineTuningJob.validation_attempts + 1, updated_at=utcnow())
-            .returning(FineTuningJob.id)
-            .execution_options(synchronize_session=False)
-        )
+    params = {"max_attempts": max_attempts, "lease": VALIDATION_LEASE_SECONDS}
+    query = _FAIR_VALIDATION_ORDER if fair else _FIFO_VALIDATION_ORDER
+    for job_id in session.scalars(text(query), {**params, "candidates": candidates}).all():
+        picked = session.scalar(_CLAIM_VALIDATION, {**params, "job_id": job_id})
         if picked is not None:
             return str(picked)
     return None

@@ -120,6 +120,7 @@ class FineTuningJob(Base):
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_waiting", "tenant_id", "priority", "created_at", postgresql_where=text("status = 'queued'")),
         Index("ix_jobs_tenant_started", "tenant_id", "started_at"),
+        Index("ix_jobs_tenant_validation", "tenant_id", "validation_started_at"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -146,8 +147,11 @@ class FineTuningJob(Base):
     progress: Mapped[JSON | None]
     metrics: Mapped[JSON | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # Times the reconciler re-sent validation that never finished (a crash): capped by `max_attempts`.
+    # Times a worker started validating the files (counted before the work, so a crash counts): capped by
+    # `max_attempts`.
     validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When a worker last started validating them: the tenant validated least recently goes next.
+    validation_started_at: Mapped[datetime | None]
     worker: Mapped[str | None] = mapped_column(String(256))
     heartbeat_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -69,7 +69,7 @@ def validate_job(offered_by: str | None = None) -> None:
     # A few tries: a job another worker took between our pick and our lock sends us to the next one.
     for _ in range(5):
         with transaction() as session:
-            job_id = jobs_repo.claim_next_validation(session, max_attempts=max_attempts)
+            job_id = jobs_repo.claim_next_validation(session, fair=jobs.fair(), max_attempts=max_attempts)
         if job_id is None:
             log.info("validate (ticket of %s): no job waits for validation", offered_by)
             return
