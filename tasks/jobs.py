@@ -208,10 +208,12 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
     reporter.start()
     reporter.trackers = start_trackers(job_id, tracked, tracked_params)
     model_dir: Path | None = None
+    # SIGTERM (a deploy, `llmos up` stopping) checkpoints at the next step and hands the job back, instead of
+    # killing the process mid-step and waiting for the reconciler to notice. The handler stays until the
+    # outcome is recorded: a second SIGTERM after training (a supervisor's, or the worker's own shutdown
+    # arriving late) must not kill the process between the last step and the record of what it produced.
+    previous = signal.signal(signal.SIGTERM, lambda *_: reporter.shutdown_requested.set())
     try:
-        # SIGTERM (a deploy, `llmos up` stopping) checkpoints at the next step and hands the job back,
-        # instead of killing the process mid-step and waiting for the reconciler to notice.
-        previous = signal.signal(signal.SIGTERM, lambda *_: reporter.shutdown_requested.set())
         try:
             result = _run_training(job_id, base_location, train_location, valid_location, snapshot, reporter)
         except Exception as exc:
@@ -235,7 +237,6 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
                            OUTAGE_WAIT_SECONDS)
             return
         finally:
-            signal.signal(signal.SIGTERM, previous)
             reporter.close()
         if reporter.lost:
             log.warning("train %s: attempt %s lost its claim; leaving the job to the newer attempt", job_id,
@@ -247,6 +248,7 @@ def train_job(self: Task, offered_by: str | None = None) -> None:
         if result.outcome.completed:
             model_dir = Path(result.model_dir)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         end_trackers(job_id, reporter.trackers, model_dir)
         if model_dir is not None and storage.remote():
             # This machine's working copy: the model, results and checkpoints are all in the bucket now.

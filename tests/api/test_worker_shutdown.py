@@ -36,6 +36,42 @@ def test_sigterm_checkpoints_and_the_next_worker_resumes(api: Api, stack: dict[s
     assert final["status"] == "cancelled" and final["attempts"] == 2
 
 
+def test_sigterms_after_the_first_do_not_kill_the_hand_back(api: Api, stack: dict[str, Process]) -> None:
+    """SIGTERM after SIGTERM to the training process (a supervisor and the worker's own shutdown both
+    signalling): the first asks for a checkpoint, and the rest, landing while the hand-back is written,
+    must not kill the process before it is. Otherwise the job sits `running` under a dead process until
+    the reconciler writes the attempt off as lost."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
+    job = api.http.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny-bert", "training_file": file_id,
+        "hyperparameters": {"n_epochs": 50, "batch_size": 2}}).json()
+    wait_until(lambda: (api.job(job["id"]).get("progress") or {}).get("step", 0) >= 10, 120, "training to start")
+    trainer = psutil.Process(stack["worker-gpu"].popen.pid).children()[0]
+
+    def handed_back() -> bool:
+        return any(m.startswith("Worker shutting down; requeued at step") for m in api.messages(job["id"]))
+
+    deadline = time.monotonic() + 30
+    # Signals every few milliseconds until the hand-back is recorded or the process is gone.
+    while trainer.is_running() and not handed_back() and time.monotonic() < deadline:
+        try:
+            os.kill(trainer.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.005)  # the signals' spacing, not a wait for anything
+    wait_until(handed_back, 20, "the hand-back to be recorded")
+    messages = api.messages(job["id"])
+    assert not any("stopped responding" in m for m in messages), messages
+    assert api.http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+    assert api.wait_status(job["id"], {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
+
+
 def test_pause_checkpoints_frees_the_worker_and_resume_continues(api: Api) -> None:
     file_id = api.upload(jsonl(sentiment_rows(400))).json()["id"]
     job = api.http.post("/v1/fine_tuning/jobs", json={
