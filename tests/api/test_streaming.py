@@ -51,7 +51,12 @@ def test_requests_joining_a_running_decode_batch_get_the_same_answers_as_alone(g
     long = loop.submit(_request(gpt2, "hello", 200))
     assert long is not None
     wait_until(lambda: loop.steps >= 3, 30, "the first request to be decoding")
-    joined = [loop.submit(_request(gpt2, p, 6)) for p in prompts]
+    # Submitted under the loop's own condition lock, so one admission takes all four: split over two, a
+    # prompt whose greedy answer stops at its first token could leave before the others joined, and the
+    # batch would never hold five rows.
+    requests = [_request(gpt2, p, 6) for p in prompts]
+    with loop._cond:
+        joined = [loop.submit(request) for request in requests]
     answers = [future.result(60)[0] for future in joined if future is not None]
 
     assert answers == expected
