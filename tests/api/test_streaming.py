@@ -8,6 +8,7 @@ is already decoding. The streaming tests go through the real API and inference w
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +48,21 @@ def test_requests_joining_a_running_decode_batch_get_the_same_answers_as_alone(g
     expected = [_alone(gpt2, p, 6) for p in prompts]
     long_expected = _alone(gpt2, "hello", 200)
 
-    loop = DecodeLoop("joined", gpt2, max_rows=8, idle_s=5)
+    # The loop stops at its third step until the four requests are queued: on a busy machine the test could
+    # otherwise wake after the long request had decoded all its 200 tokens, and nothing would run beside it.
+    decoding, queued = threading.Event(), threading.Event()
+
+    def pause_at_third_step(rows: int) -> None:
+        if loop.steps == 3:
+            decoding.set()
+            queued.wait(30)
+
+    loop = DecodeLoop("joined", gpt2, max_rows=8, idle_s=5, record=pause_at_third_step)
     long = loop.submit(_request(gpt2, "hello", 200))
     assert long is not None
-    wait_until(lambda: loop.steps >= 3, 30, "the first request to be decoding")
-    # Submitted under the loop's own condition lock, so one admission takes all four: split over two, a
-    # prompt whose greedy answer stops at its first token could leave before the others joined, and the
-    # batch would never hold five rows.
-    requests = [_request(gpt2, p, 6) for p in prompts]
-    with loop._cond:
-        joined = [loop.submit(request) for request in requests]
+    assert decoding.wait(30), "the first request never reached its third step"
+    joined = [loop.submit(_request(gpt2, p, 6)) for p in prompts]
+    queued.set()
     answers = [future.result(60)[0] for future in joined if future is not None]
 
     assert answers == expected
