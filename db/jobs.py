@@ -214,7 +214,7 @@ RETURNING id
 
 
 def claim_next_validation(session: Session, *, fair: bool, max_attempts: int, candidates: int = 16) -> str | None:
-    """Take the next job to validate in the fair order and count the attempt; None when no unclaimed job waits.
+    """Take the next job to validate in the scheduler's order and count the attempt; None when none is free.
 
     The caller commits at once, before the work, so that a validation that kills its worker (a file that
     exhausts memory, say) is still counted; it then locks the row for the work itself and checks that the job
