@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from sqlalchemy.orm import Session
+
 from core import ids
 from core.clock import utcnow
 from core.settings import get_settings
@@ -30,6 +32,15 @@ def _waiting_tickets(widths: list[int]) -> set[str] | None:
     return found
 
 
+def _unticketed_validations(session: Session) -> int | None:
+    """Jobs nobody validates beyond the validation tickets waiting in the broker; None when it cannot be read."""
+    waiting = broker.waiting_task_ids(dispatch.QUEUE_CPU)
+    if waiting is None:
+        return None
+    tickets = sum(1 for task_id in waiting if task_id.startswith(dispatch.VALIDATION_TICKET_PREFIX))
+    return jobs_repo.unclaimed_validation_count(session) - tickets
+
+
 @celery_app.task(name=dispatch.TASK_RECONCILE)
 def reconcile() -> dict[str, int]:
     """One pass of the reconciler; returns counts for the log."""
@@ -42,11 +53,9 @@ def reconcile() -> dict[str, int]:
         # Top up for those waiting a while whose ticket went missing (a publish during a broker outage, a worker
         # that died with its ticket). A job whose validation was started `max_attempts` times and never
         # finished (it kills its worker, say) is failed instead of being tried again forever.
-        unclaimed = jobs_repo.unclaimed_validation_count(session)
-        waiting_tickets = broker.waiting_task_ids(dispatch.QUEUE_CPU)
-        tickets = None if waiting_tickets is None else sum(
-            1 for task_id in waiting_tickets if task_id.startswith(dispatch.VALIDATION_TICKET_PREFIX))
         overdue = jobs_repo.forgotten_jobs(session, jobs.VALIDATING, forgotten)
+        # Counted before any is failed below, and only when some job has waited long enough to need it.
+        unticketed = _unticketed_validations(session) if overdue else None
         for job in [job for job in overdue if job.validation_attempts >= settings.max_attempts]:
             message = (f"validating the files stopped without finishing {job.validation_attempts} times "
                        "(the worker crashed or was lost); check the file's size and content")
@@ -54,7 +63,7 @@ def reconcile() -> dict[str, int]:
                             error=jobs.failure("invalid_training_file", message, "training_file"))
             counts["failed"] += 1
         overdue = [job for job in overdue if job.validation_attempts < settings.max_attempts]
-        missing = len(overdue) if tickets is None else unclaimed - counts["failed"] - tickets
+        missing = len(overdue) if unticketed is None else unticketed - counts["failed"]
         for job in overdue[:max(0, missing)]:
             job.updated_at = now
             jobs.offer_for_validation(session, job)
