@@ -74,7 +74,7 @@ class RunSpec:
     test_rows: int
     epochs: int
     valid_rows: int
-    # None: the run's own default (the encoders 1e-4).
+    # None: the run's own default (ENCODER_LEARNING_RATE for the ner and sst2 runs).
     learning_rate: float | None = None
 
 
@@ -88,6 +88,8 @@ DEFAULTS: dict[str, RunSpec] = {
     # Nothing trained: the whole dev split is scored, in well under a minute.
     "zeroshot": RunSpec(train_rows=0, test_rows=872, epochs=0, valid_rows=0),
 }
+# The ner and sst2 runs' learning rate unless --learning-rate says otherwise.
+ENCODER_LEARNING_RATE = 1e-4
 # The generation base model of gen, dpo and zeroshot.
 GEN_BASE = "smollm2-135m-instruct"
 
@@ -253,8 +255,8 @@ def run_ner(http: httpx.Client, spec: RunSpec) -> Result:
     test_rows = sample(read_conll(CONLL / "test.txt"), spec.test_rows)
     train_id = upload(http, "conll-train.jsonl", jsonl([{"tokens": t, "tags": g} for t, g in train_rows]))
     valid_id = upload(http, "conll-valid.jsonl", jsonl([{"tokens": t, "tags": g} for t, g in valid_rows]))
-    hp = {"n_epochs": spec.epochs, "batch_size": 16, "learning_rate": spec.learning_rate or 1e-4, "max_seq_length": 128,
-          "warmup_ratio": 0.1}
+    hp = {"n_epochs": spec.epochs, "batch_size": 16, "learning_rate": spec.learning_rate or ENCODER_LEARNING_RATE,
+          "max_seq_length": 128, "warmup_ratio": 0.1}
     job, train_wall = train(http, "ner", {"model": "minilm-l6", "training_file": train_id,
                                           "validation_file": valid_id, "task": "ner", "hyperparameters": hp})
     model = job["fine_tuned_model"]
@@ -301,9 +303,9 @@ def compare_ner_decodings(http: httpx.Client, model: str, rows: list[tuple[list[
             archive.extractall(tmp, filter="data")
         model_dir = next(p.parent for p in Path(tmp).rglob("config.json"))
         gold = [tags for _, tags in rows]
+        texts = [" ".join(tokens) for tokens, _ in rows]
         for name, constrained in (("argmax", False), ("constrained", True)):
             predictor = NerPredictor(model_dir, constrained=constrained)
-            texts = [" ".join(tokens) for tokens, _ in rows]
             found = predictor.predict(texts, batch_size=64)
             predicted = [entities_to_tags(tokens, entities) for (tokens, _), entities in zip(rows, found, strict=True)]
             scores[name] = round(float(f1_score(gold, predicted, average="micro")), 4)
@@ -316,8 +318,8 @@ def run_sst2(http: httpx.Client, spec: RunSpec) -> Result:
     test_rows = sample(read_sst2(SST2 / "test.tsv"), spec.test_rows)
     train_id = upload(http, "sst2-train.jsonl", jsonl([{"text": s, "label": LABELS[y]} for s, y in train_rows]))
     valid_id = upload(http, "sst2-dev.jsonl", jsonl([{"text": s, "label": LABELS[y]} for s, y in valid_rows]))
-    hp = {"n_epochs": spec.epochs, "batch_size": 32, "learning_rate": spec.learning_rate or 1e-4, "max_seq_length": 128,
-          "warmup_ratio": 0.1}
+    hp = {"n_epochs": spec.epochs, "batch_size": 32, "learning_rate": spec.learning_rate or ENCODER_LEARNING_RATE,
+          "max_seq_length": 128, "warmup_ratio": 0.1}
     job, train_wall = train(http, "sst2", {"model": "minilm-l6", "training_file": train_id,
                                            "validation_file": valid_id, "task": "classification",
                                            "hyperparameters": hp})
@@ -480,7 +482,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"(defaults: {', '.join(f'{k} {v.test_rows}' for k, v in DEFAULTS.items())})")
     parser.add_argument("--epochs", type=int, help="epochs per run "
                         f"(defaults: {', '.join(f'{k} {v.epochs}' for k, v in DEFAULTS.items())})")
-    parser.add_argument("--learning-rate", type=float, help="learning rate of the ner and sst2 runs (default 1e-4)")
+    parser.add_argument("--learning-rate", type=float,
+                        help=f"learning rate of the ner and sst2 runs (default {ENCODER_LEARNING_RATE})")
     parser.add_argument("--home", type=Path, help="persistent LLMOS_HOME (reuses converted models); default temp")
     parser.add_argument("--torch-threads", type=int, default=TORCH_THREADS,
                         help=f"torch threads per worker process ({TORCH_THREADS}; more only on a quiet machine)")

@@ -197,7 +197,9 @@ def _decode_words(decoder: IOB2Decoder, log_probs: np.ndarray, starts: list[int]
 
 
 def _repair_iob2(rows: list[list[str]]) -> list[list[str]]:
-    # A model can predict I-X with no entity open; read it as opening one, as conlleval does.
+    # Decoding gives valid IOB2 over the words that have sub-tokens; a word without one in the middle of an
+    # entity (one the tokenizer maps to nothing) is "O" and can leave an I-X with no entity open: read it as
+    # opening one, as conlleval does.
     return [normalise_tags(tags, "IOB2") for tags in rows]
 
 
